@@ -1,0 +1,344 @@
+"""The `relay` command: run a node, manage environments and flags, watch a stream.
+
+User errors print one line to stderr and exit non-zero; no tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from relay import __version__
+from relay import config as config_mod
+
+DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
+DEFAULT_WS_URL = "ws://127.0.0.1:8080/v1/stream"
+
+
+class UserError(Exception):
+    """Something the user can fix; printed as one line."""
+
+
+def fail(message: str, code: int = 1) -> NoReturn:
+    print(f"relay: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# --- relay serve --------------------------------------------------------------------------------
+
+
+def _banner(node: Any, cfg: config_mod.Config) -> str:
+    token_note = (
+        f"generated, saved in {Path(cfg.data_dir) / 'admin-token'}"
+        if node.token_generated
+        else ("from --admin-token" if cfg.admin_token else
+              f"from {Path(cfg.data_dir) / 'admin-token'}")
+    )
+    admin_flags = "" if node.admin_url == DEFAULT_ADMIN_URL else f" --admin-url {node.admin_url}"
+    watch_url = "" if node.ws_url == DEFAULT_WS_URL else f" --url {node.ws_url}"
+    token_env = f"export RELAY_ADMIN_TOKEN={node.admin_token}"
+    return "\n".join([
+        f"relay {__version__}: node {cfg.node_id} ready",
+        f"  SDK WebSockets  {node.ws_url}",
+        f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
+        f"  admin token     {node.admin_token}  ({token_note})",
+        f"  store           SQLite {Path(cfg.data_dir) / 'relay.db'}",
+        "",
+        "Try it (in another terminal):",
+        f"  {token_env}",
+        f"  relay env put demo --key sdk-demo-key{admin_flags}",
+        f"  relay flags set demo new-checkout=true 'banner=\"hello\"'{admin_flags}",
+        f"  relay watch --key sdk-demo-key{watch_url}",
+        "",
+    ])
+
+
+async def _serve(cfg: config_mod.Config) -> None:
+    from relay.node import Node
+
+    node = Node(cfg)
+    try:
+        await node.start()
+    except OSError as exc:
+        raise UserError(f"cannot start: {exc.strerror or exc}") from None
+    print(_banner(node, cfg), flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    logging.getLogger("relay").info("stopping: sessions get goaway (shutdown)")
+    await node.stop()
+
+
+def _run_async(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency where it builds
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = config_mod.from_args(args)
+    except config_mod.ConfigError as exc:
+        raise UserError(str(exc)) from None
+    logging.basicConfig(
+        level=cfg.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    from relay.store.base import StoreUnavailable
+
+    try:
+        _run_async(_serve(cfg))
+    except StoreUnavailable as exc:
+        raise UserError(f"cannot open the store: {exc}") from None
+    except PermissionError as exc:
+        raise UserError(f"cannot use the data dir: {exc}") from None
+    return 0
+
+
+# --- admin commands -----------------------------------------------------------------------------
+
+
+def _admin_token(args: argparse.Namespace) -> str:
+    token: str | None = args.admin_token or os.environ.get("RELAY_ADMIN_TOKEN")
+    if token:
+        return token
+    data_dir = Path(args.data_dir or os.environ.get("RELAY_DATA_DIR") or "./relay-data")
+    path = data_dir / "admin-token"
+    with contextlib.suppress(OSError):
+        return path.read_text().strip()
+    raise UserError(
+        "no admin token: pass --admin-token, set RELAY_ADMIN_TOKEN, or run where "
+        f"{path} exists"
+    )
+
+
+def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+    """One admin API request; returns the decoded JSON answer or raises UserError."""
+    base = (args.admin_url or os.environ.get("RELAY_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        base + path,
+        data=data,
+        method=method,
+        headers={
+            "Authorization": f"Bearer {_admin_token(args)}",
+            "Content-Type": "application/json",
+        },
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.loads(exc.read()).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise UserError(f"{method} {path}: {exc.code} {message}") from None
+    except urllib.error.URLError as exc:
+        raise UserError(f"cannot reach the admin API at {base}: {exc.reason}") from None
+    except (TimeoutError, ConnectionError) as exc:
+        raise UserError(f"cannot reach the admin API at {base}: {exc}") from None
+    except ValueError as exc:
+        raise UserError(f"bad --admin-url {base!r}: {exc}") from None
+
+
+def _print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def cmd_env_put(args: argparse.Namespace) -> int:
+    answer = admin_call(args, "PUT", f"/admin/v1/envs/{args.env}", {"keys": args.key})
+    print(f"environment {answer['env']} at v={answer['v']} with {len(args.key)} SDK key(s)")
+    return 0
+
+
+def _parse_assignment(item: str) -> tuple[str, Any]:
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise UserError(f"{item!r}: expected KEY=JSON, e.g. new-checkout=true")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        raise UserError(
+            f"{item!r}: the value is not valid JSON (for a string, quote it: {key}='\"{raw}\"')"
+        ) from None
+
+
+def cmd_flags_set(args: argparse.Namespace) -> int:
+    put = dict(_parse_assignment(item) for item in args.assignments)
+    answer = admin_call(args, "PATCH", f"/admin/v1/envs/{args.env}/flags", {"put": put})
+    print(f"{args.env}: v={answer['v']} ({len(put)} flag(s) set)")
+    return 0
+
+
+def cmd_flags_del(args: argparse.Namespace) -> int:
+    answer = admin_call(args, "PATCH", f"/admin/v1/envs/{args.env}/flags", {"del": args.keys})
+    print(f"{args.env}: v={answer['v']}")
+    return 0
+
+
+def cmd_flags_get(args: argparse.Namespace) -> int:
+    answer = admin_call(args, "GET", f"/admin/v1/envs/{args.env}/flags")
+    if args.json:
+        _print_json(answer)
+        return 0
+    print(f"{args.env} at v={answer['v']}, {len(answer['flags'])} flag(s)")
+    for key in sorted(answer["flags"]):
+        flag = answer["flags"][key]
+        print(f"  {key} = {json.dumps(flag['value'])}  (v{flag['v']})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    status = admin_call(args, "GET", "/admin/v1/status")
+    if args.json:
+        _print_json(status)
+        return 0
+    print(f"node {status['node']} ({status['state']}), relay {status['version']}, "
+          f"up {status['uptime_s']}s, store {status['store']}")
+    print(f"  connections: {status['connections']}   environments: {status['envs']}   "
+          f"loaded here: {len(status['loaded_envs'])}")
+    print("  ring:")
+    for member in status["ring"]:
+        print(f"    {member['node']}  {member['state']}")
+    for env, info in sorted(status["loaded_envs"].items()):
+        print(f"  env {env}: v={info['v']}, {info['sessions']} session(s)")
+    return 0
+
+
+# --- relay watch --------------------------------------------------------------------------------
+
+
+async def _watch(url: str, key: str, since: int | None) -> None:
+    from relay.client import ChangeEvent, RelayClient, RelayClientError
+
+    def show(event: ChangeEvent) -> None:
+        if event.kind == "snap":
+            print(f"snapshot v={event.v}: {len(event.put)} flag(s)")
+            for k in sorted(event.put):
+                print(f"  {k} = {json.dumps(event.put[k])}")
+        else:
+            for k in sorted(event.put):
+                print(f"v={event.v} set {k} = {json.dumps(event.put[k])}")
+            for k in event.deleted:
+                print(f"v={event.v} del {k}")
+        sys.stdout.flush()
+
+    client = RelayClient(url, key, since=since, on_change=show, backoff_max=10.0)
+    async with client:
+        try:
+            await client.wait_ready()
+            print(f"connected: env {client.env} on node {client.node}, v={client.version}",
+                  flush=True)
+            await client.wait_for(lambda: False)
+        except RelayClientError as exc:
+            reason = {
+                4001: "the SDK key was refused",
+                4002: "protocol error",
+                1009: "frame too big",
+            }.get(exc.code or 0, "the server closed the stream")
+            raise UserError(f"{reason} ({exc.code} {exc.reason})") from None
+
+
+def cmd_watch(args: argparse.Namespace) -> int:
+    key = args.key or os.environ.get("RELAY_SDK_KEY")
+    if not key:
+        raise UserError("give the SDK key with --key or RELAY_SDK_KEY")
+    url = args.url or os.environ.get("RELAY_URL") or DEFAULT_WS_URL
+    if not url.startswith(("ws://", "wss://")):
+        raise UserError(f"--url must be a ws:// or wss:// URL, got {url!r}")
+    logging.basicConfig(level=logging.WARNING, format="relay watch: %(message)s")
+    with contextlib.suppress(KeyboardInterrupt):
+        _run_async(_watch(url, key, args.since))
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-url", help=f"[RELAY_ADMIN_URL; default {DEFAULT_ADMIN_URL}]")
+    parser.add_argument(
+        "--admin-token",
+        help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]",
+    )
+    parser.add_argument("--data-dir", help="where to find the admin token file [./relay-data]")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="WebSocket edge relay for feature-flag delivery."
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a relay node")
+    config_mod.add_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
+
+    env = sub.add_parser("env", help="manage environments")
+    env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    put = env_sub.add_parser("put", help="create an environment or replace its SDK keys")
+    put.add_argument("env")
+    put.add_argument("--key", action="append", required=True, help="an SDK key (repeatable)")
+    _admin_options(put)
+    put.set_defaults(func=cmd_env_put)
+
+    flags = sub.add_parser("flags", help="read and change flags")
+    flags_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
+    fset = flags_sub.add_parser("set", help="set flags: KEY=JSON ... in one change")
+    fset.add_argument("env")
+    fset.add_argument("assignments", nargs="+", metavar="KEY=JSON")
+    _admin_options(fset)
+    fset.set_defaults(func=cmd_flags_set)
+    fdel = flags_sub.add_parser("del", help="delete flags in one change")
+    fdel.add_argument("env")
+    fdel.add_argument("keys", nargs="+", metavar="KEY")
+    _admin_options(fdel)
+    fdel.set_defaults(func=cmd_flags_del)
+    fget = flags_sub.add_parser("get", help="print an environment's flags")
+    fget.add_argument("env")
+    _admin_options(fget)
+    fget.set_defaults(func=cmd_flags_get)
+
+    status = sub.add_parser("status", help="show a node's state")
+    _admin_options(status)
+    status.set_defaults(func=cmd_status)
+
+    watch = sub.add_parser("watch", help="connect like an SDK and print each change")
+    watch.add_argument("--url", help=f"[RELAY_URL; default {DEFAULT_WS_URL}]")
+    watch.add_argument("--key", help="the SDK key [RELAY_SDK_KEY]")
+    watch.add_argument("--since", type=int, help="the version already held")
+    watch.set_defaults(func=cmd_watch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

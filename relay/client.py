@@ -1,0 +1,318 @@
+"""An asyncio SDK client for relay: holds an environment's flags and follows every change.
+
+    async with RelayClient("ws://127.0.0.1:8080/v1/stream", "sdk-key") as client:
+        await client.wait_ready()
+        print(client.flags)
+        async for change in client.changes():
+            print(change.v, change.put, change.deleted)
+
+It reconnects by itself with `since` (so it gets only what it missed), with jittered
+exponential backoff, after `retry_ms` when the server says `goaway`, and resynchronises when it
+sees a version gap. Close codes that mean "stop" (bad key, protocol error) end it with
+`RelayClientError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+from websockets.typing import Subprotocol
+
+from relay import protocol
+
+log = logging.getLogger("relay.client")
+
+# Close codes after which reconnecting cannot help (PROTOCOL.md: "client should: stop").
+FATAL_CLOSE_CODES = frozenset({
+    protocol.CLOSE_NORMAL, protocol.CLOSE_TOO_BIG,
+    protocol.CLOSE_BAD_CREDENTIALS, protocol.CLOSE_PROTOCOL_ERROR,
+})
+
+
+class _Resync(Exception):
+    """A version gap: reconnect at once with the version held."""
+
+
+class RelayClientError(Exception):
+    """The server ended the stream for good (e.g. 4001 bad credentials)."""
+
+    def __init__(self, code: int | None, reason: str) -> None:
+        super().__init__(f"relay closed the stream: {code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class ChangeEvent:
+    """What one server frame changed. `kind` is "snap" (all flags replaced) or "delta"."""
+
+    kind: str
+    base: int | None
+    v: int
+    put: dict[str, Any]
+    deleted: list[str]
+
+
+@dataclass
+class ClientStats:
+    connects: int = 0
+    reconnects: int = 0
+    gaps: int = 0
+    snaps: int = 0
+    deltas: int = 0
+    goaways: int = 0
+    last_close_code: int | None = None
+    close_codes: list[int] = field(default_factory=list)
+
+
+class RelayClient:
+    def __init__(
+        self,
+        url: str,
+        key: str,
+        *,
+        since: int | None = None,
+        auth_in_frame: bool = False,
+        on_change: Callable[[ChangeEvent], None] | None = None,
+        backoff_base: float = 0.2,
+        backoff_max: float = 30.0,
+        open_timeout: float = 10.0,
+    ) -> None:
+        self.url = url
+        self.key = key
+        self.auth_in_frame = auth_in_frame
+        self.on_change = on_change
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.version: int | None = since
+        self.flag_versions: dict[str, int] = {}
+        self.env: str | None = None
+        self.node: str | None = None
+        self.stats = ClientStats()
+        self.error: RelayClientError | None = None
+        self._flags: dict[str, Any] = {}
+        self._ready = asyncio.Event()
+        self._updated = asyncio.Condition()
+        self._queues: list[asyncio.Queue[ChangeEvent | None]] = []
+        self._task: asyncio.Task[None] | None = None
+        self._ws: ClientConnection | None = None
+        self._closing = False
+        self._goaway_retry: float | None = None
+        self._synced = False
+
+    # --- public API ---------------------------------------------------------------------------
+
+    @property
+    def flags(self) -> dict[str, Any]:
+        """The current flag values (a copy)."""
+        return dict(self._flags)
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._ws is not None:
+            await self._ws.close()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._wake_all(None)
+
+    async def __aenter__(self) -> RelayClient:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        """Wait until the client holds a state (first snap or catch-up), or raise its error."""
+        await self.wait_for(lambda: self._ready.is_set(), timeout)
+
+    async def wait_for_version(self, v: int, timeout: float | None = None) -> None:
+        await self.wait_for(lambda: self.version is not None and self.version >= v, timeout)
+
+    async def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> None:
+        """Wait until `predicate()` holds after some update; raise the client's fatal error."""
+
+        async def waiting() -> None:
+            async with self._updated:
+                while not predicate():
+                    if self.error is not None:
+                        raise self.error
+                    await self._updated.wait()
+
+        await asyncio.wait_for(waiting(), timeout)
+
+    async def changes(self) -> AsyncIterator[ChangeEvent]:
+        """Every change applied from now on; ends when the client closes or fails."""
+        queue: asyncio.Queue[ChangeEvent | None] = asyncio.Queue()
+        self._queues.append(queue)
+        try:
+            while True:
+                event = await queue.get()
+                if event is None:
+                    if self.error is not None:
+                        raise self.error
+                    return
+                yield event
+        finally:
+            self._queues.remove(queue)
+
+    # --- the connection loop ------------------------------------------------------------------
+
+    def _stream_url(self) -> str:
+        parts = urlsplit(self.url)
+        query = [(k, v) for k, v in parse_qsl(parts.query) if k != "since"]
+        if self.version is not None and not self.auth_in_frame:
+            query.append(("since", str(self.version)))
+        return urlunsplit(parts._replace(query=urlencode(query)))
+
+    async def _run(self) -> None:
+        attempt = 0
+        while not self._closing:
+            self._goaway_retry = None
+            self._synced = False
+            try:
+                await self._session()
+            except ConnectionClosed as exc:
+                code = exc.rcvd.code if exc.rcvd is not None else None
+                reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                self.stats.last_close_code = code
+                if code is not None:
+                    self.stats.close_codes.append(code)
+                if self._closing:
+                    break
+                if code in FATAL_CLOSE_CODES and self._goaway_retry is None:
+                    await self._fail(RelayClientError(code, reason))
+                    return
+                log.info("stream closed (%s %s); reconnecting", code, reason)
+            except RelayClientError as exc:
+                await self._fail(exc)
+                return
+            except InvalidStatus as exc:
+                status = exc.response.status_code
+                if status in (401, 403, 404):
+                    await self._fail(RelayClientError(None, f"HTTP {status} from {self.url}"))
+                    return
+                log.info("handshake refused with HTTP %d; retrying", status)
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                log.info("cannot connect to %s (%s); retrying", self.url, exc)
+            except _Resync:
+                self._goaway_retry = 0.0
+            finally:
+                self._ws = None
+            if self._closing:
+                break
+            if self._synced:
+                attempt = 0  # that connection worked: start backing off afresh
+            delay = self._goaway_retry
+            if delay is None:
+                delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+                attempt += 1
+            else:
+                attempt = 0
+            self.stats.reconnects += 1
+            await asyncio.sleep(delay)
+
+    async def _session(self) -> None:
+        """One connection, until it closes (raises ConnectionClosed with the server's code)."""
+        headers = {} if self.auth_in_frame else {"Authorization": f"Bearer {self.key}"}
+        async with connect(
+            self._stream_url(),
+            subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
+            additional_headers=headers,
+            compression=None,
+            open_timeout=self.open_timeout,
+            max_size=None,
+        ) as ws:
+            self._ws = ws
+            self.stats.connects += 1
+            if self.auth_in_frame:
+                auth: dict[str, Any] = {"t": "auth", "key": self.key}
+                if self.version is not None:
+                    auth["since"] = self.version
+                await ws.send(protocol.pack(auth))
+            async for raw in ws:
+                if isinstance(raw, str):
+                    raise RelayClientError(protocol.CLOSE_PROTOCOL_ERROR, "server sent text")
+                try:
+                    frame = protocol.unpack(raw)
+                except protocol.ProtocolError as exc:
+                    raise RelayClientError(protocol.CLOSE_PROTOCOL_ERROR, str(exc)) from None
+                kind = frame.get("t")
+                if kind == "hello":
+                    self.env, self.node = frame["env"], frame["node"]
+                elif kind == "snap":
+                    await self._apply_snap(frame)
+                elif kind == "delta":
+                    if frame["base"] != self.version:
+                        # A gap: reconnect at once with the version we hold.
+                        self.stats.gaps += 1
+                        log.info("version gap: hold %s, got base %s", self.version, frame["base"])
+                        await ws.close()
+                        raise _Resync
+                    await self._apply_delta(frame)
+                elif kind == "goaway":
+                    self.stats.goaways += 1
+                    self._goaway_retry = max(0, int(frame.get("retry_ms", 0))) / 1000
+                    log.info(
+                        "goaway (%s): reconnect in %.2fs", frame.get("reason"), self._goaway_retry
+                    )
+            raise ws.protocol.close_exc  # closed by the server with a normal code
+
+    async def _apply_snap(self, frame: dict[str, Any]) -> None:
+        flags = frame["flags"]
+        self._flags = {k: f["value"] for k, f in flags.items()}
+        self.flag_versions = {k: f["v"] for k, f in flags.items()}
+        self.stats.snaps += 1
+        await self._updated_to(ChangeEvent("snap", None, frame["v"], dict(self._flags), []))
+
+    async def _apply_delta(self, frame: dict[str, Any]) -> None:
+        put = {k: f["value"] for k, f in frame["put"].items()}
+        for key, f in frame["put"].items():
+            self._flags[key] = f["value"]
+            self.flag_versions[key] = f["v"]
+        deleted = list(frame["del"])
+        for key in deleted:
+            self._flags.pop(key, None)
+            self.flag_versions.pop(key, None)
+        self.stats.deltas += 1
+        await self._updated_to(ChangeEvent("delta", frame["base"], frame["v"], put, deleted))
+
+    async def _updated_to(self, event: ChangeEvent) -> None:
+        self.version = event.v
+        self._synced = True
+        self._ready.set()
+        if self.on_change is not None and (event.put or event.deleted or event.kind == "snap"):
+            self.on_change(event)
+        if event.put or event.deleted or event.kind == "snap":
+            self._wake_all(event)
+        async with self._updated:
+            self._updated.notify_all()
+
+    async def _fail(self, error: RelayClientError) -> None:
+        self.error = error
+        self._wake_all(None)
+        async with self._updated:
+            self._updated.notify_all()
+
+    def _wake_all(self, event: ChangeEvent | None) -> None:
+        for queue in self._queues:
+            queue.put_nowait(event)

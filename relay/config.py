@@ -1,0 +1,121 @@
+"""Server configuration in one place: a dataclass fed by CLI flags and RELAY_* variables.
+
+Every field `some_name` is the flag `--some-name` and the environment variable
+`RELAY_SOME_NAME`; a flag wins over the variable, the variable over the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import resource
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def _default_max_connections() -> int:
+    """What the open-files limit allows, leaving room for the store, peers and admin sockets."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return 100_000
+    return max(16, soft - 256)
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass(frozen=True)
+class Config:
+    host: str = _opt("127.0.0.1", "address of the public SDK port")
+    port: int = _opt(8080, "public SDK WebSocket port (0 picks a free port)")
+    admin_host: str = _opt("", "address of the internal admin port (default: --host)")
+    admin_port: int = _opt(8081, "internal admin/metrics port (0 picks a free port)")
+    data_dir: str = _opt("./relay-data", "directory of the embedded SQLite store")
+    admin_token: str = _opt(
+        "", "bearer token of the admin API (default: generated once, kept in the data dir)"
+    )
+    node_id: str = _opt(socket.gethostname(), "this node's name in status and hello frames")
+    history: int = _opt(1000, "changes per environment kept in memory to answer `since`")
+    log_retention: int = _opt(10_000, "changes per environment kept in the store's log")
+    auth_timeout: float = _opt(5.0, "seconds a client has to send its auth frame")
+    ping_interval: float = _opt(20.0, "seconds between WebSocket pings (0 disables)")
+    ping_timeout: float = _opt(20.0, "seconds to wait for a pong before closing")
+    max_connections: int = _opt(
+        _default_max_connections(), "SDK sessions this node accepts before closing with 4101"
+    )
+    env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
+    log_level: str = _opt("info", "debug, info, warning or error")
+
+    @property
+    def admin_bind(self) -> str:
+        return self.admin_host or self.host
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _env_var(name: str) -> str:
+    return "RELAY_" + name.upper()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Config field (defaults are resolved later, in `from_args`)."""
+    for f in dataclasses.fields(Config):
+        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(
+            str(f.type), str
+        )
+        parser.add_argument(
+            _flag(f.name),
+            dest=f.name,
+            type=kind,
+            default=None,
+            metavar=f.name.upper(),
+            help=f"{f.metadata['help']} [{_env_var(f.name)}; default: {f.default!r}]",
+        )
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
+    """Flags first, then RELAY_* variables, then the defaults; values are checked."""
+    environ = dict(os.environ) if environ is None else environ
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(Config):
+        given = getattr(args, f.name, None)
+        if given is None and _env_var(f.name) in environ:
+            raw = environ[_env_var(f.name)]
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            try:
+                given = kind(raw)
+            except ValueError:
+                raise ConfigError(
+                    f"{_env_var(f.name)}={raw!r} is not a valid {kind.__name__}"
+                ) from None
+        if given is not None:
+            values[f.name] = given
+    config = Config(**values)
+    check(config)
+    return config
+
+
+def check(config: Config) -> None:
+    for name in ("port", "admin_port"):
+        value = getattr(config, name)
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
+    for name in ("history", "log_retention", "max_connections"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be at least 1")
+    for name in ("auth_timeout", "ping_timeout", "env_idle_ttl"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{_flag(name)} must be positive")
+    if config.ping_interval < 0:
+        raise ConfigError("--ping-interval must be 0 (off) or positive")
+    if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("--log-level must be debug, info, warning or error")

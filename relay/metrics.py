@@ -1,0 +1,55 @@
+"""Prometheus metrics of one node. Names are a contract (dashboards, alerts): add, don't rename.
+
+Each node gets its own registry, so several nodes can live in one test process.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Publish-to-socket latency buckets, in seconds: sub-millisecond to seconds.
+_LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections = Gauge(
+            "relay_connections", "Open SDK sessions, by environment", ["env"], registry=r
+        )
+        self.connections_accepted = Counter(
+            "relay_connections_accepted", "SDK WebSocket handshakes completed", registry=r
+        )
+        self.closes = Counter(
+            "relay_closes", "SDK sessions closed by the server, by close code", ["code"],
+            registry=r,
+        )
+        self.frames_sent = Counter(
+            "relay_frames_sent", "Frames written to SDK sessions", registry=r
+        )
+        self.bytes_sent = Counter(
+            "relay_bytes_sent", "Bytes of frames written to SDK sessions", registry=r
+        )
+        self.publishes = Counter(
+            "relay_publishes", "Changes acknowledged through the admin API, by result",
+            ["result"], registry=r,
+        )
+        self.publish_latency = Histogram(
+            "relay_publish_to_socket_seconds",
+            "From a change's commit to its write to the sessions' sockets",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.auth_failures = Counter(
+            "relay_auth_failures", "SDK authentications refused, by reason", ["reason"],
+            registry=r,
+        )
+        self.envs_loaded = Gauge(
+            "relay_envs_loaded", "Environments held in memory by this node", registry=r
+        )
+        self.store_resyncs = Counter(
+            "relay_store_resyncs", "Times an environment was re-read after a version gap",
+            registry=r,
+        )

@@ -1,0 +1,128 @@
+"""One relay node: the store, the hub, the public SDK server and the internal admin server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from relay import __version__
+from relay.admin import AdminApi
+from relay.config import Config
+from relay.hub import Hub
+from relay.metrics import Metrics
+from relay.sdk_server import SdkServer
+from relay.store.base import Store
+from relay.store.sqlite import SQLiteStore
+
+log = logging.getLogger("relay.node")
+
+TOKEN_FILE = "admin-token"
+
+
+def load_or_create_admin_token(data_dir: Path) -> tuple[str, bool]:
+    """The admin token kept in the data dir (created 0600 on first start); True if new."""
+    path = data_dir / TOKEN_FILE
+    if path.exists():
+        return path.read_text().strip(), False
+    data_dir.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(24)
+    path.touch(mode=0o600)
+    path.write_text(token + "\n")
+    return token, True
+
+
+class Node:
+    """Starts and stops a node's parts in order. States: starting -> ready -> stopped."""
+
+    def __init__(self, config: Config, store: Store | None = None) -> None:
+        self.config = config
+        self.state = "starting"
+        self.started_at = time.time()
+        self.metrics = Metrics()
+        self.store: Store = store or SQLiteStore(config.data_dir, config.log_retention)
+        self.admin_token = config.admin_token
+        self.token_generated = False
+        self.hub = Hub(
+            self.store, self.metrics, config.node_id,
+            max_history=config.history, idle_ttl=config.env_idle_ttl,
+        )
+        self.sdk = SdkServer(config, self.hub, self.metrics)
+        self.admin = AdminApi(self)
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+        self.stopped = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self.sdk.port
+
+    @property
+    def admin_port(self) -> int:
+        assert self._site is not None and self._site._server is not None
+        sockets = self._site._server.sockets  # type: ignore[attr-defined]
+        return int(sockets[0].getsockname()[1])
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://{self.config.host}:{self.port}/v1/stream"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://{self.config.admin_bind}:{self.admin_port}"
+
+    async def start(self) -> None:
+        if not self.admin_token:
+            self.admin_token, self.token_generated = load_or_create_admin_token(
+                Path(self.config.data_dir)
+            )
+        await self.store.open()
+        try:
+            self._runner = web.AppRunner(self.admin.app, access_log=None)
+            await self._runner.setup()
+            self._site = web.TCPSite(
+                self._runner, self.config.admin_bind, self.config.admin_port
+            )
+            await self._site.start()
+            await self.sdk.start()
+        except BaseException:
+            await self._close_parts()
+            raise
+        self.state = "ready"
+        log.info("node %s ready", self.config.node_id)
+
+    async def stop(self) -> None:
+        """Graceful stop: sessions get goaway (shutdown) and close 1001, then the store closes."""
+        if self.state == "stopped":
+            return
+        self.state = "stopping"
+        await self.sdk.stop()
+        await self._close_parts()
+        self.state = "stopped"
+        self.stopped.set()
+
+    async def _close_parts(self) -> None:
+        await self.hub.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+        await self.store.close()
+
+    async def status(self) -> dict[str, Any]:
+        envs = await self.store.envs()
+        return {
+            "node": self.config.node_id,
+            "version": __version__,
+            "state": self.state,
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "store": type(self.store).__name__,
+            "ring": [{"node": self.config.node_id, "state": self.state}],
+            "owned_envs": len(envs),
+            "envs": len(envs),
+            "connections": self.hub.session_count(),
+            "loaded_envs": self.hub.env_summary(),
+        }

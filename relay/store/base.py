@@ -1,0 +1,100 @@
+"""The store interface: durable environments, flags and per-environment change logs.
+
+A store assigns versions atomically, acknowledges a change only once it is durable, and tells
+its listeners about every committed change in version order. Implementations: `sqlite` (the
+embedded default); a Redis store joins it for clusters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from relay.changes import Change
+
+
+def hash_key(sdk_key: str) -> str:
+    """SDK keys are stored and compared only as SHA-256 hex digests."""
+    return hashlib.sha256(sdk_key.encode()).hexdigest()
+
+
+class StoreError(Exception):
+    """Base of the errors a store reports to its callers."""
+
+
+class UnknownEnv(StoreError):
+    def __init__(self, env: str) -> None:
+        super().__init__(f"unknown environment {env!r}")
+        self.env = env
+
+
+class KeyConflict(StoreError):
+    """An SDK key is already registered to another environment (a key names one environment)."""
+
+    def __init__(self, other_env: str) -> None:
+        super().__init__(f"an SDK key is already registered to environment {other_env!r}")
+        self.other_env = other_env
+
+
+class StoreUnavailable(StoreError):
+    """The store cannot be reached or cannot commit right now; nothing was acknowledged."""
+
+
+@dataclass(frozen=True, slots=True)
+class EnvSnapshot:
+    """An environment as loaded from the store: flags at `v` and the newest log entries."""
+
+    env: str
+    v: int
+    flags: Mapping[str, tuple[int, Any]]
+    history: Sequence[Change] = field(default_factory=tuple)
+
+
+ChangeListener = Callable[[Change], None]
+KeysListener = Callable[[str, frozenset[str]], None]
+
+
+class Store(Protocol):
+    """What the relay needs from durable storage. All methods are coroutines on the loop."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
+        """Create the environment or replace its SDK keys; return its current version."""
+        ...
+
+    async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+        """Commit a change with the environment's next version, atomically, then return it.
+
+        Deletes of flags that do not exist are dropped; a change left empty commits nothing
+        and returns the current version with empty `put` and `dels`.
+        """
+        ...
+
+    async def load(self, env: str, history: int) -> EnvSnapshot:
+        """The environment's current state and up to `history` newest changes."""
+        ...
+
+    async def changes_since(self, env: str, since: int) -> list[Change] | None:
+        """Every change after `since`, or None when the log no longer reaches back that far."""
+        ...
+
+    async def env_for_key(self, key_hash: str) -> str | None:
+        """The environment an SDK key (hashed) may read, if any."""
+        ...
+
+    async def envs(self) -> dict[str, int]:
+        """Every environment with its current version."""
+        ...
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        """Call `listener` on the loop with every committed change, in version order per env."""
+        ...
+
+    def add_keys_listener(self, listener: KeysListener) -> None:
+        """Call `listener(env, key_hashes)` on the loop whenever an environment's keys change."""
+        ...

@@ -1,0 +1,273 @@
+"""The embedded store: one SQLite file (WAL) under --data-dir, for a single node.
+
+All SQLite work runs on one dedicated thread, so writes are serialised (versions are assigned
+atomically inside one transaction) and the event loop never blocks on disk. A change is
+acknowledged only after its transaction commits with synchronous=FULL; listeners are scheduled
+from that same thread right after the commit, so they see changes in commit order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import msgpack
+
+from relay.changes import Change
+from relay.store.base import (
+    ChangeListener,
+    EnvSnapshot,
+    KeyConflict,
+    KeysListener,
+    StoreUnavailable,
+    UnknownEnv,
+)
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envs (env TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS sdk_keys (
+    key_hash TEXT PRIMARY KEY, env TEXT NOT NULL REFERENCES envs(env)) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS sdk_keys_by_env ON sdk_keys(env);
+CREATE TABLE IF NOT EXISTS flags (
+    env TEXT NOT NULL, key TEXT NOT NULL, v INTEGER NOT NULL, value BLOB NOT NULL,
+    PRIMARY KEY (env, key)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (
+    env TEXT NOT NULL, v INTEGER NOT NULL, put BLOB NOT NULL, dels BLOB NOT NULL, ts REAL NOT NULL,
+    PRIMARY KEY (env, v)) WITHOUT ROWID;
+"""
+
+T = TypeVar("T")
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class SQLiteStore:
+    """`relay.store.base.Store` on a SQLite file."""
+
+    def __init__(self, data_dir: str | Path, log_retention: int = 10_000) -> None:
+        self.path = Path(data_dir) / "relay.db"
+        self.log_retention = max(1, log_retention)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="relay-sqlite")
+        self._db: sqlite3.Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._change_listeners: list[ChangeListener] = []
+        self._keys_listeners: list[KeysListener] = []
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"SQLite error: {exc}") from exc
+
+    @property
+    def _conn(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreUnavailable("store is not open")
+        return self._db
+
+    def _open_sync(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not only kill -9
+        db.execute("PRAGMA foreign_keys=ON")
+        db.execute("PRAGMA busy_timeout=5000")
+        found = db.execute("PRAGMA user_version").fetchone()[0]
+        if found > SCHEMA_VERSION:
+            db.close()
+            raise StoreUnavailable(
+                f"{self.path} has schema version {found}; this relay knows {SCHEMA_VERSION}"
+            )
+        db.executescript(_SCHEMA)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        self._db = db
+
+    async def open(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._run(self._open_sync)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._run(self._db.close)
+            self._db = None
+        self._executor.shutdown(wait=True)
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        self._change_listeners.append(listener)
+
+    def add_keys_listener(self, listener: KeysListener) -> None:
+        self._keys_listeners.append(listener)
+
+    def _notify(self, fn: Callable[..., None], *args: Any) -> None:
+        """Schedule a listener on the loop from the store thread (FIFO keeps commit order)."""
+        assert self._loop is not None
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    def _put_env_sync(self, env: str, key_hashes: Sequence[str]) -> int:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for key_hash in key_hashes:
+                row = db.execute(
+                    "SELECT env FROM sdk_keys WHERE key_hash = ?", (key_hash,)
+                ).fetchone()
+                if row is not None and row[0] != env:
+                    raise KeyConflict(row[0])
+            db.execute("INSERT OR IGNORE INTO envs (env, v) VALUES (?, 0)", (env,))
+            db.execute("DELETE FROM sdk_keys WHERE env = ?", (env,))
+            db.executemany(
+                "INSERT INTO sdk_keys (key_hash, env) VALUES (?, ?)",
+                [(h, env) for h in dict.fromkeys(key_hashes)],
+            )
+            v = int(db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()[0])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        hashes = frozenset(key_hashes)
+        for listener in self._keys_listeners:
+            self._notify(listener, env, hashes)
+        return v
+
+    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
+        return await self._run(self._put_env_sync, env, list(key_hashes))
+
+    def _publish_sync(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
+            if row is None:
+                raise UnknownEnv(env)
+            current = int(row[0])
+            if dels:
+                marks = ",".join("?" * len(dels))
+                existing = {
+                    r[0]
+                    for r in db.execute(
+                        f"SELECT key FROM flags WHERE env = ? AND key IN ({marks})",
+                        (env, *dels),
+                    )
+                }
+                dels = tuple(k for k in dict.fromkeys(dels) if k in existing)
+            if not put and not dels:
+                db.execute("ROLLBACK")
+                return Change(env=env, v=current, put={}, dels=(), ts=time.time())
+            v = current + 1
+            ts = time.time()
+            db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
+            db.executemany(
+                "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
+                [(env, key, v, _pack(value)) for key, value in put.items()],
+            )
+            if dels:
+                db.executemany(
+                    "DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels]
+                )
+            db.execute(
+                "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
+                (env, v, _pack(dict(put)), _pack(list(dels)), ts),
+            )
+            db.execute(
+                "DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention)
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        change = Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
+        for listener in self._change_listeners:
+            self._notify(listener, change)
+        return change
+
+    async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+        return await self._run(self._publish_sync, env, dict(put), tuple(dels))
+
+    # --- reads --------------------------------------------------------------------------------
+
+    def _changes_sync(self, env: str, after: int, limit: int | None) -> list[Change]:
+        rows = self._conn.execute(
+            "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v DESC LIMIT ?",
+            (env, after, -1 if limit is None else limit),
+        ).fetchall()
+        rows.reverse()
+        return [
+            Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts)
+            for v, put, dels, ts in rows
+        ]
+
+    def _load_sync(self, env: str, history: int) -> EnvSnapshot:
+        db = self._conn
+        db.execute("BEGIN")  # one read snapshot for flags, version and log
+        try:
+            row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
+            if row is None:
+                raise UnknownEnv(env)
+            flags = {
+                key: (v, _unpack(value))
+                for key, v, value in db.execute(
+                    "SELECT key, v, value FROM flags WHERE env = ?", (env,)
+                )
+            }
+            log = self._changes_sync(env, -1, history) if history > 0 else []
+        finally:
+            db.execute("COMMIT")
+        return EnvSnapshot(env=env, v=int(row[0]), flags=flags, history=log)
+
+    async def load(self, env: str, history: int) -> EnvSnapshot:
+        return await self._run(self._load_sync, env, history)
+
+    def _changes_since_sync(self, env: str, since: int) -> list[Change] | None:
+        db = self._conn
+        db.execute("BEGIN")
+        try:
+            row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
+            if row is None:
+                raise UnknownEnv(env)
+            current = int(row[0])
+            if since >= current:
+                return []
+            log = self._changes_sync(env, since, None)
+        finally:
+            db.execute("COMMIT")
+        if not log or log[0].v != since + 1:
+            return None  # trimmed past `since`
+        return log
+
+    async def changes_since(self, env: str, since: int) -> list[Change] | None:
+        return await self._run(self._changes_since_sync, env, since)
+
+    def _env_for_key_sync(self, key_hash: str) -> str | None:
+        row = self._conn.execute(
+            "SELECT env FROM sdk_keys WHERE key_hash = ?", (key_hash,)
+        ).fetchone()
+        return None if row is None else str(row[0])
+
+    async def env_for_key(self, key_hash: str) -> str | None:
+        return await self._run(self._env_for_key_sync, key_hash)
+
+    def _envs_sync(self) -> dict[str, int]:
+        return {env: v for env, v in self._conn.execute("SELECT env, v FROM envs")}
+
+    async def envs(self) -> dict[str, int]:
+        """Every environment with its version (for status)."""
+        return await self._run(self._envs_sync)
