@@ -160,10 +160,13 @@ class RelayClient:
 
         await asyncio.wait_for(waiting(), timeout)
 
-    async def changes(self) -> AsyncIterator[ChangeEvent]:
-        """Every change applied from now on; ends when the client closes or fails."""
+    def changes(self) -> AsyncIterator[ChangeEvent]:
+        """Every change applied from this call on; ends when the client closes or fails."""
         queue: asyncio.Queue[ChangeEvent | None] = asyncio.Queue()
         self._queues.append(queue)
+        return self._drain(queue)
+
+    async def _drain(self, queue: asyncio.Queue[ChangeEvent | None]) -> AsyncIterator[ChangeEvent]:
         try:
             while True:
                 event = await queue.get()
@@ -194,11 +197,11 @@ class RelayClient:
             except ConnectionClosed as exc:
                 code = exc.rcvd.code if exc.rcvd is not None else None
                 reason = exc.rcvd.reason if exc.rcvd is not None else ""
+                if self._closing:
+                    break
                 self.stats.last_close_code = code
                 if code is not None:
                     self.stats.close_codes.append(code)
-                if self._closing:
-                    break
                 if code in FATAL_CLOSE_CODES and self._goaway_retry is None:
                     await self._fail(RelayClientError(code, reason))
                     return

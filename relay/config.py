@@ -43,6 +43,9 @@ class Config:
     auth_timeout: float = _opt(5.0, "seconds a client has to send its auth frame")
     ping_interval: float = _opt(20.0, "seconds between WebSocket pings (0 disables)")
     ping_timeout: float = _opt(20.0, "seconds to wait for a pong before closing")
+    close_timeout: float = _opt(
+        5.0, "seconds to wait for a client's close handshake before aborting the connection"
+    )
     max_connections: int = _opt(
         _default_max_connections(), "SDK sessions this node accepts before closing with 4101"
     )
@@ -112,7 +115,7 @@ def check(config: Config) -> None:
     for name in ("history", "log_retention", "max_connections"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
-    for name in ("auth_timeout", "ping_timeout", "env_idle_ttl"):
+    for name in ("auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be positive")
     if config.ping_interval < 0:

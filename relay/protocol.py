@@ -102,9 +102,14 @@ def parse_since(raw: object) -> int | None:
     if raw is None:
         return None
     if isinstance(raw, str):
-        if not raw.isdigit():
+        # isdigit() alone accepts non-ASCII digits ("²", "١٢") that int() rejects or reads
+        # differently, and int() refuses more than 4300 digits: both must be a ProtocolError.
+        if not (raw.isascii() and raw.isdigit()):
             raise ProtocolError("since must be a non-negative integer")
-        raw = int(raw)
+        try:
+            raw = int(raw)
+        except ValueError as exc:
+            raise ProtocolError("since must be a non-negative integer") from exc
     if isinstance(raw, bool) or not isinstance(raw, int) or raw < 0:
         raise ProtocolError("since must be a non-negative integer")
     return raw

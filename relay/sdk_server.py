@@ -91,7 +91,7 @@ class SdkServer:
             max_size=MAX_FRAME_BYTES,
             ping_interval=self.config.ping_interval or None,
             ping_timeout=self.config.ping_timeout,
-            close_timeout=5,
+            close_timeout=self.config.close_timeout,
             server_header=None,
             reuse_port=False,
         )
@@ -101,7 +101,6 @@ class SdkServer:
         if self._server is None:
             return
         self.accepting = False
-        self._server.close(close_connections=False)
         for session in self.hub.sessions():
             session.write(
                 protocol.ws_binary_frame(

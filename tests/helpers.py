@@ -1,0 +1,199 @@
+"""Shared test helpers: in-process nodes, `relay serve` subprocesses and raw SDK sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import msgpack
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.typing import Subprotocol
+
+from relay.config import Config
+from relay.node import Node
+
+TOKEN = "test-admin-token"
+
+
+def node_config(tmp: Path, **overrides: Any) -> Config:
+    values: dict[str, Any] = {
+        "port": 0, "admin_port": 0, "data_dir": str(tmp / "data"), "admin_token": TOKEN,
+        "node_id": "test-node",
+    }
+    values.update(overrides)
+    return Config(**values)
+
+
+class Admin:
+    """A tiny admin API client over a real aiohttp session."""
+
+    def __init__(self, url: str, token: str = TOKEN) -> None:
+        self.url = url
+        self.token = token
+        self.session = aiohttp.ClientSession()
+
+    async def call(
+        self, method: str, path: str, body: Any = None, *, token: str | None = None,
+        raw: bytes | None = None,
+    ) -> tuple[int, Any]:
+        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
+        if token == "":
+            headers = {}
+        kwargs: dict[str, Any] = {"headers": headers}
+        if raw is not None:
+            kwargs["data"] = raw
+        elif body is not None:
+            kwargs["json"] = body
+        async with self.session.request(method, self.url + path, **kwargs) as resp:
+            text = await resp.text()
+            try:
+                return resp.status, await resp.json(content_type=None)
+            except ValueError:
+                return resp.status, text
+
+    async def put_env(self, env: str, keys: Sequence[str]) -> int:
+        status, body = await self.call("PUT", f"/admin/v1/envs/{env}", {"keys": list(keys)})
+        assert status == 200, body
+        return int(body["v"])
+
+    async def publish(
+        self, env: str, put: dict[str, Any] | None = None, dels: Sequence[str] = ()
+    ) -> int:
+        status, body = await self.call(
+            "PATCH", f"/admin/v1/envs/{env}/flags", {"put": put or {}, "del": list(dels)}
+        )
+        assert status == 200, body
+        return int(body["v"])
+
+    async def flags(self, env: str) -> tuple[int, dict[str, Any]]:
+        status, body = await self.call("GET", f"/admin/v1/envs/{env}/flags")
+        assert status == 200, body
+        return body["v"], {k: f["value"] for k, f in body["flags"].items()}
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+async def open_stream(
+    ws_url: str,
+    key: str | None = None,
+    *,
+    since: int | None = None,
+    frame_auth: bool = False,
+    subprotocol: str | None = "relay.v1",
+    query: str = "",
+) -> ClientConnection:
+    url = ws_url
+    params = []
+    if since is not None and not frame_auth:
+        params.append(f"since={since}")
+    if query:
+        params.append(query)
+    if params:
+        url += "?" + "&".join(params)
+    headers = {}
+    if key is not None and not frame_auth:
+        headers["Authorization"] = f"Bearer {key}"
+    ws = await connect(
+        url,
+        subprotocols=[Subprotocol(subprotocol)] if subprotocol else None,
+        additional_headers=headers,
+        compression=None,
+        max_size=None,
+    )
+    if frame_auth and key is not None:
+        auth: dict[str, Any] = {"t": "auth", "key": key}
+        if since is not None:
+            auth["since"] = since
+        await ws.send(msgpack.packb(auth))
+    return ws
+
+
+async def recv_frame(ws: ClientConnection, timeout: float = 10.0) -> dict[str, Any]:
+    data = await asyncio.wait_for(ws.recv(), timeout)
+    assert isinstance(data, bytes), "server frames are binary"
+    frame = msgpack.unpackb(data, raw=False, strict_map_key=False)
+    assert isinstance(frame, dict)
+    return frame
+
+
+async def close_code(ws: ClientConnection, timeout: float = 10.0) -> tuple[int | None, str]:
+    """Read until the server closes; return its close code and reason."""
+    async with asyncio.timeout(timeout):
+        try:
+            while True:
+                await ws.recv()
+        except Exception:
+            pass
+    return ws.close_code, ws.close_reason or ""
+
+
+@dataclass
+class RelayProcess:
+    """A `relay serve` subprocess on free ports, with its parsed banner."""
+
+    proc: subprocess.Popen[str]
+    ws_url: str
+    admin_url: str
+    token: str
+    output: list[str] = field(default_factory=list)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        return self.proc.returncode
+
+
+def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> RelayProcess:
+    cmd = [sys.executable, "-m", "relay", "serve", "--port", "0", "--admin-port", "0",
+           "--data-dir", str(data_dir), *extra]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 30
+    ws_url = admin_url = token = ""
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError("relay serve exited early:\n" + "".join(lines))
+        lines.append(line)
+        if m := re.search(r"SDK WebSockets\s+(\S+)", line):
+            ws_url = m.group(1)
+        if m := re.search(r"admin API\s+(\S+)", line):
+            admin_url = m.group(1)
+        if m := re.search(r"admin token\s+(\S+)", line):
+            token = m.group(1)
+        if ws_url and admin_url and token:
+            break
+    else:
+        proc.kill()
+        raise AssertionError("relay serve did not start:\n" + "".join(lines))
+    return RelayProcess(proc, ws_url, admin_url, token, lines)
+
+
+async def started_node(tmp: Path, **overrides: Any) -> Node:
+    node = Node(node_config(tmp, **overrides))
+    await node.start()
+    return node

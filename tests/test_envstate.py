@@ -1,0 +1,484 @@
+"""relay.changes and relay.envstate: coalescing, history and catch-up frames (no I/O, no mocks)."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from relay import protocol
+from relay.changes import Change, Delta, coalesce
+from relay.envstate import Applied, EnvState, change_frame, delta_frame
+
+# A client's view of an environment: flag key -> (version it last changed at, value).
+State = dict[str, tuple[int, Any]]
+
+
+def decode_frame(data: bytes) -> dict[str, Any]:
+    """Strip an unmasked server WebSocket frame header and msgpack-unpack the payload."""
+    assert data[0] == 0x82, "FIN + binary"
+    assert data[1] & 0x80 == 0, "server frames are unmasked"
+    n = data[1] & 0x7F
+    if n < 126:
+        offset = 2
+    elif n == 126:
+        n, offset = int.from_bytes(data[2:4], "big"), 4
+    else:
+        n, offset = int.from_bytes(data[2:10], "big"), 10
+    assert len(data) == offset + n, "exactly one whole frame"
+    obj = msgpack.unpackb(data[offset:], raw=False, strict_map_key=False)
+    assert isinstance(obj, dict)
+    return obj
+
+
+def replay(changes: list[Change]) -> list[State]:
+    """states[i] = the state after the first i changes, computed without relay code.
+
+    Within one change, puts are applied first, then deletes (as the store applies them).
+    """
+    states: list[State] = [{}]
+    for change in changes:
+        state = dict(states[-1])
+        for key, value in change.put.items():
+            state[key] = (change.v, copy.deepcopy(value))
+        for key in change.dels:
+            state.pop(key, None)
+        states.append(state)
+    return states
+
+
+def client_apply(held: State | None, frame: dict[str, Any], since: int | None) -> State:
+    """What a conforming client does with the first frame after hello."""
+    if frame["t"] == "snap":
+        return {key: (f["v"], f["value"]) for key, f in frame["flags"].items()}
+    assert frame["t"] == "delta"
+    assert held is not None and since is not None
+    assert frame["base"] == since
+    state = dict(held)
+    for key, f in frame["put"].items():
+        assert since < f["v"] <= frame["v"]
+        state[key] = (f["v"], f["value"])
+    for key, dv in frame["del"].items():
+        assert since < dv <= frame["v"]
+        state.pop(key, None)
+    return state
+
+
+def apply_delta(held: State, delta: Delta) -> State:
+    state = dict(held)
+    for key, f in delta.put.items():
+        state[key] = (f["v"], f["value"])
+    for key in delta.dels:
+        state.pop(key, None)
+    return state
+
+
+# --- strategies -------------------------------------------------------------------------------
+
+KEYS = st.sampled_from(["a", "b", "c", "d", "e", "f"])
+VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**40), max_value=2**40)
+    | st.floats(allow_nan=False, width=64)
+    | st.text(max_size=6),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def change_lists(draw: st.DrawFn, max_changes: int = 20) -> list[Change]:
+    """Consecutive changes from v=1: random puts of small keys, random deletes of existing keys."""
+    n = draw(st.integers(min_value=0, max_value=max_changes))
+    changes: list[Change] = []
+    existing: set[str] = set()
+    for v in range(1, n + 1):
+        put = draw(st.dictionaries(KEYS, VALUES, max_size=3))
+        dels: list[str] = []
+        if existing:
+            dels = draw(st.lists(st.sampled_from(sorted(existing)), unique=True, max_size=2))
+        if not put and not dels:
+            put = {draw(KEYS): draw(VALUES)}  # the store never commits an empty change
+        changes.append(Change(env="e", v=v, put=put, dels=tuple(dels)))
+        existing |= put.keys()
+        existing -= set(dels)
+    return changes
+
+
+# --- the key invariant ------------------------------------------------------------------------
+
+
+def check_catch_up(state: EnvState, states: list[State], expected_oldest_base: int) -> None:
+    v = len(states) - 1
+    assert state.v == v
+    assert state.oldest_base == expected_oldest_base
+    assert state.flags == {k: val for k, (_, val) in states[v].items()}
+    assert state.wire_flags() == {k: {"v": fv, "value": val} for k, (fv, val) in states[v].items()}
+    for since in [None, *range(0, v + 3)]:
+        held = states[since] if since is not None and since <= v else None
+        frame = decode_frame(state.catch_up_frame(since))
+        in_history = since is not None and expected_oldest_base <= since <= v
+        assert frame["t"] == ("delta" if in_history else "snap"), (since, frame)
+        assert frame["v"] == v
+        # a client holding something arbitrary (or nothing) is replaced by a snap
+        start = held if held is not None else {"zz": (99, "stale")}
+        assert client_apply(start, frame, since) == states[v], since
+
+
+@settings(max_examples=100, deadline=None)
+@given(changes=change_lists(), max_history=st.integers(min_value=0, max_value=30))
+def test_catch_up_brings_any_client_to_the_current_state(
+    changes: list[Change], max_history: int
+) -> None:
+    states = replay(changes)
+    state = EnvState("e", 0, {}, max_history=max_history)
+    for change in changes:
+        assert state.apply(change) is Applied.APPLIED
+    v = len(changes)
+    check_catch_up(state, states, v - min(v, max_history))
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), changes=change_lists(), max_history=st.integers(min_value=0, max_value=30))
+def test_catch_up_from_a_loaded_snapshot_with_history(
+    data: st.DataObject, changes: list[Change], max_history: int
+) -> None:
+    """As an edge builds it from the store: flags at s0 with the log's tail, then live changes."""
+    states = replay(changes)
+    s0 = data.draw(st.integers(min_value=0, max_value=len(changes)), label="s0")
+    hl = data.draw(st.integers(min_value=0, max_value=s0), label="history_len")
+    state = EnvState("e", s0, states[s0], history=changes[s0 - hl : s0], max_history=max_history)
+    for change in changes[s0:]:
+        assert state.apply(change) is Applied.APPLIED
+    v = len(changes)
+    held = min(max_history, hl + (v - s0))
+    check_catch_up(state, states, v - held)
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), changes=change_lists())
+def test_jump_to_delta_takes_old_state_to_new(data: st.DataObject, changes: list[Change]) -> None:
+    states = replay(changes)
+    i = data.draw(st.integers(min_value=0, max_value=len(changes)), label="from")
+    j = data.draw(st.integers(min_value=i, max_value=len(changes)), label="to")
+    state = EnvState("e", i, states[i], history=changes[:i], max_history=10)
+    delta = state.jump_to(j, states[j])
+    assert (delta.base, delta.v) == (i, j)
+    assert apply_delta(states[i], delta) == states[j]
+    # only what changed: untouched flags are not resent
+    for key, f in delta.put.items():
+        assert states[i].get(key) != (f["v"], f["value"])
+    assert set(delta.dels) == states[i].keys() - states[j].keys()
+    assert state.v == j
+    assert state.oldest_base == j  # history no longer reaches back
+    assert client_apply(None, decode_frame(state.catch_up_frame(None)), None) == states[j]
+    if i < j:
+        assert decode_frame(state.catch_up_frame(i))["t"] == "snap"
+
+
+@settings(max_examples=80, deadline=None)
+@given(changes=change_lists(max_changes=15), data=st.data())
+def test_coalesce_equals_applying_each_change(changes: list[Change], data: st.DataObject) -> None:
+    states = replay(changes)
+    base = data.draw(st.integers(min_value=0, max_value=len(changes)), label="base")
+    delta = coalesce(base, changes[base:])
+    assert delta.base == base
+    assert delta.v == len(changes)
+    assert delta.is_empty() == (base == len(changes))
+    assert not (delta.put.keys() & delta.dels.keys())
+    assert apply_delta(states[base], delta) == states[-1]
+    # the change frame of each change takes v-1 to v
+    for change in changes[base:]:
+        frame = decode_frame(change_frame(change))
+        assert (frame["base"], frame["v"]) == (change.v - 1, change.v)
+        assert client_apply(states[change.v - 1], frame, change.v - 1) == states[change.v]
+
+
+# --- EnvState unit tests ----------------------------------------------------------------------
+
+
+def _ch(v: int, put: dict[str, Any] | None = None, dels: tuple[str, ...] = ()) -> Change:
+    return Change(env="e", v=v, put=put or {}, dels=dels)
+
+
+def _state_at(n: int, max_history: int = 100) -> EnvState:
+    state = EnvState("e", 0, {}, max_history=max_history)
+    for v in range(1, n + 1):
+        assert state.apply(_ch(v, {f"k{v % 3}": v})) is Applied.APPLIED
+    return state
+
+
+def test_empty_catch_up_delta_when_current() -> None:
+    state = _state_at(5)
+    frame = decode_frame(state.catch_up_frame(5))
+    assert frame == {"t": "delta", "base": 5, "v": 5, "put": {}, "del": {}}
+
+
+def test_empty_catch_up_delta_without_history() -> None:
+    state = EnvState("e", 7, {"x": (3, True)}, max_history=0)
+    assert decode_frame(state.catch_up_frame(7)) == {
+        "t": "delta",
+        "base": 7,
+        "v": 7,
+        "put": {},
+        "del": {},
+    }
+    assert decode_frame(state.catch_up_frame(6)) == {
+        "t": "snap",
+        "v": 7,
+        "flags": {"x": {"v": 3, "value": True}},
+    }
+
+
+def test_catch_up_from_zero_at_version_zero() -> None:
+    state = EnvState("e", 0, {})
+    assert decode_frame(state.catch_up_frame(0)) == {
+        "t": "delta",
+        "base": 0,
+        "v": 0,
+        "put": {},
+        "del": {},
+    }
+    assert decode_frame(state.catch_up_frame(None)) == {"t": "snap", "v": 0, "flags": {}}
+    assert decode_frame(state.catch_up_frame(1))["t"] == "snap"
+
+
+def test_catch_up_delta_contents() -> None:
+    state = EnvState("e", 0, {})
+    state.apply(_ch(1, {"a": 1, "b": 1}))
+    state.apply(_ch(2, {"a": 2}))
+    state.apply(_ch(3, {}, ("b",)))
+    state.apply(_ch(4, {"c": [1, {"x": None}]}))
+    assert decode_frame(state.catch_up_frame(1)) == {
+        "t": "delta",
+        "base": 1,
+        "v": 4,
+        "put": {"a": {"v": 2, "value": 2}, "c": {"v": 4, "value": [1, {"x": None}]}},
+        "del": {"b": 3},
+    }
+    assert decode_frame(state.catch_up_frame(None)) == {
+        "t": "snap",
+        "v": 4,
+        "flags": {"a": {"v": 2, "value": 2}, "c": {"v": 4, "value": [1, {"x": None}]}},
+    }
+
+
+def test_apply_duplicate_and_gap() -> None:
+    state = _state_at(3)
+    before = (state.v, state.wire_flags(), state.snap_frame())
+    for v in (0, 1, 2, 3):
+        assert state.apply(_ch(v, {"k0": "dup"})) is Applied.DUPLICATE
+    for v in (5, 6, 100):
+        assert state.apply(_ch(v, {"k0": "gap"})) is Applied.GAP
+    assert (state.v, state.wire_flags(), state.snap_frame()) == before
+    assert state.oldest_base == 0
+    assert state.apply(_ch(4, {"k0": "next"})) is Applied.APPLIED
+    assert state.v == 4
+    assert state.flags["k0"] == "next"
+
+
+def test_apply_records_per_flag_versions_and_deletes() -> None:
+    state = EnvState("e", 0, {})
+    state.apply(_ch(1, {"a": "x", "b": "y"}))
+    state.apply(_ch(2, {"b": "z"}, ("a",)))
+    assert state.wire_flags() == {"b": {"v": 2, "value": "z"}}
+    state.apply(_ch(3, {}, ("missing",)))  # a delete of nothing is harmless
+    assert state.wire_flags() == {"b": {"v": 2, "value": "z"}}
+    assert state.v == 3
+
+
+def test_put_and_delete_of_one_key_in_one_change_deletes() -> None:
+    state = EnvState("e", 1, {"a": (1, 1)})
+    state.apply(_ch(2, {"a": 2}, ("a",)))
+    assert state.flags == {}
+    assert decode_frame(state.catch_up_frame(1))["del"] == {"a": 2}
+    assert decode_frame(state.catch_up_frame(1))["put"] == {}
+
+
+def test_flags_is_a_copy() -> None:
+    state = EnvState("e", 1, {"a": (1, 1)})
+    state.flags["a"] = 2
+    state.flags["new"] = 3
+    assert state.flags == {"a": 1}
+
+
+def test_history_is_bounded() -> None:
+    state = _state_at(20, max_history=5)
+    assert state.oldest_base == 15
+    assert decode_frame(state.catch_up_frame(15))["t"] == "delta"
+    assert decode_frame(state.catch_up_frame(14))["t"] == "snap"
+    assert decode_frame(state.catch_up_frame(21))["t"] == "snap"
+
+
+def test_snap_frame_encoded_once_per_version() -> None:
+    state = _state_at(3)
+    first = state.snap_frame()
+    assert state.snap_frame() is first
+    assert state.catch_up_frame(None) is first
+    assert state.catch_up_frame(-1) is first  # below history: the snap
+    assert decode_frame(first)["v"] == 3
+    state.apply(_ch(4, {"k9": "new"}))
+    second = state.snap_frame()
+    assert second is not first
+    assert second != first
+    assert decode_frame(second)["v"] == 4
+    assert decode_frame(second)["flags"]["k9"] == {"v": 4, "value": "new"}
+    assert state.snap_frame() is second
+
+
+def test_snap_frame_changes_after_jump() -> None:
+    state = _state_at(3)
+    first = state.snap_frame()
+    state.jump_to(3, {"only": (3, 1)})
+    assert state.snap_frame() != first
+    assert decode_frame(state.snap_frame())["flags"] == {"only": {"v": 3, "value": 1}}
+
+
+def test_catch_up_frame_cached_and_invalidated() -> None:
+    state = _state_at(5)
+    f2 = state.catch_up_frame(2)
+    assert state.catch_up_frame(2) is f2
+    state.apply(_ch(6, {"z": 1}))
+    f2_new = state.catch_up_frame(2)
+    assert f2_new != f2
+    assert decode_frame(f2_new)["v"] == 6
+    assert decode_frame(f2_new)["put"]["z"] == {"v": 6, "value": 1}
+
+
+def test_catch_up_cache_many_sinces_stay_correct() -> None:
+    state = _state_at(80)
+    for since in list(range(0, 81)) + list(range(80, -1, -1)):
+        frame = decode_frame(state.catch_up_frame(since))
+        assert (frame["t"], frame["base"], frame["v"]) == ("delta", since, 80)
+
+
+def test_jump_to_unit() -> None:
+    state = EnvState("e", 5, {"same": (2, "s"), "changed": (3, 1), "gone": (4, 0)})
+    state.apply(_ch(6, {"changed": 6}))
+    delta = state.jump_to(10, {"same": (2, "s"), "changed": (9, 2), "new": (10, {"x": [1]})})
+    assert delta.base == 6
+    assert delta.v == 10
+    assert delta.put == {"changed": {"v": 9, "value": 2}, "new": {"v": 10, "value": {"x": [1]}}}
+    assert delta.dels == {"gone": 10}
+    assert state.v == 10
+    assert state.wire_flags() == {
+        "same": {"v": 2, "value": "s"},
+        "changed": {"v": 9, "value": 2},
+        "new": {"v": 10, "value": {"x": [1]}},
+    }
+    assert state.apply(_ch(11, {"after": 1})) is Applied.APPLIED
+    assert state.oldest_base == 10
+
+
+def test_jump_back_is_refused() -> None:
+    state = _state_at(4)
+    with pytest.raises(ValueError, match="jump back"):
+        state.jump_to(3, {})
+    assert state.v == 4
+
+
+def test_init_history_past_snapshot_is_refused() -> None:
+    with pytest.raises(ValueError, match="past the snapshot"):
+        EnvState("e", 2, {}, history=[_ch(1, {"a": 1}), _ch(2, {"a": 2}), _ch(3, {"a": 3})])
+
+
+def test_init_keeps_only_a_contiguous_tail() -> None:
+    history = [_ch(1, {"a": 1}), _ch(2, {"a": 2}), _ch(4, {"a": 4}), _ch(5, {"a": 5})]
+    state = EnvState("e", 5, {"a": (5, 5)}, history=history)
+    assert state.oldest_base == 3
+    assert decode_frame(state.catch_up_frame(3))["t"] == "delta"
+    assert decode_frame(state.catch_up_frame(2))["t"] == "snap"
+
+
+def test_init_history_not_reaching_v_is_dropped() -> None:
+    state = EnvState("e", 5, {"a": (3, 3)}, history=[_ch(2, {"a": 2}), _ch(3, {"a": 3})])
+    assert state.oldest_base == 5
+    assert decode_frame(state.catch_up_frame(3))["t"] == "snap"
+
+
+def test_init_history_trimmed_to_max_history() -> None:
+    history = [_ch(v, {"a": v}) for v in range(1, 11)]
+    state = EnvState("e", 10, {"a": (10, 10)}, history=history, max_history=4)
+    assert state.oldest_base == 6
+
+
+# --- Delta / coalesce -------------------------------------------------------------------------
+
+
+def test_coalesce_put_then_delete() -> None:
+    delta = coalesce(3, [_ch(4, {"a": 1, "b": 1}), _ch(5, {}, ("a",))])
+    assert (delta.base, delta.v) == (3, 5)
+    assert delta.put == {"b": {"v": 4, "value": 1}}
+    assert delta.dels == {"a": 5}
+
+
+def test_coalesce_delete_then_put() -> None:
+    delta = coalesce(3, [_ch(4, {}, ("a",)), _ch(5, {"a": "back"})])
+    assert delta.put == {"a": {"v": 5, "value": "back"}}
+    assert delta.dels == {}
+
+
+def test_coalesce_latest_put_wins() -> None:
+    delta = coalesce(0, [_ch(1, {"a": 1}), _ch(2, {"a": 2}), _ch(3, {"b": 3}), _ch(4, {"a": 4})])
+    assert delta.put == {"a": {"v": 4, "value": 4}, "b": {"v": 3, "value": 3}}
+    assert delta.dels == {}
+    assert delta.v == 4
+
+
+def test_coalesce_latest_delete_version() -> None:
+    delta = coalesce(0, [_ch(1, {}, ("a",)), _ch(2, {"a": 1}), _ch(3, {}, ("a",))])
+    assert delta.put == {}
+    assert delta.dels == {"a": 3}
+
+
+def test_coalesce_empty() -> None:
+    delta = coalesce(7, [])
+    assert (delta.base, delta.v) == (7, 7)
+    assert delta.is_empty()
+    assert not coalesce(7, [_ch(8, {}, ("x",))]).is_empty()
+
+
+def test_coalesce_allows_version_jumps_but_not_going_back() -> None:
+    delta = coalesce(0, [_ch(2, {"a": 1}), _ch(5, {"a": 2})])
+    assert delta.v == 5
+    with pytest.raises(ValueError, match="does not follow"):
+        delta.add(_ch(5, {"a": 3}))
+    with pytest.raises(ValueError, match="does not follow"):
+        delta.add(_ch(1, {"a": 3}))
+    assert delta.put == {"a": {"v": 5, "value": 2}}
+    with pytest.raises(ValueError):
+        coalesce(3, [_ch(3, {"a": 1})])
+
+
+def test_delta_frame_and_change_frame() -> None:
+    delta = Delta(base=1, v=3, put={"a": {"v": 3, "value": None}}, dels={"b": 2})
+    assert decode_frame(delta_frame(delta)) == {
+        "t": "delta",
+        "base": 1,
+        "v": 3,
+        "put": {"a": {"v": 3, "value": None}},
+        "del": {"b": 2},
+    }
+    assert decode_frame(change_frame(_ch(9, {"x": 1}, ("y",)))) == {
+        "t": "delta",
+        "base": 8,
+        "v": 9,
+        "put": {"x": {"v": 9, "value": 1}},
+        "del": {"y": 9},
+    }
+    assert delta_frame(delta) == protocol.ws_binary_frame(
+        protocol.delta(1, 3, delta.put, delta.dels)
+    )
+
+
+def test_decode_frame_handles_long_payloads() -> None:
+    big = "x" * 70000
+    state = EnvState("e", 1, {"big": (1, big)})
+    assert decode_frame(state.snap_frame())["flags"]["big"]["value"] == big
