@@ -11,6 +11,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
 from relay import envstate, protocol
 from relay.node import Node
@@ -77,7 +78,7 @@ async def test_no_frames_are_written_once_closing(node: Node) -> None:
         session.close(4001, "test")
         await asyncio.sleep(0)  # the close frame is sent; the state leaves OPEN
         assert session.write(b"\x82\x00") is False
-        with pytest.raises(Exception):
+        with pytest.raises(ConnectionClosed):
             await recv_frame(ws)
         assert ws.close_code == 4001
     finally:
