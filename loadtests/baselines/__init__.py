@@ -1,0 +1,1 @@
+"""Baselines the relay is measured against, driven by the same load generator."""

@@ -1,0 +1,93 @@
+"""`python -m loadtests SCENARIO`: run a scenario against relay (and, with --compare, the
+baselines, one after another with identical parameters) and report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from loadtests import report
+from loadtests.runner import SCENARIOS, Options, run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
+    p.add_argument("scenario", choices=SCENARIOS)
+    p.add_argument("--target", default="relay", choices=("relay", "naive", "nchan"),
+                   help="server to start and measure (default relay)")
+    p.add_argument("--compare", action="store_true",
+                   help="run relay, naive and nchan one after another and print ratios")
+    p.add_argument("--targets", default="relay,naive,nchan", help="what --compare runs")
+    p.add_argument("--url", default="", help="measure a running relay at this ws:// URL")
+    p.add_argument("--admin-url", default="", help="its admin URL (with --url)")
+    p.add_argument("--admin-token", default="", help="its admin token (with --url)")
+    p.add_argument("--server-pid", type=int, default=0, help="its pid, for CPU/RSS (with --url)")
+    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--envs", type=int, default=10)
+    p.add_argument("--rate", type=float, default=100.0, help="changes/s in total (fanout)")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
+    p.add_argument("--payload-bytes", type=int, default=200)
+    p.add_argument("--processes", type=int, default=0,
+                   help="generator processes (default: one per 18,000 connections)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--connect-rate", type=float, default=2000.0,
+                   help="connections/s opened before measuring (not connect-storm)")
+    p.add_argument("--burst-concurrency", type=int, default=0,
+                   help="publishes in flight in burst (default: one per environment)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds to wait for the last deliveries before counting missing")
+    p.add_argument("--server-cpus", default="0", help="CPUs the server is pinned to")
+    p.add_argument("--client-cpus", default="1", help="CPUs the generator is pinned to")
+    p.add_argument("--out", default="", help="JSON result file (a .png plot is written beside)")
+    p.add_argument("--workdir", default="", help="where servers keep logs and data")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    targets = args.targets.split(",") if args.compare else [args.target]
+    if args.url and args.compare:
+        print("loadtests: --url measures one running server; drop --compare", file=sys.stderr)
+        return 2
+    results = []
+    for name in targets:
+        opts = Options(
+            scenario=args.scenario, target=name, url=args.url, admin_url=args.admin_url,
+            admin_token=args.admin_token, server_pid=args.server_pid,
+            connections=args.connections, envs=args.envs, rate=args.rate,
+            duration=args.duration, payload_bytes=args.payload_bytes, processes=args.processes,
+            seed=args.seed, connect_rate=args.connect_rate,
+            burst_concurrency=args.burst_concurrency, grace=args.grace,
+            server_cpus=args.server_cpus, client_cpus=args.client_cpus,
+            progress=not args.no_progress, workdir=args.workdir,
+        )
+        print(f"== {args.scenario} on {name}", file=sys.stderr)
+        try:
+            results.append(asyncio.run(run(opts)))
+        except RuntimeError as exc:
+            print(f"loadtests: {name}: {exc}", file=sys.stderr)
+            if not args.compare:
+                return 1
+        if len(targets) > 1:
+            time.sleep(2)  # let TIME_WAIT sockets and the kernel settle between targets
+    if not results:
+        return 1
+    print(report.summary(results))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.write_json(results, out)
+        try:
+            report.plot(results, out.with_suffix(".png"))
+        except ImportError:
+            print("loadtests: matplotlib is not installed; no plot", file=sys.stderr)
+        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if True else ""))
+    return 0
+
+
+__all__ = ["dataclasses", "main"]

@@ -1,0 +1,144 @@
+"""Merging histograms, the terminal summary, the JSON result and the PNG plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from hdrh.histogram import HdrHistogram
+
+from loadtests.worker import new_histogram
+
+
+def merge(encoded: list[str | None]) -> HdrHistogram:
+    hist = new_histogram()
+    for item in encoded:
+        if item:
+            hist.add(HdrHistogram.decode(item))
+    return hist
+
+
+def latency_ms(hist: HdrHistogram) -> dict[str, float | None]:
+    if hist.get_total_count() == 0:
+        return {"p50": None, "p99": None, "p999": None, "max": None, "count": 0}
+    return {
+        "p50": hist.get_value_at_percentile(50) / 1000,
+        "p99": hist.get_value_at_percentile(99) / 1000,
+        "p999": hist.get_value_at_percentile(99.9) / 1000,
+        "max": hist.get_max_value() / 1000,
+        "count": hist.get_total_count(),
+    }
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}" if abs(value) < 1000 \
+            else f"{value:,.0f}"
+    else:
+        text = f"{value:,}"
+    return text + unit
+
+
+ROWS: list[tuple[str, str, str]] = [
+    ("connections", "connections", ""),
+    ("deliveries/s", "deliveries_per_s", ""),
+    ("latency p50", "latency_ms.p50", " ms"),
+    ("latency p99", "latency_ms.p99", " ms"),
+    ("latency p99.9", "latency_ms.p999", " ms"),
+    ("latency max", "latency_ms.max", " ms"),
+    ("missing", "missing", ""),
+    ("out of order", "out_of_order", ""),
+    ("connections/s", "connections_per_s", ""),
+    ("server CPU", "server.cpu_s", " s"),
+    ("server CPU/delivery", "server.cpu_us_per_delivery", " us"),
+    ("server CPU/handshake", "server.cpu_us_per_handshake", " us"),
+    ("server RSS before", "server.rss_mb_before", " MB"),
+    ("server RSS after", "server.rss_mb_after", " MB"),
+    ("server RSS/connection", "server.rss_kb_per_connection", " KB"),
+    ("generator CPU", "generator.cpu_s", " s"),
+    ("generator CPU busy", "generator.cpu_share", ""),
+    ("publishes", "publishes.acked", ""),
+    ("publish errors", "publishes.errors", ""),
+]
+
+
+def _get(result: dict[str, Any], path: str) -> Any:
+    value: Any = result
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """A one-screen table: one column per target, ratios to the first when comparing."""
+    names = [r["target"] for r in results]
+    head = f"{results[0]['scenario']}: " + ", ".join(
+        f"{k}={v}" for k, v in results[0]["params"].items() if v not in (None, "", 0)
+    )
+    width = max(14, *(len(n) + 2 for n in names))
+    lines = [head, f"{'':24}" + "".join(f"{n:>{width}}" for n in names)]
+    for label, path, unit in ROWS:
+        values = [_get(r, path) for r in results]
+        if all(v is None for v in values):
+            continue
+        lines.append(f"{label:24}" + "".join(f"{_fmt(v, unit):>{width}}" for v in values))
+    if len(results) > 1:
+        lines.append("")
+        base = results[0]
+        for other in results[1:]:
+            parts = []
+            for label, path in (("deliveries/s", "deliveries_per_s"),
+                                ("p99", "latency_ms.p99"),
+                                ("CPU/delivery", "server.cpu_us_per_delivery"),
+                                ("RSS/conn", "server.rss_kb_per_connection"),
+                                ("connections/s", "connections_per_s")):
+                a, b = _get(base, path), _get(other, path)
+                if a and b:
+                    parts.append(f"{label} x{a / b:.2f}")
+            lines.append(f"{base['target']} / {other['target']}: " + ", ".join(parts))
+    notes = [n for r in results for n in r.get("notes", [])]
+    lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+def write_json(results: list[dict[str, Any]], path: Path) -> None:
+    payload: Any = results[0] if len(results) == 1 else {"compare": results}
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+
+
+def plot(results: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_rate, ax_lat) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    for index, r in enumerate(results):
+        timeline = r.get("timeline", [])
+        if not timeline:
+            continue
+        color = f"C{index}"
+        t = [p["t"] for p in timeline]
+        ax_rate.plot(t, [p["deliveries"] for p in timeline], color=color, label=r["target"])
+        for key, style in (("p50", "-"), ("p99", "--")):
+            pts = [(p["t"], p[key]) for p in timeline if p.get(key) is not None]
+            if pts:
+                ax_lat.plot(*zip(*pts, strict=True), style, color=color,
+                            label=f"{r['target']} {key}")
+    ax_rate.set_ylabel("deliveries / s")
+    ax_lat.set_ylabel("publish-to-receive latency (ms)")
+    ax_lat.set_yscale("log")
+    ax_lat.set_xlabel("seconds since the first connection")
+    ax_rate.legend()
+    ax_lat.legend(fontsize="small")
+    fig.suptitle(f"{results[0]['scenario']}: " + ", ".join(
+        f"{k}={v}" for k, v in results[0]["params"].items() if k in ("connections", "envs", "rate")
+    ))
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

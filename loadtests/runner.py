@@ -1,0 +1,428 @@
+"""Runs one scenario against one target: connections, publishing, sampling, accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from loadtests import report
+from loadtests.targets import Target, make_target
+
+MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
+SCENARIOS = ("fanout", "burst", "connect-storm", "idle")
+
+
+@dataclass
+class Options:
+    scenario: str
+    target: str = "relay"
+    url: str = ""
+    admin_url: str = ""
+    admin_token: str = ""
+    server_pid: int = 0
+    connections: int = 1000
+    envs: int = 10
+    rate: float = 100.0
+    duration: float = 10.0
+    payload_bytes: int = 200
+    processes: int = 0
+    seed: int = 1
+    connect_rate: float = 2000.0
+    burst_concurrency: int = 0
+    grace: float = 10.0
+    server_cpus: str = "0"
+    client_cpus: str = "1"
+    read_buffer: int = 1024
+    progress: bool = True
+    workdir: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def params(self) -> dict[str, Any]:
+        keys = ("connections", "envs", "rate", "duration", "payload_bytes", "processes", "seed")
+        values = {k: getattr(self, k) for k in keys}
+        if self.scenario in ("connect-storm", "idle"):
+            for k in ("rate", "duration", "payload_bytes"):
+                values.pop(k)
+        if self.scenario == "burst":
+            values.pop("rate")
+        return values
+
+
+def _cpus(text: str) -> set[int] | None:
+    cpus = {int(x) for x in text.split(",") if x.strip()} if text else set()
+    available = os.sched_getaffinity(0)
+    return cpus & available or None
+
+
+class Sampler:
+    """Samples CPU time and RSS of the server and of the generator, twice a second."""
+
+    def __init__(self, server_pids: list[int], generator_pids: list[int]) -> None:
+        self.server = [psutil.Process(p) for p in server_pids]
+        self.generator = [psutil.Process(p) for p in generator_pids]
+        self.rss_peak = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @staticmethod
+    def _cpu(procs: list[psutil.Process]) -> float:
+        total = 0.0
+        for p in procs:
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.Error:
+                pass
+        return total
+
+    def server_cpu(self) -> float:
+        return self._cpu(self.server)
+
+    def generator_cpu(self) -> float:
+        return self._cpu(self.generator)
+
+    def server_rss(self) -> int:
+        total = 0
+        for p in self.server:
+            with contextlib.suppress(psutil.Error):
+                total += p.memory_info().rss
+        return total
+
+    async def _run(self) -> None:
+        while True:
+            self.rss_peak = max(self.rss_peak, self.server_rss())
+            await asyncio.sleep(0.5)
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Workers:
+    """The generator processes and what they report."""
+
+    def __init__(self, opts: Options, envs: list[dict[str, Any]], kind: str,
+                 workdir: Path) -> None:
+        self.opts = opts
+        self.envs = envs
+        self.kind = kind
+        self.workdir = workdir
+        self.procs: list[asyncio.subprocess.Process] = []
+        self.opened: list[dict[str, Any]] = []
+        self.finals: list[dict[str, Any]] = []
+        self.ticks: list[dict[str, Any]] = []
+        self.ready: dict[int, int] = {}
+        self.delivered_last_s = 0
+        self._readers: list[asyncio.Task[None]] = []
+        self._opened_event = asyncio.Event()
+        self._final_event = asyncio.Event()
+
+    def count(self) -> int:
+        n = self.opts.processes or math.ceil(self.opts.connections / MAX_PER_PROCESS)
+        return max(1, min(n, self.opts.connections))
+
+    async def start(self, connect_rate: float, concurrency: int) -> None:
+        n = self.count()
+        share, extra = divmod(self.opts.connections, n)
+        first = 0
+        env = {**os.environ, "LOADTEST_CPU": self.opts.client_cpus}
+        for i in range(n):
+            count = share + (1 if i < extra else 0)
+            spec = {
+                "kind": self.kind, "envs": self.envs, "first": first, "count": count,
+                "source_ip": f"127.0.0.{2 + i}", "connect_concurrency": concurrency,
+                "connect_rate": connect_rate / n if connect_rate else 0.0,
+                "read_buffer": self.opts.read_buffer,
+            }
+            first += count
+            path = self.workdir / f"worker-{i}.json"
+            path.write_text(json.dumps(spec))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "loadtests.worker", str(path),
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=open(self.workdir / f"worker-{i}.log", "wb"),  # noqa: SIM115
+                env=env, limit=1 << 24,
+            )
+            self.procs.append(proc)
+            self._readers.append(asyncio.create_task(self._read(i, proc)))
+
+    async def _read(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        async for line in proc.stdout:
+            msg = json.loads(line)
+            kind = msg["type"]
+            if kind == "tick":
+                self.ticks.append(msg)
+                self.ready[index] = msg["ready"]
+            elif kind == "opened":
+                self.opened.append(msg)
+                if len(self.opened) == len(self.procs):
+                    self._opened_event.set()
+            elif kind == "final":
+                self.finals.append(msg)
+                if len(self.finals) == len(self.procs):
+                    self._final_event.set()
+        if len(self.finals) < len(self.procs):
+            self._opened_event.set()
+            self._final_event.set()
+
+    async def wait_opened(self) -> None:
+        await self._opened_event.wait()
+        if len(self.opened) < len(self.procs):
+            raise RuntimeError(f"a load worker died; see {self.workdir}/worker-*.log")
+
+    async def finish(self, expect: dict[str, int], grace: float) -> None:
+        command = json.dumps({"cmd": "finish", "expect": expect, "grace": grace}) + "\n"
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write(command.encode())
+            await proc.stdin.drain()
+        await self._final_event.wait()
+
+    async def stop(self) -> None:
+        for proc in self.procs:
+            if proc.returncode is None and proc.stdin is not None:
+                proc.stdin.close()
+        for proc in self.procs:
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except TimeoutError:
+                proc.kill()
+                await proc.wait()
+        for task in self._readers:
+            task.cancel()
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def ready_total(self) -> int:
+        return sum(self.ready.values())
+
+
+class Progress:
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+
+    def show(self, phase: str, done: float, total: float, extra: str = "") -> None:
+        if not self.enabled:
+            return
+        width = 30
+        frac = 0.0 if total <= 0 else min(1.0, done / total)
+        bar = "#" * int(frac * width) + "." * (width - int(frac * width))
+        sys.stderr.write(f"\r{phase:14} [{bar}] {done:7.1f}/{total:<7.1f} {extra:40}")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+async def _watch(progress: Progress, phase: str, total: float, workers: Workers,
+                 what: str, stop: asyncio.Event) -> None:
+    t0 = time.monotonic()
+    while not stop.is_set():
+        if what == "ready":
+            progress.show(phase, workers.ready_total(), total, "connections ready")
+        else:
+            last = workers.ticks[-len(workers.procs):] if workers.ticks else []
+            rate = sum(t["deliveries"] for t in last)
+            progress.show(phase, time.monotonic() - t0, total, f"~{rate:,} deliveries/s")
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), 0.25)
+    progress.done()
+
+
+async def _publish(target: Target, opts: Options, env_names: list[str],
+                   expect: dict[str, int], errors: list[str]) -> int:
+    """Steady rate (fanout) or as fast as the server acknowledges (burst); one change in flight
+    per environment, so each environment's changes stay in order for every target."""
+    pad = "x" * max(0, opts.payload_bytes - 40)
+    locks = {env: asyncio.Lock() for env in env_names}
+    seqs = dict.fromkeys(env_names, 0)
+    acked = 0
+
+    async def one(env: str) -> None:
+        nonlocal acked
+        async with locks[env]:
+            seqs[env] += 1
+            try:
+                result = await target.publish(env, seqs[env], {"ts": time.time_ns(), "pad": pad})
+            except Exception as exc:
+                errors.append(str(exc))
+                return
+            expect[env] = max(expect.get(env, 0), result)
+            acked += 1
+
+    deadline = time.monotonic() + opts.duration
+    if opts.scenario == "burst":
+        async def lane(env: str) -> None:
+            while time.monotonic() < deadline:
+                await one(env)
+
+        lanes = opts.burst_concurrency or len(env_names)
+        await asyncio.gather(*(lane(env_names[i % len(env_names)]) for i in range(lanes)))
+        return acked
+    total = int(opts.rate * opts.duration)
+    interval = 1.0 / opts.rate
+    start = time.monotonic()
+    tasks = []
+    for i in range(total):
+        delay = start + i * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.create_task(one(env_names[i % len(env_names)])))
+    await asyncio.gather(*tasks)
+    return acked
+
+
+def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
+    buckets: dict[int, dict[str, Any]] = {}
+    for tick in workers.ticks:
+        second = int(tick["t"] - t0)
+        b = buckets.setdefault(second, {"deliveries": 0, "hists": []})
+        b["deliveries"] += tick["deliveries"]
+        b["hists"].append(tick["hist"])
+    out = []
+    for second in sorted(buckets):
+        lat = report.latency_ms(report.merge(buckets[second]["hists"]))
+        out.append({"t": second, "deliveries": buckets[second]["deliveries"],
+                    "p50": lat["p50"], "p99": lat["p99"]})
+    return out
+
+
+async def run(opts: Options) -> dict[str, Any]:
+    random.seed(opts.seed)
+    workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="loadtest-")) / opts.target
+    server_cpus = _cpus(opts.server_cpus)
+    client_cpus = _cpus(opts.client_cpus)
+    if client_cpus:
+        os.sched_setaffinity(0, client_cpus)
+    target = make_target(opts.target, workdir, server_cpus,
+                         **({"url": opts.url, "admin_url": opts.admin_url,
+                             "admin_token": opts.admin_token, "pid": opts.server_pid}
+                            if opts.url else {}))
+    progress = Progress(opts.progress)
+    result: dict[str, Any] = {"scenario": opts.scenario, "target": opts.target,
+                              "params": opts.params(), "notes": list(opts.notes)}
+    await target.start()
+    workers: Workers | None = None
+    sampler: Sampler | None = None
+    try:
+        env_names = [f"env{i}" for i in range(opts.envs)]
+        envs = await target.setup(env_names)
+        await asyncio.sleep(0.5)
+        workers = Workers(opts, envs, target.kind, workdir)
+        sampler = Sampler(target.pids(), [os.getpid()])
+        sampler.start()
+        rss_before = sampler.server_rss()
+        storm = opts.scenario == "connect-storm"
+        cpu0, t0 = sampler.server_cpu(), time.monotonic()
+        wall0 = time.time()
+        await workers.start(0.0 if storm else opts.connect_rate, 1000 if storm else 200)
+        sampler.generator += [psutil.Process(p) for p in workers.pids()]
+        gen0 = sampler.generator_cpu()
+        stop = asyncio.Event()
+        watcher = asyncio.create_task(
+            _watch(progress, "connecting", opts.connections, workers, "ready", stop))
+        await workers.wait_opened()
+        stop.set()
+        await watcher
+        open_s = max(o["seconds"] for o in workers.opened)
+        connected = sum(o["connections"] for o in workers.opened)
+        connect_errors: dict[str, int] = {}
+        for o in workers.opened:
+            for k, v in o["errors"].items():
+                connect_errors[k] = connect_errors.get(k, 0) + v
+        result["connections"] = connected
+        result["connect_errors"] = connect_errors
+        server: dict[str, Any] = {"pids": target.pids(),
+                                  "rss_mb_before": round(rss_before / 2**20, 1)}
+        result["server"] = server
+        if storm:
+            cpu = sampler.server_cpu() - cpu0
+            result["connections_per_s"] = round(connected / open_s, 1) if open_s else None
+            result["seconds_to_all_snapshots"] = round(open_s, 3)
+            server["cpu_s"] = round(cpu, 3)
+            server["cpu_us_per_handshake"] = round(cpu * 1e6 / max(1, connected), 1)
+        expect: dict[str, int] = {}
+        errors: list[str] = []
+        acked = 0
+        window_start = time.monotonic()
+        publish_wall = time.time()
+        cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
+        if opts.scenario in ("fanout", "burst"):
+            stop = asyncio.Event()
+            watcher = asyncio.create_task(
+                _watch(progress, opts.scenario, opts.duration, workers, "rate", stop))
+            acked = await _publish(target, opts, env_names, expect, errors)
+            stop.set()
+            await watcher
+        elif opts.scenario == "idle":
+            await asyncio.sleep(3.0)  # let buffers settle before reading RSS
+        await workers.finish(expect, opts.grace)
+        window = time.monotonic() - window_start
+        last = max((f["last_delivery"] for f in workers.finals), default=0.0)
+        if opts.scenario in ("fanout", "burst") and last > publish_wall:
+            window = last - publish_wall  # from the first publish to the last delivery
+        cpu = sampler.server_cpu() - cpu1
+        gen_cpu = sampler.generator_cpu() - gen1
+        rss_after = sampler.server_rss()
+        deliveries = sum(f["deliveries"] for f in workers.finals)
+        hist = report.merge([f["hist"] for f in workers.finals])
+        server["rss_mb_after"] = round(rss_after / 2**20, 1)
+        server["rss_mb_peak"] = round(max(sampler.rss_peak, rss_after) / 2**20, 1)
+        if opts.scenario in ("idle", "connect-storm") and connected:
+            server["rss_kb_per_connection"] = round((rss_after - rss_before) / 1024 / connected, 2)
+        if opts.scenario in ("fanout", "burst"):
+            server["cpu_s"] = round(cpu, 3)
+            server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
+            result["deliveries"] = deliveries
+            result["deliveries_per_s"] = round(deliveries / window)
+            result["window_s"] = round(window, 2)
+            result["latency_ms"] = report.latency_ms(hist)
+            result["publishes"] = {"acked": acked, "errors": len(errors),
+                                   "per_s": round(acked / opts.duration, 1),
+                                   "first_errors": errors[:3]}
+        result["missing"] = sum(f["missing"] for f in workers.finals)
+        result["out_of_order"] = sum(f["out_of_order"] for f in workers.finals)
+        result["closed_by_server"] = {k: v for f in workers.finals for k, v in f["closed"].items()}
+        total_window = time.monotonic() - t0
+        result["generator"] = {
+            "processes": len(workers.procs), "cpu_s": round(gen_cpu, 2),
+            "cpu_s_total": round(sampler.generator_cpu() - gen0, 2),
+            "cpu_share": round(gen_cpu / window / max(1, len(client_cpus or {1})), 2),
+            "cpus": sorted(client_cpus or []),
+        }
+        result["server"]["cpus"] = sorted(server_cpus or [])
+        result["timeline"] = _timeline(workers, wall0)
+        result["duration_s"] = round(total_window, 1)
+        if result["generator"]["cpu_share"] >= 0.9:
+            result["notes"].append(
+                f"{opts.target}: the generator was busy {result['generator']['cpu_share']:.0%} "
+                "of its core: it, not the server, may have been the limit")
+    finally:
+        if sampler is not None:
+            await sampler.stop()
+        if workers is not None:
+            await workers.stop()
+        await target.stop()
+    return result
+
+
+def options_dict(opts: Options) -> dict[str, Any]:
+    return asdict(opts)
