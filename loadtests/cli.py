@@ -36,8 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--connect-rate", type=float, default=2000.0,
                    help="connections/s opened before measuring (not connect-storm)")
-    p.add_argument("--burst-concurrency", type=int, default=0,
-                   help="publishes in flight in burst (default: one per environment)")
+    p.add_argument("--burst-concurrency", type=int, default=64,
+                   help="publishes in flight in total in burst")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds to wait for the last deliveries before counting missing")
     p.add_argument("--server-cpus", default="0", help="CPUs the server is pinned to")

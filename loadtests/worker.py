@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import sys
 import time
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any
 import msgpack
 from hdrh.histogram import HdrHistogram
 from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)  # Linux 4.2+
 
 # Latency is recorded in microseconds, from 1 us to 60 s, 3 significant digits.
 HIST_RANGE = (1, 60_000_000, 3)
@@ -47,7 +50,6 @@ class Spec:
 
 class Stats:
     def __init__(self) -> None:
-        self.hist = new_histogram()
         self.total_hist = new_histogram()
         self.deliveries = 0
         self.total_deliveries = 0
@@ -56,21 +58,61 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.closed: dict[str, int] = {}
         self.out_of_order = 0
-        self.last_delivery = 0.0  # wall-clock time of the last delivery
+        self.last_delivery_ns = 0  # wall-clock time of the last latency sample
+        self.latency_counts: dict[int, int] = {}
+
+    def record(self, sent_ns: int) -> None:
+        """Count one latency sample, rounded to 0.1% (what the histogram keeps anyway); the
+        histogram is filled once a second from the counts, off the per-delivery path."""
+        now = time.time_ns()
+        self.last_delivery_ns = now
+        us = (now - sent_ns) // 1000
+        shift = us.bit_length() - 11
+        if shift > 0:
+            us = (us >> shift) << shift
+        counts = self.latency_counts
+        counts[us] = counts.get(us, 0) + 1
+
+    def take_histogram(self) -> HdrHistogram:
+        hist = new_histogram()
+        low, high = HIST_RANGE[0], HIST_RANGE[1]
+        for us, count in self.latency_counts.items():
+            hist.record_value(min(max(us, low), high), count)
+        self.latency_counts = {}
+        return hist
 
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
+
+
+class Decoder:
+    """Decodes frames, once per distinct payload: every subscriber of an environment in this
+    process receives the same bytes, so only the first of them pays for msgpack."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[bytes, Any]] = {}
+
+    def __call__(self, env: str, data: bytes) -> Any:
+        last = self._last.get(env)
+        if last is not None and last[0] == data:
+            return last[1]
+        msg = msgpack.unpackb(data)
+        self._last[env] = (data, msg)
+        return msg
 
 
 class Conn(WSListener):
     """One subscriber. For the relay protocol, `held` is the version it holds; for nchan, the
     count and last sequence number of messages received."""
 
-    __slots__ = ("env", "held", "ready_at", "received", "stats", "transport")
+    __slots__ = ("decode", "env", "held", "ready_at", "received", "stats", "transport")
 
-    def __init__(self, stats: Stats, env: str) -> None:
+    def __init__(self, stats: Stats, env: str, decode: Decoder) -> None:
         self.stats = stats
         self.env = env
+        self.decode = decode
         self.held = -1
         self.received = 0
         self.ready_at = 0.0
@@ -82,37 +124,32 @@ class Conn(WSListener):
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.stats.connected -= 1
 
-    def _record(self, value: Any) -> None:
-        if isinstance(value, dict) and "ts" in value:
-            us = (time.time_ns() - value["ts"]) // 1000
-            self.stats.hist.record_value(max(1, min(us, HIST_RANGE[1])))
-
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is not WSMsgType.BINARY:
             if frame.msg_type is WSMsgType.CLOSE:
-                self.stats.closed[str(frame.get_close_code())] = (
-                    self.stats.closed.get(str(frame.get_close_code()), 0) + 1
-                )
+                code = str(frame.get_close_code())
+                self.stats.closed[code] = self.stats.closed.get(code, 0) + 1
             return
-        msg = msgpack.unpackb(frame.get_payload_as_bytes())
+        msg = self.decode(self.env, frame.get_payload_as_bytes())
         t = msg["t"]
+        stats = self.stats
         if t == "delta":
             if msg["base"] != self.held:
-                self.stats.out_of_order += 1
+                stats.out_of_order += 1
             covered = msg["v"] - msg["base"]
             self.held = msg["v"]
             self.received += covered
-            self.stats.deliveries += covered
-            self.stats.last_delivery = time.time()
+            stats.deliveries += covered
             put = msg["put"].get("p")
             if put is not None:
-                self._record(put["value"])
+                stats.record(put["value"]["ts"])
         elif t == "snap":
             self.held = msg["v"]
             self.ready_at = time.monotonic()
-            self.stats.ready += 1
+            stats.ready += 1
         elif t == "goaway":
-            self.stats.error("goaway:" + str(msg.get("reason")))
+            stats.error("goaway:" + str(msg.get("reason")))
+
 
 class NchanConn(Conn):
     """An nchan subscriber: messages are the published bodies, counted by sequence number."""
@@ -122,15 +159,15 @@ class NchanConn(Conn):
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type not in (WSMsgType.BINARY, WSMsgType.TEXT):
             return
-        msg = msgpack.unpackb(frame.get_payload_as_bytes())
+        msg = self.decode(self.env, frame.get_payload_as_bytes())
         seq = msg["seq"]
+        stats = self.stats
         if seq <= self.held:
-            self.stats.out_of_order += 1
+            stats.out_of_order += 1
         self.held = seq
         self.received += 1
-        self.stats.deliveries += 1
-        self.stats.last_delivery = time.time()
-        self._record(msg)
+        stats.deliveries += 1
+        stats.record(msg["ts"])
 
 
 def emit(obj: dict[str, Any]) -> None:
@@ -140,18 +177,29 @@ def emit(obj: dict[str, Any]) -> None:
 
 async def open_all(spec: Spec, stats: Stats, conns: list[Conn]) -> None:
     semaphore = asyncio.Semaphore(spec.connect_concurrency)
+    decode = Decoder()
+
+    def source_socket(url: Any) -> socket.socket:
+        """A socket bound to this worker's loopback address, its port chosen at connect time
+        (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT from earlier runs against other
+        server ports do not run the ephemeral range dry."""
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        sock.setblocking(False)
+        sock.bind((spec.source_ip, 0))
+        return sock
     interval = 1.0 / spec.connect_rate if spec.connect_rate > 0 else 0.0
     start = time.monotonic()
 
     async def one(i: int) -> None:
         target = spec.envs[i % len(spec.envs)]
         async with semaphore:
-            conn = (NchanConn if spec.kind == "nchan" else Conn)(stats, target["env"])
+            conn = (NchanConn if spec.kind == "nchan" else Conn)(stats, target["env"], decode)
             for attempt in range(5):
                 try:
                     await ws_connect(
                         lambda: conn, target["url"], extra_headers=target["headers"],
-                        local_addr=(spec.source_ip, 0), read_buffer_init_size=spec.read_buffer,
+                        socket_factory=source_socket, read_buffer_init_size=spec.read_buffer,
                         websocket_handshake_timeout=30,
                     )
                     conns.append(conn)
@@ -161,7 +209,7 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn]) -> None:
                         stats.ready += 1
                     return
                 except Exception as exc:
-                    stats.error(type(exc).__name__)
+                    stats.error(f"{type(exc).__name__}: {getattr(exc, 'strerror', '') or exc}")
                     await asyncio.sleep(0.2 * (attempt + 1))
 
     tasks = []
@@ -178,7 +226,7 @@ async def ticker(stats: Stats, stop: asyncio.Event) -> None:
     while not stop.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), 1.0)
-        hist, stats.hist = stats.hist, new_histogram()
+        hist = stats.take_histogram()
         stats.total_hist.add(hist)
         emit({
             "type": "tick", "t": time.time(),
@@ -226,7 +274,7 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
         emit({
             "type": "final", "connections": len(conns), "deliveries": stats.deliveries,
             "missing": missing, "out_of_order": stats.out_of_order, "errors": stats.errors,
-            "closed": stats.closed, "last_delivery": stats.last_delivery,
+            "closed": stats.closed, "last_delivery": stats.last_delivery_ns / 1e9,
             "hist": hist.encode().decode() if hist.get_total_count() else None,
         })
     for c in conns:

@@ -1,9 +1,11 @@
 """The embedded store: one SQLite file (WAL) under --data-dir, for a single node.
 
 All SQLite work runs on one dedicated thread, so writes are serialised (versions are assigned
-atomically inside one transaction) and the event loop never blocks on disk. A change is
-acknowledged only after its transaction commits with synchronous=FULL; listeners are scheduled
-from that same thread right after the commit, so they see changes in commit order.
+atomically inside one transaction) and the event loop never blocks on disk. Publishes are
+group-committed: all changes that arrive while a commit is running go into the next transaction
+(one fsync for all, each change in its own savepoint). A change is acknowledged only after its
+transaction commits with synchronous=FULL; listeners see committed changes in commit order,
+before the acknowledgements.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,6 +48,14 @@ CREATE TABLE IF NOT EXISTS changes (
 T = TypeVar("T")
 
 
+@dataclass(slots=True)
+class _Publish:
+    env: str
+    put: dict[str, Any]
+    dels: tuple[str, ...]
+    future: asyncio.Future[Change]
+
+
 def _pack(obj: Any) -> bytes:
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
@@ -64,6 +75,8 @@ class SQLiteStore:
         self._db: sqlite3.Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._change_listeners: list[ChangeListener] = []
+        self._pending: list[_Publish] = []
+        self._writing = False
         self._keys_listeners: list[KeysListener] = []
 
     # --- plumbing -----------------------------------------------------------------------------
@@ -150,57 +163,112 @@ class SQLiteStore:
     async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
         return await self._run(self._put_env_sync, env, list(key_hashes))
 
-    def _publish_sync(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+    def _apply_change(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+        """Write one change inside the open transaction: next version, flags, log entry."""
         db = self._conn
+        row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
+        if row is None:
+            raise UnknownEnv(env)
+        current = int(row[0])
+        if dels:
+            marks = ",".join("?" * len(dels))
+            existing = {
+                r[0]
+                for r in db.execute(
+                    f"SELECT key FROM flags WHERE env = ? AND key IN ({marks})", (env, *dels)
+                )
+            }
+            dels = tuple(k for k in dict.fromkeys(dels) if k in existing)
+        if not put and not dels:
+            return Change(env=env, v=current, put={}, dels=(), ts=time.time())
+        v = current + 1
+        ts = time.time()
+        db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
+        db.executemany(
+            "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
+            [(env, key, v, _pack(value)) for key, value in put.items()],
+        )
+        if dels:
+            db.executemany("DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels])
+        db.execute(
+            "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
+            (env, v, _pack(dict(put)), _pack(list(dels)), ts),
+        )
+        db.execute("DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention))
+        return Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
+
+    def _commit_batch(self, batch: list[_Publish]) -> list[Change | Exception]:
+        """Group commit: every pending change in one transaction and one fsync.
+
+        Each change runs in its own savepoint, so one that fails (unknown environment) is rolled
+        back alone: every change stays all or nothing. Nothing is acknowledged before COMMIT.
+        """
+        db = self._conn
+        results: list[Change | Exception] = []
         db.execute("BEGIN IMMEDIATE")
         try:
-            row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
-            if row is None:
-                raise UnknownEnv(env)
-            current = int(row[0])
-            if dels:
-                marks = ",".join("?" * len(dels))
-                existing = {
-                    r[0]
-                    for r in db.execute(
-                        f"SELECT key FROM flags WHERE env = ? AND key IN ({marks})",
-                        (env, *dels),
-                    )
-                }
-                dels = tuple(k for k in dict.fromkeys(dels) if k in existing)
-            if not put and not dels:
-                db.execute("ROLLBACK")
-                return Change(env=env, v=current, put={}, dels=(), ts=time.time())
-            v = current + 1
-            ts = time.time()
-            db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
-            db.executemany(
-                "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
-                [(env, key, v, _pack(value)) for key, value in put.items()],
-            )
-            if dels:
-                db.executemany(
-                    "DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels]
-                )
-            db.execute(
-                "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
-                (env, v, _pack(dict(put)), _pack(list(dels)), ts),
-            )
-            db.execute(
-                "DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention)
-            )
+            for item in batch:
+                db.execute("SAVEPOINT change")
+                try:
+                    results.append(self._apply_change(item.env, item.put, item.dels))
+                    db.execute("RELEASE change")
+                except UnknownEnv as exc:
+                    db.execute("ROLLBACK TO change")
+                    db.execute("RELEASE change")
+                    results.append(exc)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:
+                db.execute("ROLLBACK")
             raise
-        change = Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
-        for listener in self._change_listeners:
-            self._notify(listener, change)
-        return change
+        return results
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
-        return await self._run(self._publish_sync, env, dict(put), tuple(dels))
+        loop = asyncio.get_running_loop()
+        item = _Publish(env, dict(put), tuple(dels), loop.create_future())
+        self._pending.append(item)
+        if not self._writing:
+            self._writing = True
+            self._start_batch()
+        return await item.future
+
+    def _start_batch(self) -> None:
+        """Commit everything pending; changes that arrive meanwhile wait for the next batch."""
+        batch, self._pending = self._pending, []
+        assert self._loop is not None
+        done = self._loop.run_in_executor(self._executor, self._commit_batch, batch)
+        done.add_done_callback(lambda fut: self._batch_done(batch, fut))
+
+    def _batch_done(
+        self, batch: list[_Publish], fut: asyncio.Future[list[Change | Exception]]
+    ) -> None:
+        exc = fut.exception()
+        if exc is not None:
+            error = exc
+            if isinstance(exc, sqlite3.Error):
+                error = StoreUnavailable(f"SQLite error: {exc}")
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(error)
+        else:
+            # Listeners first, in commit order, then the acknowledgements.
+            results = fut.result()
+            for result in results:
+                if isinstance(result, Change) and (result.put or result.dels):
+                    for listener in self._change_listeners:
+                        listener(result)
+            for item, result in zip(batch, results, strict=True):
+                if item.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    item.future.set_exception(result)
+                else:
+                    item.future.set_result(result)
+        if self._pending:
+            self._start_batch()
+        else:
+            self._writing = False
 
     # --- reads --------------------------------------------------------------------------------
 
