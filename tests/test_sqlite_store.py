@@ -474,3 +474,20 @@ async def test_concurrent_publishes_each_see_their_change_delivered(store: SQLit
     versions = await asyncio.gather(*(publish_and_check(i) for i in range(50)))
     assert sorted(versions) == list(range(1, 51))
     assert seen == list(range(1, 51))
+
+
+async def test_group_commit_fails_only_the_bad_change(store: SQLiteStore) -> None:
+    """Concurrent publishes share one transaction; one to an unknown environment fails alone."""
+    await store.put_env("a", [H1])
+    results = await asyncio.gather(
+        *(store.publish("a", {"n": i}, ()) for i in range(10)),
+        store.publish("ghost", {"x": 1}, ()),
+        *(store.publish("a", {"m": i}, ()) for i in range(10)),
+        return_exceptions=True,
+    )
+    assert isinstance(results[10], UnknownEnv)
+    versions = sorted(r.v for r in results if isinstance(r, Change))
+    assert versions == list(range(1, 21))
+    snapshot = await store.load("a", 100)
+    assert snapshot.v == 20 and snapshot.flags == {"n": (10, 9), "m": (20, 9)}
+    assert [c.v for c in snapshot.history] == list(range(1, 21))

@@ -213,7 +213,8 @@ class SQLiteStore:
                 try:
                     results.append(self._apply_change(item.env, item.put, item.dels))
                     db.execute("RELEASE change")
-                except UnknownEnv as exc:
+                except (UnknownEnv, TypeError, ValueError, OverflowError) as exc:
+                    # This change alone is bad (unknown env, a value msgpack cannot encode).
                     db.execute("ROLLBACK TO change")
                     db.execute("RELEASE change")
                     results.append(exc)
