@@ -40,6 +40,9 @@ class Config:
     node_id: str = _opt(socket.gethostname(), "this node's name in status and hello frames")
     history: int = _opt(1000, "changes per environment kept in memory to answer `since`")
     log_retention: int = _opt(10_000, "changes per environment kept in the store's log")
+    handshake_timeout: float = _opt(
+        10.0, "seconds from TCP accept to a complete WebSocket upgrade request"
+    )
     auth_timeout: float = _opt(5.0, "seconds a client has to send its auth frame")
     ping_interval: float = _opt(20.0, "seconds between WebSocket pings (0 disables)")
     ping_timeout: float = _opt(20.0, "seconds to wait for a pong before closing")
@@ -115,7 +118,10 @@ def check(config: Config) -> None:
     for name in ("history", "log_retention", "max_connections"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
-    for name in ("auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl"):
+    positive = (
+        "handshake_timeout", "auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl"
+    )
+    for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be positive")
     if config.ping_interval < 0:

@@ -1,25 +1,31 @@
-"""The public SDK WebSocket server (websockets, asyncio): handshake, auth, then fan-out.
+"""The public SDK WebSocket server: an asyncio Protocol per connection around websockets'
+sans-I/O `ServerProtocol`.
+
+No task, stream or queue per connection: a connection costs its transport, this object and the
+sans-I/O parser, which is what lets one process hold tens of thousands of idle SDKs. The only
+per-connection task is a short one while the SDK key is looked up and the session attached.
+Keepalive pings are one prebuilt frame written by a single sweep over all connections.
 
 The handshake completes for any valid upgrade to /v1/stream; every later problem is reported
 with a close code (browsers cannot read the HTTP status of a refused upgrade). After `hello`,
-all server frames are prebuilt bytes written by the hub straight to the connection's transport
-(see `SdkSession.write` for the conditions that keep this safe under websockets 17).
+the hub writes prebuilt frames with `SdkConnection.write` while the connection is OPEN.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import socket
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.exceptions import ConnectionClosed
-from websockets.http11 import Request, Response
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
 from websockets.protocol import State
+from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from relay import protocol
@@ -29,40 +35,248 @@ from relay.metrics import Metrics
 from relay.store.base import StoreError, hash_key
 
 log = logging.getLogger("relay.sdk")
+_ws_log = logging.getLogger("websockets.server")
 
-MAX_FRAME_BYTES = 1 << 20  # larger client frames are closed with 1009
+MAX_FRAME_BYTES = 1 << 20  # larger client messages are closed with 1009
+PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
+_OPEN = State.OPEN
 
 
-class SdkSession:
-    """One authenticated SDK connection, as the hub writes to it."""
+def _select_subprotocol(
+    proto: ServerProtocol, offered: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    # Accept any offer and report a mismatch with 4002 after the handshake.
+    return Subprotocol(protocol.SUBPROTOCOL) if protocol.SUBPROTOCOL in offered else None
 
-    __slots__ = ("_closing", "conn", "env", "key_hash", "transport")
 
-    def __init__(self, conn: ServerConnection, env: str, key_hash: str) -> None:
-        self.conn = conn
-        self.transport = conn.transport
-        self.env = env
-        self.key_hash = key_hash
-        self._closing: asyncio.Task[None] | None = None
+class SdkConnection(asyncio.Protocol):
+    """One SDK connection; once authenticated it is also the hub's session (`SessionSink`)."""
+
+    __slots__ = (
+        "_auth_task", "_counted", "_fragments", "_since", "_timer", "attached", "env",
+        "key_hash", "last_seen", "proto", "server", "transport", "writing_paused",
+    )
+
+    def __init__(self, server: SdkServer) -> None:
+        self.server = server
+        self.proto = ServerProtocol(
+            select_subprotocol=_select_subprotocol, max_size=MAX_FRAME_BYTES, logger=_ws_log
+        )
+        self.transport: asyncio.Transport | None = None
+        self.env = ""
+        self.key_hash = ""
+        self.attached = False
+        self.writing_paused = False
+        self.last_seen = 0.0
+        self._timer: asyncio.TimerHandle | None = None  # handshake, auth or close timeout
+        self._auth_task: asyncio.Task[None] | None = None
+        self._fragments: list[bytes] | None = None  # None: no auth frame expected
+        self._since: int | None = None  # the query's `since`, while waiting for auth
+        self._counted = False  # counted in the server's open connections
+
+    # --- asyncio.Protocol -----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.server.connections.add(self)
+        loop = self.server.loop
+        self.last_seen = loop.time()
+        self._timer = loop.call_later(
+            self.server.config.handshake_timeout, self.transport.abort
+        )
+
+    def data_received(self, data: bytes) -> None:
+        self.last_seen = self.server.loop.time()
+        self.proto.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool:
+        self.proto.receive_eof()
+        self._process()
+        return True  # we close the transport ourselves once the close handshake is done
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        if self._auth_task is not None:
+            self._auth_task.cancel()
+        self.server.lost(self)
+        if self.attached:
+            self.attached = False
+            self.server.hub.detach(self)
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+
+    # --- the hub's session interface ------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        # Safe because: whole frames in one call, only while OPEN (never after our or the
-        # peer's close frame), and this server never sends fragmented messages.
-        if self.conn.protocol.state is State.OPEN:
-            self.transport.write(data)
+        """Write whole prebuilt frames while OPEN (never after a close frame)."""
+        if self.proto.state is _OPEN:
+            self.transport.write(data)  # type: ignore[union-attr]
             return True
         return False
 
     def close(self, code: int, reason: str) -> None:
-        if self._closing is None:
-            self._closing = asyncio.get_running_loop().create_task(self.conn.close(code, reason))
+        """Start the closing handshake with `code`; no frame is written after it."""
+        if self.proto.state is not _OPEN:
+            return
+        self.server.metrics.closes.labels(str(code)).inc()
+        if self.attached:
+            self.attached = False
+            self.server.hub.detach(self)
+        self.proto.send_close(code, reason)
+        self._flush()
 
+    # --- events ---------------------------------------------------------------------------------
 
-def _select_subprotocol(
-    conn: ServerConnection, offered: Sequence[Subprotocol]
-) -> Subprotocol | None:
-    # Accept any offer and report a mismatch with 4002 after the handshake.
-    return Subprotocol(protocol.SUBPROTOCOL) if protocol.SUBPROTOCOL in offered else None
+    def _process(self) -> None:
+        for event in self.proto.events_received():
+            if isinstance(event, Request):
+                self._on_request(event)
+            elif isinstance(event, Frame):
+                self._on_frame(event)
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what the sans-I/O protocol produced; arm the close timeout when due."""
+        transport = self.transport
+        assert transport is not None
+        for data in self.proto.data_to_send():
+            if data:
+                transport.write(data)
+            elif transport.can_write_eof():
+                transport.write_eof()
+            else:
+                transport.close()
+        if self.proto.close_expected() and not transport.is_closing():
+            self._cancel_timer()
+            self._timer = self.server.loop.call_later(
+                self.server.config.close_timeout, transport.abort
+            )
+        elif self.proto.state is State.CLOSED:
+            transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_request(self, request: Request) -> None:
+        self._cancel_timer()
+        server = self.server
+        if urlsplit(request.path).path != protocol.STREAM_PATH:
+            response = self.proto.reject(
+                404, f"not found; SDKs connect to {protocol.STREAM_PATH}\n"
+            )
+        elif not server.accepting:
+            response = self.proto.reject(503, "this node is draining; connect to another node\n")
+        else:
+            response = self.proto.accept(request)
+            response.headers.pop("Server", None)
+        self.proto.send_response(response)
+        if self.proto.state is _OPEN:
+            self._opened(request)
+
+    def _opened(self, request: Request) -> None:
+        server = self.server
+        server.metrics.connections_accepted.inc()
+        server.open_count += 1
+        self._counted = True
+        if self.proto.subprotocol != protocol.SUBPROTOCOL:
+            self.close(protocol.CLOSE_PROTOCOL_ERROR,
+                       f"subprotocol {protocol.SUBPROTOCOL} required")
+            return
+        if server.open_count > server.config.max_connections:
+            self.close(protocol.CLOSE_TOO_MANY, "too many connections")
+            return
+        try:
+            query = parse_qs(urlsplit(request.path).query)
+            since = protocol.parse_since(query["since"][-1]) if "since" in query else None
+        except protocol.ProtocolError as exc:
+            self.close(protocol.CLOSE_PROTOCOL_ERROR, str(exc))
+            return
+        authorization = request.headers.get("Authorization")
+        if authorization is None:
+            self._fragments = []
+            self._timer = server.loop.call_later(server.config.auth_timeout, self._auth_timeout)
+            self._since = since
+            return
+        scheme, _, key = authorization.partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key:
+            self._refuse("malformed", "Authorization must be Bearer <sdk-key>")
+            return
+        self._start_auth(key, since)
+
+    def _on_frame(self, frame: Frame) -> None:
+        opcode = frame.opcode
+        if opcode is Opcode.PING or opcode is Opcode.PONG or opcode is Opcode.CLOSE:
+            return  # the sans-I/O protocol answers pings and closes
+        if self._fragments is None:
+            # Clients send nothing after auth: any data frame is a protocol error.
+            self.close(protocol.CLOSE_PROTOCOL_ERROR, "clients may send only one auth frame")
+            return
+        if opcode is Opcode.TEXT:
+            self._auth_failed("text frames are not allowed; send binary msgpack")
+            return
+        self._fragments.append(bytes(frame.data))
+        if not frame.fin:
+            return  # the protocol caps the whole message at MAX_FRAME_BYTES
+        data = b"".join(self._fragments)
+        self._fragments = None
+        self._cancel_timer()
+        try:
+            auth = protocol.parse_client_frame(data)
+        except protocol.ProtocolError as exc:
+            self._auth_failed(str(exc))
+            return
+        self._start_auth(auth.key, auth.since if auth.since is not None else self._since)
+
+    def _auth_failed(self, message: str) -> None:
+        self._fragments = None
+        self._cancel_timer()
+        self.server.metrics.auth_failures.labels("protocol").inc()
+        self.close(protocol.CLOSE_PROTOCOL_ERROR, message)
+
+    def _auth_timeout(self) -> None:
+        self._timer = None
+        self._fragments = None
+        self.server.metrics.auth_failures.labels("timeout").inc()
+        self.close(protocol.CLOSE_AUTH_TIMEOUT, "auth timeout")
+
+    def _refuse(self, reason: str, message: str) -> None:
+        self.server.metrics.auth_failures.labels(reason).inc()
+        self.close(protocol.CLOSE_BAD_CREDENTIALS, message)
+
+    def _start_auth(self, key: str, since: int | None) -> None:
+        self.key_hash = hash_key(key)
+        self._auth_task = self.server.loop.create_task(self._authenticate(since))
+
+    async def _authenticate(self, since: int | None) -> None:
+        hub = self.server.hub
+        try:
+            env = await hub.resolve(self.key_hash)
+            if env is None:
+                self._refuse("unknown_key", "unknown SDK key")
+                return
+            if self.proto.state is not _OPEN:
+                return
+            self.env = env
+            self.attached = True
+            try:
+                await hub.attach(self, since)
+            except BaseException:
+                self.attached = False
+                hub.detach(self)
+                raise
+        except StoreError as exc:
+            log.warning("SDK auth: store unavailable: %s", exc)
+            self.close(protocol.CLOSE_INTERNAL, "store unavailable")
+        finally:
+            self._auth_task = None
 
 
 class SdkServer:
@@ -71,143 +285,76 @@ class SdkServer:
         self.hub = hub
         self.metrics = metrics
         self.accepting = True  # False while draining: new upgrades get 503
-        self._server: Server | None = None
-        self._open = 0
+        self.connections: set[SdkConnection] = set()
+        self.open_count = 0  # connections past the handshake, not yet lost
+        self.loop: asyncio.AbstractEventLoop  # set by start()
+        self._server: asyncio.Server | None = None
+        self._pinger: asyncio.TimerHandle | None = None
+        self._all_gone: asyncio.Event | None = None  # set while stopping
 
     @property
     def port(self) -> int:
         assert self._server is not None
-        sock: socket.socket = next(iter(self._server.sockets))
+        sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
+    def lost(self, conn: SdkConnection) -> None:
+        self.connections.discard(conn)
+        if conn._counted:
+            conn._counted = False
+            self.open_count -= 1
+        if not self.connections and self._all_gone is not None:
+            self._all_gone.set()
+
     async def start(self) -> None:
-        self._server = await serve(
-            self._handle,
-            self.config.host,
-            self.config.port,
-            process_request=self._process_request,
-            select_subprotocol=_select_subprotocol,
-            compression=None,
-            max_size=MAX_FRAME_BYTES,
-            ping_interval=self.config.ping_interval or None,
-            ping_timeout=self.config.ping_timeout,
-            close_timeout=self.config.close_timeout,
-            server_header=None,
-            reuse_port=False,
+        self.loop = asyncio.get_running_loop()
+        self._server = await self.loop.create_server(
+            lambda: SdkConnection(self), self.config.host, self.config.port,
+            backlog=4096, reuse_address=True,
         )
+        if self.config.ping_interval:
+            self._pinger = self.loop.call_later(self.config.ping_interval, self._keepalive)
+
+    def _keepalive(self) -> None:
+        """Ping every open connection with one shared frame; drop those silent for too long.
+
+        Any bytes from the client (a pong included) count as a sign of life.
+        """
+        interval = self.config.ping_interval
+        deadline = self.loop.time() - interval - self.config.ping_timeout
+        for conn in list(self.connections):
+            if conn.proto.state is not _OPEN:
+                continue
+            if conn.last_seen < deadline:
+                conn.close(protocol.CLOSE_INTERNAL, "keepalive ping timeout")
+            else:
+                conn.transport.write(PING_FRAME)  # type: ignore[union-attr]
+        self._pinger = self.loop.call_later(interval, self._keepalive)
 
     async def stop(self, retry_ms: tuple[int, int] = (500, 5000)) -> None:
-        """Tell every session to go (goaway: shutdown), then close all with 1001."""
+        """Tell every session to go (goaway: shutdown), close all with 1001, stop listening."""
         if self._server is None:
             return
         self.accepting = False
-        for session in self.hub.sessions():
-            session.write(
-                protocol.ws_binary_frame(
-                    protocol.goaway("shutdown", random.randint(*retry_ms))
-                )
-            )
-        self._server.close(close_connections=True)
+        self._server.close()
+        if self._pinger is not None:
+            self._pinger.cancel()
+        for conn in list(self.connections):
+            if conn.attached:
+                goaway = protocol.goaway("shutdown", random.randint(*retry_ms))
+                conn.write(protocol.ws_binary_frame(goaway))
+            conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+            if conn.proto.state is State.CONNECTING and conn.transport is not None:
+                conn.transport.abort()
+        if self.connections:
+            self._all_gone = asyncio.Event()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_gone.wait(), self.config.close_timeout + 1)
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
         await self._server.wait_closed()
 
-    def _process_request(self, conn: ServerConnection, request: Request) -> Response | None:
-        if urlsplit(request.path).path != protocol.STREAM_PATH:
-            return conn.respond(404, f"not found; SDKs connect to {protocol.STREAM_PATH}\n")
-        if not self.accepting:
-            return conn.respond(503, "this node is draining; connect to another node\n")
-        return None
-
-    async def _close(self, conn: ServerConnection, code: int, reason: str) -> None:
-        self.metrics.closes.labels(str(code)).inc()
-        await conn.close(code, reason)
-
-    async def _refuse_auth(self, conn: ServerConnection, reason: str, message: str) -> None:
-        self.metrics.auth_failures.labels(reason).inc()
-        await self._close(conn, protocol.CLOSE_BAD_CREDENTIALS, message)
-
-    async def _handle(self, conn: ServerConnection) -> None:
-        self._open += 1
-        try:
-            await self._serve(conn)
-        except ConnectionClosed:
-            pass
-        finally:
-            self._open -= 1
-
-    async def _serve(self, conn: ServerConnection) -> None:
-        self.metrics.connections_accepted.inc()
-        if conn.subprotocol != protocol.SUBPROTOCOL:
-            await self._close(
-                conn, protocol.CLOSE_PROTOCOL_ERROR,
-                f"subprotocol {protocol.SUBPROTOCOL} required",
-            )
-            return
-        if self._open > self.config.max_connections:
-            await self._close(conn, protocol.CLOSE_TOO_MANY, "too many connections")
-            return
-        assert conn.request is not None
-        try:
-            query = parse_qs(urlsplit(conn.request.path).query)
-            since = protocol.parse_since(query["since"][-1]) if "since" in query else None
-        except protocol.ProtocolError as exc:
-            await self._close(conn, protocol.CLOSE_PROTOCOL_ERROR, str(exc))
-            return
-
-        authorization = conn.request.headers.get("Authorization")
-        if authorization is not None:
-            scheme, _, key = authorization.partition(" ")
-            key = key.strip()
-            if scheme.lower() != "bearer" or not key:
-                await self._refuse_auth(conn, "malformed", "Authorization must be Bearer <sdk-key>")
-                return
-        else:
-            try:
-                data = await asyncio.wait_for(conn.recv(), self.config.auth_timeout)
-            except TimeoutError:
-                self.metrics.auth_failures.labels("timeout").inc()
-                await self._close(conn, protocol.CLOSE_AUTH_TIMEOUT, "auth timeout")
-                return
-            try:
-                auth = protocol.parse_client_frame(data)
-            except protocol.ProtocolError as exc:
-                self.metrics.auth_failures.labels("protocol").inc()
-                await self._close(conn, protocol.CLOSE_PROTOCOL_ERROR, str(exc))
-                return
-            key = auth.key
-            if auth.since is not None:
-                since = auth.since
-
-        key_hash = hash_key(key)
-        try:
-            env = await self.hub.resolve(key_hash)
-        except StoreError as exc:
-            log.warning("key lookup failed: %s", exc)
-            await self._close(conn, protocol.CLOSE_INTERNAL, "store unavailable")
-            return
-        if env is None:
-            await self._refuse_auth(conn, "unknown_key", "unknown SDK key")
-            return
-
-        session = SdkSession(conn, env, key_hash)
-        try:
-            try:
-                await self.hub.attach(session, since)
-            except StoreError as exc:
-                log.warning("env %s: load failed: %s", env, exc)
-                await self._close(conn, protocol.CLOSE_INTERNAL, "store unavailable")
-                return
-            # Clients send nothing after auth: any frame is a protocol error.
-            async for _ in conn:
-                await self._close(
-                    conn, protocol.CLOSE_PROTOCOL_ERROR, "clients may send only one auth frame"
-                )
-                return
-        finally:
-            self.hub.detach(session)
-
-    @property
-    def open_connections(self) -> int:
-        return self._open
-
     def info(self) -> dict[str, Any]:
-        return {"port": self.port, "accepting": self.accepting, "open": self._open}
+        return {"port": self.port, "accepting": self.accepting,
+                "open": self.open_count}

@@ -36,3 +36,10 @@ async def admin(node: Node) -> AsyncIterator[Admin]:
     client = Admin(node.admin_url)
     yield client
     await client.close()
+
+
+def pytest_asyncio_loop_factories(config: Any, item: Any) -> dict[str, Any]:
+    """Tests run on uvloop, as `relay serve` does."""
+    import uvloop
+
+    return {"uvloop": uvloop.new_event_loop}

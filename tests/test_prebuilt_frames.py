@@ -1,7 +1,8 @@
-"""Writing prebuilt frames to websockets' transport: the conditions that keep it correct.
+"""Writing prebuilt frames beside websockets' sans-I/O protocol: what keeps it correct.
 
-`relay.sdk_server.SdkSession.write` bypasses `websockets`' send path (not a documented API), so
-these tests pin the behaviour the project relies on, for the pinned websockets version.
+`relay.sdk_server.SdkConnection.write` puts whole prebuilt frames on the transport between the
+sans-I/O protocol's own outputs (handshake, pongs, close), only while the protocol is OPEN.
+These tests pin that behaviour for the pinned websockets version.
 """
 
 from __future__ import annotations

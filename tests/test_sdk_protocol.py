@@ -297,3 +297,40 @@ async def test_metrics_count_connections_frames_and_auth_failures(
     assert "relay_frames_sent_total 3.0" in text
     assert "relay_publish_to_socket_seconds_count 1.0" in text
     await ws.close()
+
+
+async def test_a_client_answering_pings_stays_connected(make_node: NodeFactory) -> None:
+    node = await make_node(ping_interval=0.1, ping_timeout=0.2)
+    admin = Admin(node.admin_url)
+    try:
+        await _env(admin)
+        ws = await open_stream(node.ws_url, "sdk-prod")  # websockets answers pings by itself
+        await recv_frame(ws)
+        await recv_frame(ws)
+        await asyncio.sleep(1.5)  # several ping rounds, far past ping_interval + ping_timeout
+        await admin.publish("prod", {"still": True})
+        assert (await recv_frame(ws))["v"] == 1
+        await ws.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_silent_tcp_connection_is_dropped_after_the_handshake_timeout(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node(handshake_timeout=0.3)
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    data = await asyncio.wait_for(reader.read(), 5)  # EOF: the server hung up
+    assert data == b""
+    writer.close()
+
+
+async def test_a_plain_http_request_is_refused(node: Node) -> None:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        url = node.ws_url.replace("ws://", "http://")
+        async with session.get(url) as resp:
+            assert resp.status == 426  # Upgrade Required
+        async with session.get(url.replace("/v1/stream", "/")) as resp:
+            assert resp.status == 404
