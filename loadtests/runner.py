@@ -357,6 +357,7 @@ async def run(opts: Options) -> dict[str, Any]:
         server: dict[str, Any] = {"pids": target.pids(),
                                   "rss_mb_before": round(rss_before / 2**20, 1)}
         result["server"] = server
+        storm_gen_cpu = sampler.generator_cpu() - gen0
         if storm:
             cpu = sampler.server_cpu() - cpu0
             result["connections_per_s"] = round(connected / open_s, 1) if open_s else None
@@ -385,6 +386,8 @@ async def run(opts: Options) -> dict[str, Any]:
             window = last - publish_wall  # from the first publish to the last delivery
         cpu = sampler.server_cpu() - cpu1
         gen_cpu = sampler.generator_cpu() - gen1
+        if storm:  # what matters there is the storm itself
+            gen_cpu, window = storm_gen_cpu, open_s
         rss_after = sampler.server_rss()
         deliveries = sum(f["deliveries"] for f in workers.finals)
         hist = report.merge([f["hist"] for f in workers.finals])

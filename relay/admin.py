@@ -12,7 +12,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -54,12 +54,29 @@ def _env_id(request: web.Request) -> str:
 async def _json_object(request: web.Request) -> dict[str, Any]:
     raw = await request.read()  # raises 413 past client_max_size
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_no_constants)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("body is nested too deeply") from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
+
+
+def _no_constants(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def _text(value: object) -> TypeGuard[str]:
+    """A string that can be stored (lone surrogates cannot be encoded)."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
@@ -69,7 +86,7 @@ def _unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _check_flag_key(key: object) -> str:
-    if not isinstance(key, str) or not key or len(key) > MAX_FLAG_KEY:
+    if not _text(key) or not key or len(key) > MAX_FLAG_KEY:
         raise BadRequest(f"flag keys are non-empty strings of at most {MAX_FLAG_KEY} characters")
     return key
 
@@ -125,7 +142,8 @@ class AdminApi:
                     401, "missing admin token: send Authorization: Bearer <admin-token>",
                     **{"WWW-Authenticate": "Bearer"},
                 )
-            if not hmac.compare_digest(token.strip().encode(), self.node.admin_token.encode()):
+            given = token.strip().encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, self.node.admin_token.encode()):
                 return _error(401, "bad admin token", **{"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
@@ -139,7 +157,7 @@ class AdminApi:
         if (
             not isinstance(keys, list)
             or len(keys) > MAX_KEYS
-            or not all(isinstance(k, str) and 0 < len(k) <= 512 for k in keys)
+            or not all(_text(k) and 0 < len(k) <= 512 for k in keys)
         ):
             raise BadRequest(
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import http.client
 import json
 import logging
 import os
@@ -151,8 +152,8 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
         raise UserError(f"{method} {path}: {exc.code} {message}") from None
     except urllib.error.URLError as exc:
         raise UserError(f"cannot reach the admin API at {base}: {exc.reason}") from None
-    except (TimeoutError, ConnectionError) as exc:
-        raise UserError(f"cannot reach the admin API at {base}: {exc}") from None
+    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
+        raise UserError(f"cannot reach the admin API at {base}: {exc!r}") from None
     except ValueError as exc:
         raise UserError(f"bad --admin-url {base!r}: {exc}") from None
 
@@ -247,11 +248,17 @@ async def _watch(url: str, key: str, since: int | None) -> None:
                   flush=True)
             await client.wait_for(lambda: False)
         except RelayClientError as exc:
+            if isinstance(exc.__cause__, BrokenPipeError):
+                # `relay watch | head`: the reader went away; stop quietly.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+                return
+            if exc.code is None:
+                raise UserError(exc.reason) from None
             reason = {
                 4001: "the SDK key was refused",
                 4002: "protocol error",
                 1009: "frame too big",
-            }.get(exc.code or 0, "the server closed the stream")
+            }.get(exc.code, "the server closed the stream")
             raise UserError(f"{reason} ({exc.code} {exc.reason})") from None
 
 

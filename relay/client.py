@@ -39,6 +39,10 @@ FATAL_CLOSE_CODES = frozenset({
 })
 
 
+class _CallbackFailed(Exception):
+    """The user's on_change raised: the client stops and reports it."""
+
+
 class _Resync(Exception):
     """A version gap: reconnect at once with the version held."""
 
@@ -123,14 +127,18 @@ class RelayClient:
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
+        """Close the stream; pending waiters get RelayClientError, iterators end."""
         self._closing = True
         if self._ws is not None:
-            await self._ws.close()
+            with contextlib.suppress(Exception):
+                await self._ws.close()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._wake_all(None)
+        async with self._updated:
+            self._updated.notify_all()
 
     async def __aenter__(self) -> RelayClient:
         await self.start()
@@ -156,6 +164,8 @@ class RelayClient:
                 while not predicate():
                     if self.error is not None:
                         raise self.error
+                    if self._closing:
+                        raise RelayClientError(None, "the client was closed")
                     await self._updated.wait()
 
         await asyncio.wait_for(waiting(), timeout)
@@ -168,6 +178,10 @@ class RelayClient:
 
     async def _drain(self, queue: asyncio.Queue[ChangeEvent | None]) -> AsyncIterator[ChangeEvent]:
         try:
+            if self.error is not None:
+                raise self.error
+            if self._closing:
+                return
             while True:
                 event = await queue.get()
                 if event is None:
@@ -188,6 +202,21 @@ class RelayClient:
         return urlunsplit(parts._replace(query=urlencode(query)))
 
     async def _run(self) -> None:
+        """The connection loop; anything unexpected ends the client with RelayClientError."""
+        try:
+            await self._connect_loop()
+        except asyncio.CancelledError:
+            raise
+        except _CallbackFailed as exc:
+            error = RelayClientError(None, f"on_change raised {exc.__cause__!r}")
+            error.__cause__ = exc.__cause__
+            await self._fail(error)
+        except Exception as exc:
+            error = RelayClientError(None, f"client failed: {exc!r}")
+            error.__cause__ = exc
+            await self._fail(error)
+
+    async def _connect_loop(self) -> None:
         attempt = 0
         while not self._closing:
             self._goaway_retry = None
@@ -227,7 +256,8 @@ class RelayClient:
                 attempt = 0  # that connection worked: start backing off afresh
             delay = self._goaway_retry
             if delay is None:
-                delay = random.uniform(0, min(self.backoff_max, self.backoff_base * 2**attempt))
+                ceiling = self.backoff_base * 2 ** min(attempt, 30)
+                delay = random.uniform(0, min(self.backoff_max, ceiling))
                 attempt += 1
             else:
                 attempt = 0
@@ -302,9 +332,12 @@ class RelayClient:
     async def _updated_to(self, event: ChangeEvent) -> None:
         self.version = event.v
         self._synced = True
-        self._ready.set()
         if self.on_change is not None and (event.put or event.deleted or event.kind == "snap"):
-            self.on_change(event)
+            try:
+                self.on_change(event)
+            except Exception as exc:
+                raise _CallbackFailed from exc
+        self._ready.set()
         if event.put or event.deleted or event.kind == "snap":
             self._wake_all(event)
         async with self._updated:

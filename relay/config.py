@@ -52,6 +52,9 @@ class Config:
     max_connections: int = _opt(
         _default_max_connections(), "SDK sessions this node accepts before closing with 4101"
     )
+    max_session_buffer: int = _opt(
+        1 << 20, "bytes a session may have unsent before it is evicted (goaway, close 4100)"
+    )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
 
@@ -115,7 +118,7 @@ def check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value <= 65535:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
-    for name in ("history", "log_retention", "max_connections"):
+    for name in ("history", "log_retention", "max_connections", "max_session_buffer"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
     positive = (

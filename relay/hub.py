@@ -9,6 +9,7 @@ TCP_NODELAY, so batching per tick is what keeps a burst from costing one send() 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine
@@ -18,7 +19,7 @@ from relay import protocol
 from relay.changes import Change
 from relay.envstate import Applied, EnvState, change_frame, delta_frame
 from relay.metrics import Metrics
-from relay.store.base import Store, StoreError
+from relay.store.base import Store
 
 log = logging.getLogger("relay.hub")
 
@@ -78,6 +79,9 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._dirty: dict[str, _Channel] = {}
         self._key_cache: dict[str, str] = {}
+        # Keys of environments whose keys changed while this node ran: a session that was
+        # attaching when its key was revoked is refused once the load completes.
+        self._env_keys: dict[str, frozenset[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         store.add_change_listener(self.on_change)
         store.add_keys_listener(self.on_keys)
@@ -89,14 +93,20 @@ class Hub:
         env = self._key_cache.get(key_hash)
         if env is None:
             env = await self.store.env_for_key(key_hash)
-            if env is not None:
+            if env is not None and self.key_valid(key_hash, env):
                 if len(self._key_cache) >= _KEY_CACHE_MAX:
                     self._key_cache.clear()
                 self._key_cache[key_hash] = env
         return env
 
+    def key_valid(self, key_hash: str, env: str) -> bool:
+        """False if the key was revoked since this node looked it up."""
+        keys = self._env_keys.get(env)
+        return keys is None or key_hash in keys
+
     def on_keys(self, env: str, key_hashes: frozenset[str]) -> None:
         """An environment's keys were replaced: forget and disconnect the revoked ones."""
+        self._env_keys[env] = key_hashes
         for key_hash, cached_env in list(self._key_cache.items()):
             if cached_env == env and key_hash not in key_hashes:
                 del self._key_cache[key_hash]
@@ -108,9 +118,10 @@ class Hub:
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def attach(self, session: SessionSink, since: int | None) -> None:
+    async def attach(self, session: SessionSink, since: int | None) -> bool:
         """Send the session `hello` and its catch-up, then include it in every later fan-out.
 
+        Returns False (and attaches nothing) if the session's key was revoked meanwhile.
         Raises StoreError if the environment cannot be loaded.
         """
         channel = self._channels.get(session.env)
@@ -120,7 +131,14 @@ class Hub:
             channel.load_task = self._spawn(self._load(channel))
         if channel.state is None:
             assert channel.load_task is not None
-            await asyncio.shield(channel.load_task)
+            try:
+                await asyncio.shield(channel.load_task)
+            except asyncio.CancelledError:
+                self._arm_idle_timer(channel)  # the load goes on; drop the channel if unused
+                raise
+        if not self.key_valid(session.key_hash, session.env):
+            self._arm_idle_timer(channel)
+            return False
         state = channel.state
         assert state is not None
         if channel.idle_timer is not None:
@@ -139,6 +157,7 @@ class Hub:
             self.metrics.bytes_sent.inc(len(data))
         channel.sessions.add(session)
         self.metrics.connections.labels(session.env).inc()
+        return True
 
     def detach(self, session: SessionSink) -> None:
         channel = self._channels.get(session.env)
@@ -146,6 +165,10 @@ class Hub:
             return
         channel.sessions.discard(session)
         self.metrics.connections.labels(session.env).dec()
+        self._arm_idle_timer(channel)
+
+    def _arm_idle_timer(self, channel: _Channel) -> None:
+        """Drop the channel after idle_ttl if it has no sessions by then."""
         if not channel.sessions and channel.idle_timer is None:
             loop = asyncio.get_running_loop()
             channel.idle_timer = loop.call_later(self.idle_ttl, self._drop_if_idle, channel)
@@ -220,7 +243,8 @@ class Hub:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
         written = 0
-        for session in channel.sessions:
+        # A copy: a write can evict its session, which leaves the set.
+        for session in tuple(channel.sessions):
             if session.write(data):
                 written += 1
         if written:
@@ -263,7 +287,7 @@ class Hub:
                         self._enqueue(channel, delta_frame(delta), time.time())
                     changes = []
                 break
-            except StoreError as exc:
+            except Exception as exc:
                 log.warning("env %s: resync failed (%s); retrying", channel.env, exc)
                 await asyncio.sleep(_RESYNC_RETRY_S)
         channel.resync_task = None
@@ -275,7 +299,8 @@ class Hub:
         if not channel.sessions and self._channels.get(channel.env) is channel:
             del self._channels[channel.env]
             self.metrics.envs_loaded.set(len(self._channels))
-            self.metrics.connections.remove(channel.env)
+            with contextlib.suppress(KeyError):  # no session ever attached
+                self.metrics.connections.remove(channel.env)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)

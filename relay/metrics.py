@@ -46,6 +46,10 @@ class Metrics:
             "relay_auth_failures", "SDK authentications refused, by reason", ["reason"],
             registry=r,
         )
+        self.evictions = Counter(
+            "relay_evictions", "Sessions evicted as slow consumers (close 4100), by reason",
+            ["reason"], registry=r,
+        )
         self.envs_loaded = Gauge(
             "relay_envs_loaded", "Environments held in memory by this node", registry=r
         )

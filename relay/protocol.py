@@ -125,4 +125,7 @@ def parse_client_frame(data: bytes | str) -> AuthFrame:
     key = obj.get("key")
     if not isinstance(key, str) or not key:
         raise ProtocolError("auth frame needs a non-empty string 'key'")
-    return AuthFrame(key=key, since=parse_since(obj.get("since")))
+    since = obj.get("since")
+    if isinstance(since, str):
+        raise ProtocolError("since in the auth frame must be an integer")
+    return AuthFrame(key=key, since=parse_since(since))

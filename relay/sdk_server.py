@@ -38,6 +38,7 @@ log = logging.getLogger("relay.sdk")
 _ws_log = logging.getLogger("websockets.server")
 
 MAX_FRAME_BYTES = 1 << 20  # larger client messages are closed with 1009
+MAX_REQUEST_HEAD = 64 << 10  # an upgrade request longer than this is dropped
 PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
 _OPEN = State.OPEN
 
@@ -53,8 +54,9 @@ class SdkConnection(asyncio.Protocol):
     """One SDK connection; once authenticated it is also the hub's session (`SessionSink`)."""
 
     __slots__ = (
-        "_auth_task", "_counted", "_fragments", "_since", "_timer", "attached", "env",
-        "key_hash", "last_seen", "proto", "server", "transport", "writing_paused",
+        "_auth_task", "_close_armed", "_counted", "_fragments", "_head", "_since", "_timer",
+        "attached", "env", "key_hash", "last_seen", "proto", "server", "transport",
+        "writing_paused",
     )
 
     def __init__(self, server: SdkServer) -> None:
@@ -73,6 +75,8 @@ class SdkConnection(asyncio.Protocol):
         self._fragments: list[bytes] | None = None  # None: no auth frame expected
         self._since: int | None = None  # the query's `since`, while waiting for auth
         self._counted = False  # counted in the server's open connections
+        self._close_armed = False  # the close timeout runs (armed once, never pushed back)
+        self._head: bytes | None = b""  # the upgrade request, until its blank line
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -87,6 +91,23 @@ class SdkConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.server.loop.time()
+        if self._head is not None:
+            # Hand the protocol the upgrade request alone and answer it before any frame that
+            # came in the same packet is parsed: such a frame must meet an OPEN connection.
+            head = self._head + data
+            end = head.find(b"\r\n\r\n")
+            if end < 0:
+                if len(head) > MAX_REQUEST_HEAD:
+                    self.transport.abort()  # type: ignore[union-attr]
+                else:
+                    self._head = head
+                return
+            self._head = None
+            self.proto.receive_data(head[: end + 4])
+            self._process()
+            data = head[end + 4 :]
+            if not data:
+                return
         self.proto.receive_data(data)
         self._process()
 
@@ -113,11 +134,33 @@ class SdkConnection(asyncio.Protocol):
     # --- the hub's session interface ------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        """Write whole prebuilt frames while OPEN (never after a close frame)."""
-        if self.proto.state is _OPEN:
-            self.transport.write(data)  # type: ignore[union-attr]
-            return True
-        return False
+        """Write whole prebuilt frames while OPEN (never after a close frame).
+
+        A session whose unsent bytes pass --max-session-buffer is evicted (goaway, 4100): what
+        a client that stops reading can cost the server is bounded.
+        """
+        if self.proto.state is not _OPEN:
+            return False
+        transport = self.transport
+        assert transport is not None
+        # Only above the transport's high-water mark is the buffer size worth a look.
+        if (
+            self.writing_paused
+            and transport.get_write_buffer_size() > self.server.config.max_session_buffer
+        ):
+            self.evict("max_session_buffer")
+            return False
+        transport.write(data)
+        return True
+
+    def evict(self, why: str) -> None:
+        """Slow consumer: goaway (evicted, jittered retry_ms) and close 4100."""
+        self.server.metrics.evictions.labels(why).inc()
+        retry_ms = random.randint(*self.server.retry_ms)
+        self.transport.write(  # type: ignore[union-attr]
+            protocol.ws_binary_frame(protocol.goaway("evicted", retry_ms))
+        )
+        self.close(protocol.CLOSE_EVICTED, "slow consumer")
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with `code`; no frame is written after it."""
@@ -144,14 +187,20 @@ class SdkConnection(asyncio.Protocol):
         """Write what the sans-I/O protocol produced; arm the close timeout when due."""
         transport = self.transport
         assert transport is not None
-        for data in self.proto.data_to_send():
-            if data:
-                transport.write(data)
-            elif transport.can_write_eof():
-                transport.write_eof()
-            else:
-                transport.close()
-        if self.proto.close_expected() and not transport.is_closing():
+        try:
+            for data in self.proto.data_to_send():
+                if data:
+                    transport.write(data)
+                elif transport.can_write_eof():
+                    transport.write_eof()
+                else:
+                    transport.close()
+        except RuntimeError:  # the transport is already closing: nothing more to say
+            transport.abort()
+            return
+        if self.proto.close_expected() and not self._close_armed:
+            # Armed once: a peer that keeps sending after the close cannot push it back.
+            self._close_armed = True
             self._cancel_timer()
             self._timer = self.server.loop.call_later(
                 self.server.config.close_timeout, transport.abort
@@ -198,7 +247,11 @@ class SdkConnection(asyncio.Protocol):
         except protocol.ProtocolError as exc:
             self.close(protocol.CLOSE_PROTOCOL_ERROR, str(exc))
             return
-        authorization = request.headers.get("Authorization")
+        authorizations = request.headers.get_all("Authorization")
+        if len(authorizations) > 1:
+            self._refuse("malformed", "send one Authorization header")
+            return
+        authorization = authorizations[0] if authorizations else None
         if authorization is None:
             self._fragments = []
             self._timer = server.loop.call_later(server.config.auth_timeout, self._auth_timeout)
@@ -265,13 +318,13 @@ class SdkConnection(asyncio.Protocol):
             if self.proto.state is not _OPEN:
                 return
             self.env = env
-            self.attached = True
-            try:
-                await hub.attach(self, since)
-            except BaseException:
-                self.attached = False
-                hub.detach(self)
-                raise
+            if not await hub.attach(self, since):
+                self._refuse("revoked", "SDK key revoked")
+                return
+            if self.proto.state is _OPEN:
+                self.attached = True  # connection_lost and close() detach from now on
+            else:
+                hub.detach(self)  # closed while the environment was loading
         except StoreError as exc:
             log.warning("SDK auth: store unavailable: %s", exc)
             self.close(protocol.CLOSE_INTERNAL, "store unavailable")
@@ -290,6 +343,7 @@ class SdkServer:
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.TimerHandle | None = None
+        self.retry_ms = (500, 5000)  # the jitter range of goaway's retry_ms
         self._all_gone: asyncio.Event | None = None  # set while stopping
 
     @property

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from relay.node import Node
@@ -114,3 +116,31 @@ async def test_status_health_ready_metrics(node: Node, admin: Admin) -> None:
 async def test_drain_is_not_implemented_yet(admin: Admin) -> None:
     status, body = await admin.call("POST", "/admin/v1/drain", {"deadline_s": 5})
     assert status == 501 and "drain" in body["error"]
+
+
+@pytest.mark.parametrize(
+    "method, path, raw, fragment",
+    [
+        ("PUT", "/admin/v1/envs/prod", b'{"keys": ["\\ud800"]}', "'keys' must be a list"),
+        ("PATCH", "/admin/v1/envs/prod/flags", b'{"del": ["\\ud800"]}', "flag keys"),
+        ("PATCH", "/admin/v1/envs/prod/flags", b'{"put": {"a": "\\ud800"}}', "cannot be encoded"),
+        ("PATCH", "/admin/v1/envs/prod/flags", b'{"put": {"a": NaN}}', "not valid JSON"),
+        ("PATCH", "/admin/v1/envs/prod/flags", b'{"put": {"a": ' + b"[" * 100_000
+         + b"]" * 100_000 + b"}}", "nested too deeply"),
+    ],
+)
+async def test_hostile_bodies_are_400_not_500(
+    admin: Admin, method: str, path: str, raw: bytes, fragment: str
+) -> None:
+    await admin.put_env("prod", ["k"])
+    status, answer = await admin.call(method, path, raw=raw)
+    assert status == 400 and fragment in answer["error"]
+
+
+async def test_a_token_that_is_not_utf8_is_401(node: Node) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.admin_port)
+    writer.write(b"GET /admin/v1/status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                 b"Authorization: Bearer \xff\xfe\r\n\r\n")
+    data = await reader.read()
+    assert data.startswith(b"HTTP/1.1 401")
+    writer.close()

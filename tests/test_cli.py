@@ -131,3 +131,51 @@ def test_sigterm_stops_serve_cleanly(tmp_path: Path) -> None:
     proc = start_relay(tmp_path / "d")
     time.sleep(0.2)
     assert proc.stop() == 0
+
+
+def test_an_admin_url_that_is_not_http_is_one_line(tmp_path: Path) -> None:
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+
+    def garbage() -> None:
+        conn, _ = server.accept()
+        conn.recv(65536)
+        conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=garbage, daemon=True)
+    thread.start()
+    port = server.getsockname()[1]
+    result = run(None, "status", "--admin-url", f"http://127.0.0.1:{port}", "--admin-token", "t")
+    assert "cannot reach the admin API" in one_line_error(result)
+    server.close()
+
+
+def test_a_second_node_on_the_same_data_dir_is_refused(tmp_path: Path) -> None:
+    first = start_relay(tmp_path / "shared")
+    try:
+        result = run(None, "serve", "--port", "0", "--admin-port", "0",
+                     "--data-dir", str(tmp_path / "shared"))
+        assert "in use by another relay process" in one_line_error(result)
+    finally:
+        assert first.stop() == 0
+
+
+def test_watch_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
+    run(relay, "env", "put", "piped", "--key", "sdk-piped")
+    run(relay, "flags", "set", "piped", "a=1", "b=2", "c=3")
+    proc = subprocess.Popen(
+        f"{sys.executable} -m relay watch --url {relay.ws_url} --key sdk-piped | head -1",
+        shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().startswith("snapshot v=1")
+    # head has exited; like any Unix filter, watch notices at its next write.
+    run(relay, "flags", "set", "piped", "a=2")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "Traceback" not in err and "Broken pipe" not in err

@@ -193,3 +193,49 @@ async def test_protocol_error_close_is_fatal(scripted: Any) -> None:
         with pytest.raises(RelayClientError) as info:
             await client.wait_ready(10)
         assert info.value.code == 4002
+
+
+async def test_a_failing_callback_ends_the_client_with_its_error(node: Node, admin: Admin) -> None:
+    await admin.put_env("prod", ["k"])
+
+    def broken(event: ChangeEvent) -> None:
+        raise OSError("disk full")  # an OSError must not pass for a network error
+
+    async with RelayClient(node.ws_url, "k", on_change=broken) as client:
+        with pytest.raises(RelayClientError) as info:
+            await client.wait_ready(10)
+        assert isinstance(info.value.__cause__, OSError)
+        assert client.stats.connects == 1
+
+
+async def test_close_releases_waiters_and_iterators(node: Node, admin: Admin) -> None:
+    await admin.put_env("prod", ["k"])
+    client = RelayClient(node.ws_url, "k")
+    await client.start()
+    await client.wait_ready(10)
+    waiter = asyncio.create_task(client.wait_for_version(99))
+    changes = client.changes()
+    await asyncio.sleep(0.05)
+    await client.close()
+    with pytest.raises(RelayClientError):
+        await asyncio.wait_for(waiter, 5)
+    assert [e async for e in changes] == []
+    assert [e async for e in client.changes()] == []  # created after close: ends at once
+
+
+async def test_a_bad_url_is_a_clear_error() -> None:
+    async with RelayClient("ws://[not-a-host/v1/stream", "k") as client:
+        with pytest.raises(RelayClientError):
+            await client.wait_ready(10)
+
+
+async def test_backoff_survives_thousands_of_failures() -> None:
+    """2 ** attempt must not overflow after a long outage (1,024 failures and more)."""
+    client = RelayClient("ws://127.0.0.1:9/v1/stream", "k", backoff_base=1e-9, backoff_max=1e-9)
+    await client.start()
+    async with asyncio.timeout(60):
+        while client.stats.reconnects <= 1100:
+            assert client.error is None, client.error
+            await asyncio.sleep(0.05)
+    assert client.error is None
+    await client.close()

@@ -11,13 +11,15 @@ before the acknowledgements.
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import logging
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import msgpack
 
@@ -30,6 +32,8 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
 )
+
+log = logging.getLogger("relay.store")
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -76,6 +80,7 @@ class SQLiteStore:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._change_listeners: list[ChangeListener] = []
         self._pending: list[_Publish] = []
+        self._lock_file: IO[str] | None = None
         self._writing = False
         self._keys_listeners: list[KeysListener] = []
 
@@ -96,6 +101,16 @@ class SQLiteStore:
 
     def _open_sync(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One node per data dir: a second would never see the first one's publishes.
+        lock = open(self.path.parent / "relay.lock", "a")  # noqa: SIM115 - held while open
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise StoreUnavailable(
+                f"{self.path.parent} is in use by another relay process"
+            ) from None
+        self._lock_file = lock
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not only kill -9
@@ -120,6 +135,9 @@ class SQLiteStore:
             await self._run(self._db.close)
             self._db = None
         self._executor.shutdown(wait=True)
+        if self._lock_file is not None:
+            self._lock_file.close()  # releases the flock
+            self._lock_file = None
 
     def add_change_listener(self, listener: ChangeListener) -> None:
         self._change_listeners.append(listener)
@@ -258,7 +276,10 @@ class SQLiteStore:
             for result in results:
                 if isinstance(result, Change) and (result.put or result.dels):
                     for listener in self._change_listeners:
-                        listener(result)
+                        try:
+                            listener(result)
+                        except Exception:  # a listener's bug must not stall publishing
+                            log.exception("change listener failed")
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue

@@ -1,0 +1,191 @@
+"""Clients that misbehave on the wire: they cost bounded resources and harm no one else."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+import struct
+from collections.abc import Awaitable, Callable
+
+import msgpack
+
+from relay.node import Node
+from tests.helpers import Admin, close_code, open_stream, recv_frame
+
+NodeFactory = Callable[..., Awaitable[Node]]
+
+
+def _upgrade(path: str = "/v1/stream", *headers: str) -> bytes:
+    key = base64.b64encode(os.urandom(16)).decode()
+    lines = [f"GET {path} HTTP/1.1", "Host: 127.0.0.1", "Upgrade: websocket",
+             "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
+             "Sec-WebSocket-Protocol: relay.v1", *headers]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _client_frame(opcode: int, payload: bytes = b"", declared: int | None = None) -> bytes:
+    """A masked client frame (all-zero mask, so the payload goes as it is)."""
+    length = len(payload) if declared is None else declared
+    head = bytes([0x80 | opcode])
+    if length < 126:
+        head += bytes([0x80 | length])
+    elif length < 1 << 16:
+        head += bytes([0x80 | 126]) + struct.pack("!H", length)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
+    return head + b"\x00\x00\x00\x00" + payload
+
+
+async def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def _read_until_eof(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
+    data = b""
+    async with asyncio.timeout(timeout):
+        while chunk := await reader.read(65536):
+            data += chunk
+    return data
+
+
+async def test_sessions_closed_while_their_env_loads_leave_nothing_behind(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node(env_idle_ttl=0.2)
+    admin = Admin(node.admin_url)
+    try:
+        for i in range(20):
+            await admin.put_env(f"cold{i}", [f"key{i}"])
+        # Each client breaks the protocol at once (4002) or hangs up at once, while its cold
+        # environment is being loaded.
+        sockets = []
+        for i in range(20):
+            ws = await open_stream(node.ws_url, f"key{i}")
+            if i % 2:
+                await ws.send(b"\x00")
+            else:
+                ws.transport.abort()
+            sockets.append(ws)
+        for ws in sockets[1::2]:
+            await close_code(ws)
+        await _wait(lambda: node.hub.session_count() == 0, "sessions leaked")
+        await _wait(lambda: not node.hub.env_summary(), "channels leaked")
+        assert node.sdk.open_count == 0
+    finally:
+        await admin.close()
+
+
+async def test_a_client_that_keeps_talking_after_close_is_cut_off(make_node: NodeFactory) -> None:
+    """The close timeout runs once: pinging after the server's close frame does not extend it,
+    and the connection slot is freed for real SDKs."""
+    node = await make_node(auth_timeout=0.2, close_timeout=0.5, max_connections=1)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["good"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(_upgrade())  # no credentials: 4008 after the auth timeout
+        start = asyncio.get_running_loop().time()
+
+        async def chatter() -> None:
+            while True:
+                writer.write(_client_frame(0x9))  # ping, forever, never a close frame
+                await asyncio.sleep(0.05)
+
+        talker = asyncio.create_task(chatter())
+        try:
+            data = await _read_until_eof(reader, timeout=10)
+        except ConnectionResetError:
+            data = b"aborted"
+        finally:
+            talker.cancel()
+        elapsed = asyncio.get_running_loop().time() - start
+        assert data and elapsed < 5
+        writer.close()
+        await _wait(lambda: node.sdk.open_count == 0, "slot not freed")
+        ws = await open_stream(node.ws_url, "good")
+        assert (await recv_frame(ws))["t"] == "hello"
+        await ws.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node(max_session_buffer=256 << 10)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", node.port))
+        sock.sendall(_upgrade("/v1/stream", "Authorization: Bearer k"))
+        fast = await open_stream(node.ws_url, "k")
+        await recv_frame(fast)
+        await recv_frame(fast)
+        await _wait(lambda: node.hub.session_count() == 2, "stalled session not attached")
+        blob = "x" * 20_000
+        last = 0
+        # 8 MB owed to the stalled reader: past what the kernel's socket buffers absorb and
+        # far past its 256 KiB limit.
+        for i in range(400):
+            last = await admin.publish("prod", {"blob": blob, "n": i})
+            frame = await recv_frame(fast)
+            assert frame["v"] == last  # the fast client never waits for the slow one
+        await _wait(lambda: node.hub.session_count() == 1, "stalled session not evicted")
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        assert 'relay_evictions_total{reason="max_session_buffer"} 1.0' in metrics
+        assert 'relay_closes_total{code="4100"} 1.0' in metrics
+        sock.close()
+        await fast.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_key_revoked_while_attaching_is_refused(node: Node, admin: Admin) -> None:
+    await admin.put_env("prod", ["k"])
+    # The revocation reaches this node while the store still answers with the old key (the
+    # race of a lookup in flight): the session must not be attached.
+    node.hub.on_keys("prod", frozenset())
+    ws = await open_stream(node.ws_url, "k")
+    assert await close_code(ws) == (4001, "SDK key revoked")
+    assert node.hub.session_count() == 0
+
+
+async def test_two_authorization_headers_close_4001(node: Node, admin: Admin) -> None:
+    await admin.put_env("prod", ["k"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.write(_upgrade("/v1/stream", "Authorization: Bearer k", "Authorization: Bearer x"))
+    data = await _read_until_eof(reader)
+    assert data.startswith(b"HTTP/1.1 101")
+    close = data[data.index(b"\r\n\r\n") + 4:]
+    assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 4001
+    writer.close()
+
+
+async def test_frames_sent_with_the_upgrade_meet_an_open_connection(
+    node: Node, admin: Admin
+) -> None:
+    await admin.put_env("prod", ["k"])
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    # The upgrade and an oversized frame header in one packet: 101, then close 1009.
+    writer.write(_upgrade() + _client_frame(0x2, declared=(1 << 20) + 1))
+    data = await _read_until_eof(reader)
+    assert data.startswith(b"HTTP/1.1 101")
+    close = data[data.index(b"\r\n\r\n") + 4:]
+    assert close[0] == 0x88 and struct.unpack("!H", close[2:4])[0] == 1009
+    writer.close()
+    # The upgrade and a complete auth frame in one packet: served as usual.
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+    writer.write(_upgrade() + _client_frame(0x2, msgpack.packb({"t": "auth", "key": "k"})))
+    head = await reader.readuntil(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101")
+    first = await reader.readexactly(2)
+    hello = msgpack.unpackb(await reader.readexactly(first[1]))
+    assert hello["t"] == "hello" and hello["env"] == "prod"
+    writer.close()
