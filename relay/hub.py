@@ -44,7 +44,7 @@ class SessionSink(Protocol):
 
 class _Channel:
     __slots__ = (
-        "buffered", "env", "hello", "idle_timer", "load_task", "pending", "pending_ts",
+        "buffered", "env", "gauge", "hello", "idle_timer", "load_task", "pending", "pending_ts",
         "resync_task", "sessions", "state",
     )
 
@@ -59,6 +59,7 @@ class _Channel:
         self.load_task: asyncio.Task[None] | None = None
         self.resync_task: asyncio.Task[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
+        self.gauge: Any = None  # this environment's relay_connections child, once resolved
 
 
 class Hub:
@@ -156,7 +157,9 @@ class Hub:
             self.metrics.frames_sent.inc(2)
             self.metrics.bytes_sent.inc(len(data))
         channel.sessions.add(session)
-        self.metrics.connections.labels(session.env).inc()
+        if channel.gauge is None:
+            channel.gauge = self.metrics.connections.labels(session.env)
+        channel.gauge.inc()
         return True
 
     def detach(self, session: SessionSink) -> None:
@@ -164,7 +167,8 @@ class Hub:
         if channel is None or session not in channel.sessions:
             return
         channel.sessions.discard(session)
-        self.metrics.connections.labels(session.env).dec()
+        if channel.gauge is not None:
+            channel.gauge.dec()
         self._arm_idle_timer(channel)
 
     def _arm_idle_timer(self, channel: _Channel) -> None:

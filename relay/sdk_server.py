@@ -41,6 +41,7 @@ MAX_FRAME_BYTES = 1 << 20  # larger client messages are closed with 1009
 MAX_REQUEST_HEAD = 64 << 10  # an upgrade request longer than this is dropped
 PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
 _OPEN = State.OPEN
+PING_SLICES = 20  # keepalive pings go out in this many steps per --ping-interval
 
 
 def _select_subprotocol(
@@ -343,6 +344,8 @@ class SdkServer:
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
         self._pinger: asyncio.TimerHandle | None = None
+        self._ping_queue: list[SdkConnection] = []  # what is left to ping this interval
+        self._ping_step = 1
         self.retry_ms = (500, 5000)  # the jitter range of goaway's retry_ms
         self._all_gone: asyncio.Event | None = None  # set while stopping
 
@@ -367,23 +370,32 @@ class SdkServer:
             backlog=4096, reuse_address=True,
         )
         if self.config.ping_interval:
-            self._pinger = self.loop.call_later(self.config.ping_interval, self._keepalive)
+            self._pinger = self.loop.call_later(
+                self.config.ping_interval / PING_SLICES, self._keepalive
+            )
 
     def _keepalive(self) -> None:
-        """Ping every open connection with one shared frame; drop those silent for too long.
+        """Ping one slice of the connections with the shared ping frame; close (1011) those
+        from which nothing, not even a pong, came for ping_interval + ping_timeout.
 
-        Any bytes from the client (a pong included) count as a sign of life.
+        Every connection is pinged once per ping_interval, in PING_SLICES steps: one sweep over
+        all of them (and all their pongs at once) would stall fan-out for tens of ms.
         """
         interval = self.config.ping_interval
+        if not self._ping_queue:
+            self._ping_queue = list(self.connections)
+            self._ping_step = max(1, -(-len(self._ping_queue) // PING_SLICES))
+        batch = self._ping_queue[-self._ping_step :]
+        del self._ping_queue[-self._ping_step :]
         deadline = self.loop.time() - interval - self.config.ping_timeout
-        for conn in list(self.connections):
-            if conn.proto.state is not _OPEN:
-                continue
+        for conn in batch:
+            if conn.proto.state is not _OPEN or conn.transport is None:
+                continue  # closing or gone: its own timers deal with it
             if conn.last_seen < deadline:
                 conn.close(protocol.CLOSE_INTERNAL, "keepalive ping timeout")
             else:
-                conn.transport.write(PING_FRAME)  # type: ignore[union-attr]
-        self._pinger = self.loop.call_later(interval, self._keepalive)
+                conn.transport.write(PING_FRAME)
+        self._pinger = self.loop.call_later(interval / PING_SLICES, self._keepalive)
 
     async def stop(self, retry_ms: tuple[int, int] = (500, 5000)) -> None:
         """Tell every session to go (goaway: shutdown), close all with 1001, stop listening."""
