@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -86,8 +85,6 @@ def main(argv: list[str] | None = None) -> int:
             report.plot(results, out.with_suffix(".png"))
         except ImportError:
             print("loadtests: matplotlib is not installed; no plot", file=sys.stderr)
-        print(f"wrote {out}" + (f" and {out.with_suffix('.png')}" if True else ""))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0
 
-
-__all__ = ["dataclasses", "main"]

@@ -12,7 +12,7 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -431,7 +431,3 @@ async def run(opts: Options) -> dict[str, Any]:
             await workers.stop()
         await target.stop()
     return result
-
-
-def options_dict(opts: Options) -> dict[str, Any]:
-    return asdict(opts)

@@ -107,7 +107,7 @@ class Conn(WSListener):
     """One subscriber. For the relay protocol, `held` is the version it holds; for nchan, the
     count and last sequence number of messages received."""
 
-    __slots__ = ("decode", "env", "held", "ready_at", "received", "stats", "transport")
+    __slots__ = ("decode", "env", "held", "received", "stats", "transport")
 
     def __init__(self, stats: Stats, env: str, decode: Decoder) -> None:
         self.stats = stats
@@ -115,7 +115,6 @@ class Conn(WSListener):
         self.decode = decode
         self.held = -1
         self.received = 0
-        self.ready_at = 0.0
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -145,7 +144,6 @@ class Conn(WSListener):
                 stats.record(put["value"]["ts"])
         elif t == "snap":
             self.held = msg["v"]
-            self.ready_at = time.monotonic()
             stats.ready += 1
         elif t == "goaway":
             stats.error("goaway:" + str(msg.get("reason")))
@@ -204,7 +202,6 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn]) -> None:
                     )
                     conns.append(conn)
                     if spec.kind == "nchan":  # no snapshot in nchan: connected is ready
-                        conn.ready_at = time.monotonic()
                         conn.held = 0
                         stats.ready += 1
                     return

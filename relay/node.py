@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import secrets
 import time
@@ -56,7 +55,6 @@ class Node:
         self.admin = AdminApi(self)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
-        self.stopped = asyncio.Event()
 
     @property
     def port(self) -> int:
@@ -104,7 +102,6 @@ class Node:
         await self.sdk.stop()
         await self._close_parts()
         self.state = "stopped"
-        self.stopped.set()
 
     async def _close_parts(self) -> None:
         await self.hub.close()

@@ -19,7 +19,7 @@ import logging
 import random
 import socket
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
 from websockets.frames import Frame, Opcode
@@ -420,7 +420,3 @@ class SdkServer:
             if conn.transport is not None:
                 conn.transport.abort()
         await self._server.wait_closed()
-
-    def info(self) -> dict[str, Any]:
-        return {"port": self.port, "accepting": self.accepting,
-                "open": self.open_count}
