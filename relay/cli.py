@@ -240,6 +240,10 @@ async def _watch(url: str, key: str, since: int | None) -> None:
                 print(f"v={event.v} del {k}")
         sys.stdout.flush()
 
+    def reader_gone() -> None:
+        """`relay watch | head`: the reader went away; stop quietly, like any Unix filter."""
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
     client = RelayClient(url, key, since=since, on_change=show, backoff_max=10.0)
     async with client:
         try:
@@ -247,10 +251,12 @@ async def _watch(url: str, key: str, since: int | None) -> None:
             print(f"connected: env {client.env} on node {client.node}, v={client.version}",
                   flush=True)
             await client.wait_for(lambda: False)
+        except BrokenPipeError:  # a print of ours (the snapshot may already be read)
+            reader_gone()
+            return
         except RelayClientError as exc:
-            if isinstance(exc.__cause__, BrokenPipeError):
-                # `relay watch | head`: the reader went away; stop quietly.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            if isinstance(exc.__cause__, BrokenPipeError):  # a print in the change callback
+                reader_gone()
                 return
             if exc.code is None:
                 raise UserError(exc.reason) from None
