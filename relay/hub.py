@@ -140,12 +140,37 @@ class Hub:
         if not self.key_valid(session.key_hash, session.env):
             self._arm_idle_timer(channel)
             return False
+        session.write(self._join(channel, session, since))
+        return True
+
+    def cached_env(self, key_hash: str) -> str | None:
+        """The environment of a key this node has looked up already, without the store."""
+        return self._key_cache.get(key_hash)
+
+    def attach_warm(self, session: SessionSink, since: int | None) -> bytes | None:
+        """`attach` without waiting, for the common case of a reconnect storm: the environment
+        is loaded here. The session joins now; the caller writes the returned `hello` and
+        catch-up (after whatever it still owes the client, such as its 101 response, in the
+        same write). None when only `attach` can do it."""
+        channel = self._channels.get(session.env)
+        if (
+            channel is None
+            or channel.state is None
+            or not self.key_valid(session.key_hash, session.env)
+        ):
+            return None
+        return self._join(channel, session, since)
+
+    def _join(self, channel: _Channel, session: SessionSink, since: int | None) -> bytes:
+        """Add the session to a loaded channel; return its `hello` and catch-up frames.
+
+        Synchronous, and the caller writes the frames before yielding: the session joins
+        exactly between two fan-outs."""
         state = channel.state
         assert state is not None
         if channel.idle_timer is not None:
             channel.idle_timer.cancel()
             channel.idle_timer = None
-        # Everything below is synchronous: the session joins exactly between two fan-outs.
         self._flush_channel(channel)
         if channel.hello[0] != state.v:
             channel.hello = (
@@ -153,14 +178,13 @@ class Hub:
                 protocol.ws_binary_frame(protocol.hello(state.env, self.node_id, state.v)),
             )
         data = channel.hello[1] + state.catch_up_frame(since)
-        if session.write(data):
-            self.metrics.frames_sent.inc(2)
-            self.metrics.bytes_sent.inc(len(data))
+        self.metrics.frames_sent.inc(2)
+        self.metrics.bytes_sent.inc(len(data))
         channel.sessions.add(session)
         if channel.gauge is None:
             channel.gauge = self.metrics.connections.labels(session.env)
         channel.gauge.inc()
-        return True
+        return data
 
     def detach(self, session: SessionSink) -> None:
         channel = self._channels.get(session.env)

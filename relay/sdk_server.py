@@ -4,7 +4,10 @@ sans-I/O `ServerProtocol`.
 No task, stream or queue per connection: a connection costs its transport, this object and the
 sans-I/O parser, which is what lets one process hold tens of thousands of idle SDKs. The only
 per-connection task is a short one while the SDK key is looked up and the session attached.
-Keepalive pings are one prebuilt frame written by a single sweep over all connections.
+Keepalive pings are one prebuilt frame written to a slice of the connections at a time.
+
+A plain, valid upgrade is answered by `relay.handshake` (httptools) and the protocol starts
+OPEN; any other request goes through websockets' own handshake, which answers its errors.
 
 The handshake completes for any valid upgrade to /v1/stream; every later problem is reported
 with a close code (browsers cannot read the HTTP status of a refused upgrade). After `hello`,
@@ -28,7 +31,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from relay import protocol
+from relay import handshake, protocol
 from relay.config import Config
 from relay.hub import Hub
 from relay.metrics import Metrics
@@ -43,6 +46,10 @@ PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
 _OPEN = State.OPEN
 PING_SLICES = 20  # keepalive pings go out in this many steps per --ping-interval
 
+# Every connection's `proto` until its request head is complete: nothing is fed to it or sent
+# through it (it is only ever asked for its state, CONNECTING). The real one is made then.
+_HANDSHAKING = ServerProtocol(logger=_ws_log)
+
 
 def _select_subprotocol(
     proto: ServerProtocol, offered: Sequence[Subprotocol]
@@ -55,16 +62,15 @@ class SdkConnection(asyncio.Protocol):
     """One SDK connection; once authenticated it is also the hub's session (`SessionSink`)."""
 
     __slots__ = (
-        "_auth_task", "_close_armed", "_counted", "_fragments", "_head", "_since", "_timer",
+        "_auth_task", "_close_armed", "_counted", "_fragments", "_greeting", "_head", "_since",
+        "_timer",
         "attached", "env", "key_hash", "last_seen", "proto", "server", "transport",
         "writing_paused",
     )
 
     def __init__(self, server: SdkServer) -> None:
         self.server = server
-        self.proto = ServerProtocol(
-            select_subprotocol=_select_subprotocol, max_size=MAX_FRAME_BYTES, logger=_ws_log
-        )
+        self.proto = _HANDSHAKING
         self.transport: asyncio.Transport | None = None
         self.env = ""
         self.key_hash = ""
@@ -78,6 +84,7 @@ class SdkConnection(asyncio.Protocol):
         self._counted = False  # counted in the server's open connections
         self._close_armed = False  # the close timeout runs (armed once, never pushed back)
         self._head: bytes | None = b""  # the upgrade request, until its blank line
+        self._greeting = b""  # the fast path's 101, until it goes out with what follows it
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
@@ -104,8 +111,7 @@ class SdkConnection(asyncio.Protocol):
                     self._head = head
                 return
             self._head = None
-            self.proto.receive_data(head[: end + 4])
-            self._process()
+            self._handshake(head[: end + 4])
             data = head[end + 4 :]
             if not data:
                 return
@@ -113,6 +119,9 @@ class SdkConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
+        if self._head is not None:  # gone before its request was complete
+            self.transport.close()  # type: ignore[union-attr]
+            return True
         self.proto.receive_eof()
         self._process()
         return True  # we close the transport ourselves once the close handshake is done
@@ -188,6 +197,9 @@ class SdkConnection(asyncio.Protocol):
         """Write what the sans-I/O protocol produced; arm the close timeout when due."""
         transport = self.transport
         assert transport is not None
+        if self._greeting:
+            transport.write(self._greeting)
+            self._greeting = b""
         try:
             for data in self.proto.data_to_send():
                 if data:
@@ -214,6 +226,31 @@ class SdkConnection(asyncio.Protocol):
             self._timer.cancel()
             self._timer = None
 
+    def _handshake(self, head: bytes) -> None:
+        """Answer the upgrade request: the fast path when it is a plain valid upgrade and the
+        node accepts connections, websockets' handshake (and its error answers) otherwise."""
+        upgrade = (
+            handshake.accept_upgrade(head, protocol.STREAM_PATH, protocol.SUBPROTOCOL)
+            if self.server.accepting
+            else None
+        )
+        if upgrade is None:
+            self.proto = ServerProtocol(
+                select_subprotocol=_select_subprotocol, max_size=MAX_FRAME_BYTES, logger=_ws_log
+            )
+            self.proto.receive_data(head)
+            self._process()
+            return
+        self._cancel_timer()
+        self.proto = ServerProtocol(state=_OPEN, max_size=MAX_FRAME_BYTES, logger=_ws_log)
+        # The 101 waits for what _opened sends first (hello and catch-up, or a close): one
+        # send() for both.
+        self._greeting = upgrade.response
+        self._opened(upgrade.target, upgrade.authorizations, upgrade.subprotocol)
+        if self._greeting:
+            self.transport.write(self._greeting)  # type: ignore[union-attr]
+            self._greeting = b""
+
     def _on_request(self, request: Request) -> None:
         self._cancel_timer()
         server = self.server
@@ -228,14 +265,19 @@ class SdkConnection(asyncio.Protocol):
             response.headers.pop("Server", None)
         self.proto.send_response(response)
         if self.proto.state is _OPEN:
-            self._opened(request)
+            # As on the fast path, the 101 goes out with what _opened sends first (_flush).
+            self._greeting = b"".join(self.proto.data_to_send())
+            self._opened(
+                request.path, request.headers.get_all("Authorization"), self.proto.subprotocol
+            )
 
-    def _opened(self, request: Request) -> None:
+    def _opened(self, target: str, authorizations: list[str], subprotocol: str | None) -> None:
+        """The handshake is done: check what the request asked for, then authenticate."""
         server = self.server
         server.metrics.connections_accepted.inc()
         server.open_count += 1
         self._counted = True
-        if self.proto.subprotocol != protocol.SUBPROTOCOL:
+        if subprotocol != protocol.SUBPROTOCOL:
             self.close(protocol.CLOSE_PROTOCOL_ERROR,
                        f"subprotocol {protocol.SUBPROTOCOL} required")
             return
@@ -243,12 +285,11 @@ class SdkConnection(asyncio.Protocol):
             self.close(protocol.CLOSE_TOO_MANY, "too many connections")
             return
         try:
-            query = parse_qs(urlsplit(request.path).query)
+            query = parse_qs(urlsplit(target).query) if "?" in target else {}
             since = protocol.parse_since(query["since"][-1]) if "since" in query else None
         except protocol.ProtocolError as exc:
             self.close(protocol.CLOSE_PROTOCOL_ERROR, str(exc))
             return
-        authorizations = request.headers.get_all("Authorization")
         if len(authorizations) > 1:
             self._refuse("malformed", "send one Authorization header")
             return
@@ -307,6 +348,17 @@ class SdkConnection(asyncio.Protocol):
 
     def _start_auth(self, key: str, since: int | None) -> None:
         self.key_hash = hash_key(key)
+        hub = self.server.hub
+        env = hub.cached_env(self.key_hash)
+        if env is not None and self.proto.state is _OPEN:
+            # A known key of a loaded environment (most of a reconnect storm): no task.
+            self.env = env
+            data = hub.attach_warm(self, since)
+            if data is not None:
+                self.attached = True
+                self.transport.write(self._greeting + data)  # type: ignore[union-attr]
+                self._greeting = b""
+                return
         self._auth_task = self.server.loop.create_task(self._authenticate(since))
 
     async def _authenticate(self, since: int | None) -> None:
