@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds to wait for the last deliveries before counting missing")
     p.add_argument("--server-cpus", default="0", help="CPUs the server is pinned to")
+    p.add_argument("--server-workers", type=int, default=1,
+                   help="nginx worker processes for nchan (one process holds about 19,000 "
+                        "connections; relay is one process)")
     p.add_argument("--client-cpus", default="1", help="CPUs the generator is pinned to")
     p.add_argument("--out", default="", help="JSON result file (a .png plot is written beside)")
     p.add_argument("--workdir", default="", help="where servers keep logs and data")
@@ -63,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed, connect_rate=args.connect_rate,
             burst_concurrency=args.burst_concurrency, grace=args.grace,
             server_cpus=args.server_cpus, client_cpus=args.client_cpus,
+            server_workers=args.server_workers,
             progress=not args.no_progress, workdir=args.workdir,
         )
         print(f"== {args.scenario} on {name}", file=sys.stderr)

@@ -58,6 +58,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("server RSS before", "server.rss_mb_before", " MB"),
     ("server RSS after", "server.rss_mb_after", " MB"),
     ("server RSS/connection", "server.rss_kb_per_connection", " KB"),
+    ("server open connections", "server.open_connections_peak", " (peak)"),
     ("generator CPU", "generator.cpu_s", " s"),
     ("generator CPU busy", "generator.cpu_share", ""),
     ("publishes", "publishes.acked", ""),
@@ -134,8 +135,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax_lat.set_ylabel("publish-to-receive latency (ms)")
     ax_lat.set_yscale("log")
     ax_lat.set_xlabel("seconds since the first connection")
-    ax_rate.legend()
-    ax_lat.legend(fontsize="small")
+    for ax, size in ((ax_rate, None), (ax_lat, "small")):
+        if ax.get_legend_handles_labels()[0]:  # idle and connect-storm deliver nothing
+            ax.legend(fontsize=size)
     fig.suptitle(f"{results[0]['scenario']}: " + ", ".join(
         f"{k}={v}" for k, v in results[0]["params"].items() if k in ("connections", "envs", "rate")
     ))

@@ -45,6 +45,7 @@ class Options:
     grace: float = 10.0
     server_cpus: str = "0"
     client_cpus: str = "1"
+    server_workers: int = 1
     read_buffer: int = 1024
     progress: bool = True
     workdir: str = ""
@@ -68,12 +69,17 @@ def _cpus(text: str) -> set[int] | None:
 
 
 class Sampler:
-    """Samples CPU time and RSS of the server and of the generator, twice a second."""
+    """Samples CPU time, RSS and open files of the server and the generator's CPU, twice a second.
+
+    Open connections are the server's open file descriptors above the count before the generator
+    connected: each connection holds one socket."""
 
     def __init__(self, server_pids: list[int], generator_pids: list[int]) -> None:
         self.server = [psutil.Process(p) for p in server_pids]
         self.generator = [psutil.Process(p) for p in generator_pids]
         self.rss_peak = 0
+        self.fds_base = self.server_fds()
+        self.fds_peak = self.fds_base
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -100,9 +106,20 @@ class Sampler:
                 total += p.memory_info().rss
         return total
 
+    def server_fds(self) -> int:
+        total = 0
+        for p in self.server:
+            with contextlib.suppress(psutil.Error):
+                total += p.num_fds()
+        return total
+
+    def open_connections(self) -> int:
+        return max(0, self.server_fds() - self.fds_base)
+
     async def _run(self) -> None:
         while True:
             self.rss_peak = max(self.rss_peak, self.server_rss())
+            self.fds_peak = max(self.fds_peak, self.server_fds())
             await asyncio.sleep(0.5)
 
     def start(self) -> None:
@@ -316,7 +333,11 @@ async def run(opts: Options) -> dict[str, Any]:
     client_cpus = _cpus(opts.client_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
+    if opts.server_workers > 1 and opts.target != "nchan":
+        opts.notes.append(f"{opts.target}: --server-workers applies to nchan only; "
+                          f"{opts.target} ran as one process")
     target = make_target(opts.target, workdir, server_cpus,
+                         workers=opts.server_workers if opts.target == "nchan" else 1,
                          **({"url": opts.url, "admin_url": opts.admin_url,
                              "admin_token": opts.admin_token, "pid": opts.server_pid}
                             if opts.url else {}))
@@ -355,7 +376,8 @@ async def run(opts: Options) -> dict[str, Any]:
         result["connections"] = connected
         result["connect_errors"] = connect_errors
         server: dict[str, Any] = {"pids": target.pids(),
-                                  "rss_mb_before": round(rss_before / 2**20, 1)}
+                                  "rss_mb_before": round(rss_before / 2**20, 1),
+                                  "open_connections_after_connect": sampler.open_connections()}
         result["server"] = server
         storm_gen_cpu = sampler.generator_cpu() - gen0
         if storm:
@@ -392,6 +414,8 @@ async def run(opts: Options) -> dict[str, Any]:
         deliveries = sum(f["deliveries"] for f in workers.finals)
         hist = report.merge([f["hist"] for f in workers.finals])
         server["rss_mb_after"] = round(rss_after / 2**20, 1)
+        server["open_connections_end"] = sampler.open_connections()
+        server["open_connections_peak"] = max(0, sampler.fds_peak - sampler.fds_base)
         server["rss_mb_peak"] = round(max(sampler.rss_peak, rss_after) / 2**20, 1)
         if opts.scenario in ("idle", "connect-storm") and connected:
             server["rss_kb_per_connection"] = round((rss_after - rss_before) / 1024 / connected, 2)

@@ -177,6 +177,10 @@ class NchanTarget(Target):
     name = "nchan"
     kind = "nchan"
 
+    def __init__(self, workdir: Path, cpus: set[int] | None, workers: int = 1) -> None:
+        super().__init__(workdir, cpus)
+        self.workers = workers
+
     async def start(self) -> None:
         nginx = shutil.which("nginx") or "/usr/sbin/nginx"
         if not Path(nginx).exists() or not NCHAN_MODULE.exists():
@@ -184,10 +188,14 @@ class NchanTarget(Target):
                                "scripts/install-bench-deps.sh (Debian: nginx libnginx-mod-nchan)")
         port = free_port()
         conf = (BASELINES / "nchan.conf").read_text()
-        cpu = min(self.cpus) if self.cpus else 0
-        affinity = "".join("1" if i == cpu else "0" for i in range(os.cpu_count() or 1))[::-1]
+        cpus = sorted(self.cpus or {0})
+        masks = ["".join("1" if i == cpus[w % len(cpus)] else "0"
+                         for i in range(os.cpu_count() or 1))[::-1] for w in range(self.workers)]
         for key, value in {"module": str(NCHAN_MODULE), "workdir": str(self.workdir),
-                           "port": str(port), "affinity": affinity}.items():
+                           "port": str(port), "affinity": " ".join(masks),
+                           "workers": str(self.workers),
+                           # the kernel spreads connections evenly over the workers
+                           "reuseport": " reuseport" if self.workers > 1 else ""}.items():
             conf = conf.replace("{" + key + "}", value)
         path = self.workdir / "nginx.conf"
         path.write_text(conf)
@@ -225,12 +233,14 @@ class NchanTarget(Target):
         return self.counts[env]
 
 
-def make_target(name: str, workdir: Path, cpus: set[int] | None, **external: Any) -> Target:
+def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 1,
+                **external: Any) -> Target:
+    """`workers` > 1 only applies to nchan (nginx worker processes); relay is one process."""
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "relay":
         return RelayTarget(workdir, cpus, **external)
     if name == "naive":
         return NaiveTarget(workdir, cpus)
     if name == "nchan":
-        return NchanTarget(workdir, cpus)
+        return NchanTarget(workdir, cpus, workers)
     raise ValueError(f"unknown target {name!r}: relay, naive or nchan")

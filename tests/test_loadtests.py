@@ -34,6 +34,8 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         assert data["latency_ms"]["count"] == 1000
         assert 0 < data["latency_ms"]["p50"] <= data["latency_ms"]["p99"]
         assert data["server"]["cpu_s"] > 0 and data["server"]["rss_mb_after"] > 0
+        # the server's open sockets, counted off its file descriptors
+        assert data["server"]["open_connections_after_connect"] >= 50
         assert out.with_suffix(".png").stat().st_size > 1000
         assert "deliveries/s" in result.stdout
     finally:
