@@ -8,6 +8,9 @@ import asyncio
 import sys
 import time
 from pathlib import Path
+from typing import Any
+
+import aiohttp
 
 from loadtests import report
 from loadtests.runner import SCENARIOS, Options, run
@@ -33,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processes", type=int, default=0,
                    help="generator processes (default: one per 18,000 connections)")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="run each target N times, round robin, and report medians (this "
+                        "machine's run-to-run spread is large)")
     p.add_argument("--connect-rate", type=float, default=2000.0,
                    help="connections/s opened before measuring (not connect-storm)")
     p.add_argument("--burst-concurrency", type=int, default=64,
@@ -56,28 +62,34 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and args.compare:
         print("loadtests: --url measures one running server; drop --compare", file=sys.stderr)
         return 2
-    results = []
-    for name in targets:
-        opts = Options(
-            scenario=args.scenario, target=name, url=args.url, admin_url=args.admin_url,
-            admin_token=args.admin_token, server_pid=args.server_pid,
-            connections=args.connections, envs=args.envs, rate=args.rate,
-            duration=args.duration, payload_bytes=args.payload_bytes, processes=args.processes,
-            seed=args.seed, connect_rate=args.connect_rate,
-            burst_concurrency=args.burst_concurrency, grace=args.grace,
-            server_cpus=args.server_cpus, client_cpus=args.client_cpus,
-            server_workers=args.server_workers,
-            progress=not args.no_progress, workdir=args.workdir,
-        )
-        print(f"== {args.scenario} on {name}", file=sys.stderr)
-        try:
-            results.append(asyncio.run(run(opts)))
-        except RuntimeError as exc:
-            print(f"loadtests: {name}: {exc}", file=sys.stderr)
-            if not args.compare:
-                return 1
-        if len(targets) > 1:
-            time.sleep(2)  # let TIME_WAIT sockets and the kernel settle between targets
+    if args.repeat < 1:
+        print("loadtests: --repeat must be 1 or more", file=sys.stderr)
+        return 2
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
+    for attempt in range(args.repeat):
+        for name in targets:
+            opts = Options(
+                scenario=args.scenario, target=name, url=args.url, admin_url=args.admin_url,
+                admin_token=args.admin_token, server_pid=args.server_pid,
+                connections=args.connections, envs=args.envs, rate=args.rate,
+                duration=args.duration, payload_bytes=args.payload_bytes,
+                processes=args.processes, seed=args.seed + attempt,
+                connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
+                grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
+                server_workers=args.server_workers,
+                progress=not args.no_progress, workdir=args.workdir,
+            )
+            round_ = f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""
+            print(f"== {args.scenario} on {name}{round_}", file=sys.stderr)
+            try:
+                runs[name].append(asyncio.run(run(opts)))
+            except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+                print(f"loadtests: {name}: {exc}", file=sys.stderr)
+                if not args.compare:
+                    return 1
+            if len(targets) > 1 or args.repeat > 1:
+                time.sleep(2)  # let TIME_WAIT sockets and the kernel settle between runs
+    results = [report.median_result(r) for r in runs.values() if r]
     if not results:
         return 1
     print(report.summary(results))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("out of order", "out_of_order", ""),
     ("connections/s", "connections_per_s", ""),
     ("server CPU", "server.cpu_s", " s"),
+    ("server CPU in kernel", "server.cpu_system_share", ""),
     ("server CPU/delivery", "server.cpu_us_per_delivery", " us"),
     ("server CPU/handshake", "server.cpu_us_per_handshake", " us"),
     ("server RSS before", "server.rss_mb_before", " MB"),
@@ -73,6 +76,54 @@ def _get(result: dict[str, Any], path: str) -> Any:
             return None
         value = value[part]
     return value
+
+
+# What orders repeated runs of a scenario: the median run's timeline goes in the plot.
+MAIN_FIGURE = {
+    "fanout": "latency_ms.p99",
+    "burst": "deliveries_per_s",
+    "connect-storm": "server.cpu_us_per_handshake",
+    "idle": "server.rss_kb_per_connection",
+}
+SPREAD = ("deliveries_per_s", "latency_ms.p50", "latency_ms.p99", "server.cpu_us_per_delivery",
+          "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection")
+
+
+def _set(result: dict[str, Any], path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        result = result.setdefault(part, {})
+    result[last] = value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result for repeated runs of one target: every figure of the summary is the median
+    over the runs (missing and out-of-order are summed: one is too many); the timeline is the
+    median run's. The runs themselves are kept, without their timelines, under `runs`."""
+    if len(runs) == 1:
+        return runs[0]
+    main = MAIN_FIGURE.get(runs[0]["scenario"], "deliveries_per_s")
+    ordered = sorted(runs, key=lambda r: _get(r, main) if _number(_get(r, main)) else 0)
+    out = copy.deepcopy(ordered[len(ordered) // 2])
+    for _, path, _ in ROWS:
+        values = [_get(r, path) for r in runs]
+        numbers = [v for v in values if _number(v)]
+        if path in ("missing", "out_of_order"):
+            out[path] = sum(numbers) if numbers else out.get(path)
+        elif numbers:
+            _set(out, path, statistics.median(numbers))
+    out["repeat"] = {
+        "runs": len(runs),
+        "spread": {path: [min(v), max(v)] for path in SPREAD
+                   if (v := [x for r in runs if _number(x := _get(r, path))])},
+    }
+    out["notes"] = list(dict.fromkeys(n for r in runs for n in r.get("notes", [])))
+    out["runs"] = [{k: v for k, v in r.items() if k != "timeline"} for r in runs]
+    return out
 
 
 def summary(results: list[dict[str, Any]]) -> str:
@@ -96,12 +147,19 @@ def summary(results: list[dict[str, Any]]) -> str:
             for label, path in (("deliveries/s", "deliveries_per_s"),
                                 ("p99", "latency_ms.p99"),
                                 ("CPU/delivery", "server.cpu_us_per_delivery"),
+                                ("CPU/handshake", "server.cpu_us_per_handshake"),
                                 ("RSS/conn", "server.rss_kb_per_connection"),
                                 ("connections/s", "connections_per_s")):
                 a, b = _get(base, path), _get(other, path)
                 if a and b:
                     parts.append(f"{label} x{a / b:.2f}")
             lines.append(f"{base['target']} / {other['target']}: " + ", ".join(parts))
+    for r in results:
+        if "repeat" in r:
+            spread = ", ".join(f"{path.split('.')[-1]} {_fmt(a)}-{_fmt(b)}"
+                               for path, (a, b) in r["repeat"]["spread"].items())
+            lines.append(f"{r['target']}: median of {r['repeat']['runs']} runs; "
+                         f"range {spread}")
     notes = [n for r in results for n in r.get("notes", [])]
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)

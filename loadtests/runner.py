@@ -84,17 +84,27 @@ class Sampler:
 
     @staticmethod
     def _cpu(procs: list[psutil.Process]) -> float:
-        total = 0.0
+        return sum(Sampler._cpu_split(procs))
+
+    @staticmethod
+    def _cpu_split(procs: list[psutil.Process]) -> tuple[float, float]:
+        """User and system CPU seconds: on loopback, system time includes the receiving side's
+        TCP work, which runs in the sender's send() call."""
+        user = system = 0.0
         for p in procs:
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                user += t.user
+                system += t.system
             except psutil.Error:
                 pass
-        return total
+        return user, system
 
     def server_cpu(self) -> float:
         return self._cpu(self.server)
+
+    def server_cpu_split(self) -> tuple[float, float]:
+        return self._cpu_split(self.server)
 
     def generator_cpu(self) -> float:
         return self._cpu(self.generator)
@@ -114,7 +124,9 @@ class Sampler:
         return total
 
     def open_connections(self) -> int:
-        return max(0, self.server_fds() - self.fds_base)
+        fds = self.server_fds()
+        self.fds_peak = max(self.fds_peak, fds)
+        return max(0, fds - self.fds_base)
 
     async def _run(self) -> None:
         while True:
@@ -311,6 +323,12 @@ async def _publish(target: Target, opts: Options, env_names: list[str],
     return acked
 
 
+def _system_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
+    """The kernel's share of the server's CPU time between two samples."""
+    user, system = after[0] - before[0], after[1] - before[1]
+    return round(system / (user + system), 2) if user + system > 0 else None
+
+
 def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
     buckets: dict[int, dict[str, Any]] = {}
     for tick in workers.ticks:
@@ -357,6 +375,7 @@ async def run(opts: Options) -> dict[str, Any]:
         rss_before = sampler.server_rss()
         storm = opts.scenario == "connect-storm"
         cpu0, t0 = sampler.server_cpu(), time.monotonic()
+        split0 = sampler.server_cpu_split()
         wall0 = time.time()
         await workers.start(0.0 if storm else opts.connect_rate, 1000 if storm else 200)
         sampler.generator += [psutil.Process(p) for p in workers.pids()]
@@ -385,6 +404,7 @@ async def run(opts: Options) -> dict[str, Any]:
             result["connections_per_s"] = round(connected / open_s, 1) if open_s else None
             result["seconds_to_all_snapshots"] = round(open_s, 3)
             server["cpu_s"] = round(cpu, 3)
+            server["cpu_system_share"] = _system_share(split0, sampler.server_cpu_split())
             server["cpu_us_per_handshake"] = round(cpu * 1e6 / max(1, connected), 1)
         expect: dict[str, int] = {}
         errors: list[str] = []
@@ -392,6 +412,7 @@ async def run(opts: Options) -> dict[str, Any]:
         window_start = time.monotonic()
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
+        split1 = sampler.server_cpu_split()
         if opts.scenario in ("fanout", "burst"):
             stop = asyncio.Event()
             watcher = asyncio.create_task(
@@ -421,6 +442,7 @@ async def run(opts: Options) -> dict[str, Any]:
             server["rss_kb_per_connection"] = round((rss_after - rss_before) / 1024 / connected, 2)
         if opts.scenario in ("fanout", "burst"):
             server["cpu_s"] = round(cpu, 3)
+            server["cpu_system_share"] = _system_share(split1, sampler.server_cpu_split())
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
             result["deliveries"] = deliveries
             result["deliveries_per_s"] = round(deliveries / window)

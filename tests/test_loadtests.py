@@ -6,7 +6,9 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+from loadtests import report
 from tests.helpers import start_relay
 
 
@@ -40,3 +42,41 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         assert "deliveries/s" in result.stdout
     finally:
         relay.stop()
+
+
+def _run(p99: float, deliveries: int, missing: int = 0) -> dict[str, Any]:
+    return {"scenario": "fanout", "target": "relay", "params": {"connections": 10},
+            "deliveries_per_s": deliveries, "latency_ms": {"p99": p99, "p50": p99 / 2},
+            "missing": missing, "out_of_order": 0, "notes": ["n"],
+            "timeline": [{"t": 0, "deliveries": deliveries, "p50": 1.0, "p99": p99}]}
+
+
+def test_repeated_runs_report_medians_and_their_range() -> None:
+    runs = [_run(30.0, 900), _run(10.0, 1000, missing=1), _run(20.0, 800)]
+    result = report.median_result(runs)
+    assert result["latency_ms"]["p99"] == 20.0 and result["deliveries_per_s"] == 900
+    assert result["missing"] == 1  # summed, not a median: one missing change is too many
+    assert result["timeline"] == runs[2]["timeline"]  # the median run's, by p99
+    assert result["repeat"]["spread"]["latency_ms.p99"] == [10.0, 30.0]
+    assert len(result["runs"]) == 3 and all("timeline" not in r for r in result["runs"])
+    assert result["notes"] == ["n"]
+    assert "median of 3 runs" in report.summary([result])
+    assert report.median_result(runs[:1]) is runs[0]
+
+
+def test_bad_options_get_a_message_not_a_traceback() -> None:
+    result = subprocess.run([sys.executable, "-m", "loadtests", "idle", "--repeat", "0"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and "--repeat must be 1 or more" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_an_unreachable_target_gets_a_message_not_a_traceback(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "fanout", "--url", "ws://127.0.0.1:9/v1/stream",
+         "--admin-url", "http://127.0.0.1:9", "--admin-token", "x", "--connections", "5",
+         "--no-progress", "--workdir", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 1 and "loadtests: relay: Cannot connect" in result.stderr
+    assert "Traceback" not in result.stderr
