@@ -1,15 +1,21 @@
 #!/usr/bin/env bash
 # Every figure in docs/benchmarks.md: relay against both baselines, same parameters, one run.
-# Usage: loadtests/suite.sh [RESULTS_DIR]   (needs scripts/install-bench-deps.sh for nchan)
+# Usage: loadtests/suite.sh [RESULTS_DIR] [REPEAT]   (needs scripts/install-bench-deps.sh for nchan)
+# Each comparison runs REPEAT times (default 3), round robin, and reports medians and ranges.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-loadtests/results}
+repeat=${2:-3}
 mkdir -p "$out"
-run() { name=$1; shift; echo "### $name: python -m loadtests $*"; python3 -m loadtests "$@" --compare --no-progress --out "$out/$name.json"; echo; }
-run fanout-1k     fanout --connections 1000  --envs 10 --rate 100 --duration 20
-run fanout-10k    fanout --connections 10000 --envs 10 --rate 100 --duration 20
-run fanout-75k    fanout --connections 5000  --envs 10 --rate 150 --duration 20
-run burst-10k     burst  --connections 10000 --envs 10 --duration 10
-run storm-10k     connect-storm --connections 10000 --envs 10
-run idle-10k      idle   --connections 10000 --envs 10
-run idle-19k      idle   --connections 19000 --envs 10
+run() { name=$1; shift; echo "### $name: python -m loadtests $*"; python3 -m loadtests "$@" --no-progress --out "$out/$name.json"; echo; }
+run fanout-1k     fanout --connections 1000  --envs 10 --rate 100 --duration 20 --compare --repeat "$repeat"
+run fanout-10k    fanout --connections 10000 --envs 10 --rate 100 --duration 20 --compare --repeat "$repeat"
+run fanout-75k    fanout --connections 5000  --envs 10 --rate 150 --duration 20 --compare --repeat "$repeat"
+run burst-10k     burst  --connections 10000 --envs 10 --duration 10 --compare --repeat "$repeat"
+run storm-10k     connect-storm --connections 10000 --envs 10 --compare --repeat "$repeat"
+run idle-10k      idle   --connections 10000 --envs 10 --compare
+run idle-19k      idle   --connections 19000 --envs 10 --compare
+# The generator at 100,000 connections (6 processes, 6 source addresses). One relay process holds
+# ~19,000 under the open-files limit, so the server here is nchan with 6 workers (reuseport).
+run idle-100k     idle   --connections 100000 --envs 10 --connect-rate 4000 --target nchan --server-workers 6
+run fanout-100k   fanout --connections 100000 --envs 10 --rate 5 --duration 20 --connect-rate 4000 --target nchan --server-workers 6
