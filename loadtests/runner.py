@@ -62,10 +62,14 @@ class Options:
         return values
 
 
+# The CPUs this process may use before the harness pins itself to the generator's: a second
+# run in the same process (--compare, --repeat) must still be able to pin the server elsewhere.
+_AVAILABLE_CPUS = frozenset(os.sched_getaffinity(0))
+
+
 def _cpus(text: str) -> set[int] | None:
     cpus = {int(x) for x in text.split(",") if x.strip()} if text else set()
-    available = os.sched_getaffinity(0)
-    return cpus & available or None
+    return cpus & _AVAILABLE_CPUS or None
 
 
 class Sampler:
