@@ -28,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--admin-url", default="", help="its admin URL (with --url)")
     p.add_argument("--admin-token", default="", help="its admin token (with --url)")
     p.add_argument("--server-pid", type=int, default=0, help="its pid, for CPU/RSS (with --url)")
-    p.add_argument("--connections", type=int, default=1000)
+    p.add_argument("--connections", type=int, default=1000,
+                   help="connections that read (the fast ones in slow-consumers)")
+    p.add_argument("--stalled", type=int, default=None,
+                   help="connections more that complete the handshake and never read, with a "
+                        "4 KB receive buffer (default 500 in slow-consumers, else 0)")
     p.add_argument("--envs", type=int, default=10)
     p.add_argument("--rate", type=float, default=100.0, help="changes/s in total (fanout)")
     p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
@@ -65,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         print("loadtests: --repeat must be 1 or more", file=sys.stderr)
         return 2
+    stalled = args.stalled if args.stalled is not None else (
+        500 if args.scenario == "slow-consumers" else 0)
+    if stalled < 0:
+        print("loadtests: --stalled must be 0 or more", file=sys.stderr)
+        return 2
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for attempt in range(args.repeat):
         for name in targets:
@@ -76,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes=args.processes, seed=args.seed + attempt,
                 connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
                 grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
-                server_workers=args.server_workers,
+                server_workers=args.server_workers, stalled=stalled,
                 progress=not args.no_progress, workdir=args.workdir,
             )
             round_ = f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""

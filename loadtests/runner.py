@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import math
@@ -16,13 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import psutil
 
 from loadtests import report
 from loadtests.targets import Target, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
-SCENARIOS = ("fanout", "burst", "connect-storm", "idle")
+SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers")
+# Scenarios that publish at a steady rate and measure deliveries.
+STEADY = ("fanout", "slow-consumers")
 
 
 @dataclass
@@ -46,13 +50,15 @@ class Options:
     server_cpus: str = "0"
     client_cpus: str = "1"
     server_workers: int = 1
+    stalled: int = 0  # connections more that never read (slow-consumers)
     read_buffer: int = 1024
     progress: bool = True
     workdir: str = ""
     notes: list[str] = field(default_factory=list)
 
     def params(self) -> dict[str, Any]:
-        keys = ("connections", "envs", "rate", "duration", "payload_bytes", "processes", "seed")
+        keys = ("connections", "envs", "rate", "duration", "payload_bytes", "processes", "seed",
+                "stalled")
         values = {k: getattr(self, k) for k in keys}
         if self.scenario in ("connect-storm", "idle"):
             for k in ("rate", "duration", "payload_bytes"):
@@ -82,6 +88,8 @@ class Sampler:
         self.server = [psutil.Process(p) for p in server_pids]
         self.generator = [psutil.Process(p) for p in generator_pids]
         self.rss_peak = 0
+        self.tcp_mem_base = self.tcp_mem()
+        self.tcp_mem_peak = self.tcp_mem_base
         self.fds_base = self.server_fds()
         self.fds_peak = self.fds_base
         self._task: asyncio.Task[None] | None = None
@@ -127,6 +135,20 @@ class Sampler:
                 total += p.num_fds()
         return total
 
+    @staticmethod
+    def tcp_mem() -> int:
+        """Bytes the kernel holds in TCP socket buffers, machine-wide (/proc/net/sockstat):
+        what RSS does not show, such as data queued for clients that do not read."""
+        try:
+            with open("/proc/net/sockstat") as f:
+                for line in f:
+                    if line.startswith("TCP:"):
+                        fields = line.split()
+                        return int(fields[fields.index("mem") + 1]) * os.sysconf("SC_PAGESIZE")
+        except (OSError, ValueError):
+            pass
+        return 0
+
     def open_connections(self) -> int:
         fds = self.server_fds()
         self.fds_peak = max(self.fds_peak, fds)
@@ -135,6 +157,7 @@ class Sampler:
     async def _run(self) -> None:
         while True:
             self.rss_peak = max(self.rss_peak, self.server_rss())
+            self.tcp_mem_peak = max(self.tcp_mem_peak, self.tcp_mem())
             self.fds_peak = max(self.fds_peak, self.server_fds())
             await asyncio.sleep(0.5)
 
@@ -167,12 +190,14 @@ class Workers:
         self._final_event = asyncio.Event()
 
     def count(self) -> int:
-        n = self.opts.processes or math.ceil(self.opts.connections / MAX_PER_PROCESS)
+        total = self.opts.connections + self.opts.stalled
+        n = self.opts.processes or math.ceil(total / MAX_PER_PROCESS)
         return max(1, min(n, self.opts.connections))
 
     async def start(self, connect_rate: float, concurrency: int) -> None:
         n = self.count()
         share, extra = divmod(self.opts.connections, n)
+        stalled_share, stalled_extra = divmod(self.opts.stalled, n)
         first = 0
         env = {**os.environ, "LOADTEST_CPU": self.opts.client_cpus}
         for i in range(n):
@@ -182,6 +207,7 @@ class Workers:
                 "source_ip": f"127.0.0.{2 + i}", "connect_concurrency": concurrency,
                 "connect_rate": connect_rate / n if connect_rate else 0.0,
                 "read_buffer": self.opts.read_buffer,
+                "stalled": stalled_share + (1 if i < stalled_extra else 0),
             }
             first += count
             path = self.workdir / f"worker-{i}.json"
@@ -349,6 +375,38 @@ def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
 
 
 async def run(opts: Options) -> dict[str, Any]:
+    """One scenario on one target. slow-consumers is two runs on fresh servers: the same load
+    without the stalled connections first, for the fast clients' latency to compare with."""
+    if opts.scenario != "slow-consumers":
+        return await _run_once(opts)
+    alone = await _run_once(dataclasses.replace(opts, stalled=0, notes=[]))
+    await asyncio.sleep(2)  # TIME_WAIT and the kernel settle between the two
+    result = await _run_once(opts)
+    result["without_stalled"] = {
+        "deliveries_per_s": alone.get("deliveries_per_s"),
+        "latency_ms": alone.get("latency_ms"),
+        "missing": alone.get("missing"),
+        "server": {k: alone["server"].get(k) for k in ("cpu_s", "rss_mb_before", "rss_mb_after",
+                                                       "rss_mb_peak", "kernel_tcp_mb_peak")},
+    }
+    result["notes"] = list(dict.fromkeys(alone["notes"] + result["notes"]))
+    return result
+
+
+async def _evictions(target: Target) -> int | None:
+    """relay_evictions_total from the server's /metrics, when it has one (relay)."""
+    if target.name != "relay" or target.session is None:
+        return None
+    try:
+        async with target.session.get(f"{target.http_base}/metrics") as resp:
+            text = await resp.text()
+    except aiohttp.ClientError:
+        return None
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("relay_evictions_total{")))
+
+
+async def _run_once(opts: Options) -> dict[str, Any]:
     random.seed(opts.seed)
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="loadtest-")) / opts.target
     server_cpus = _cpus(opts.server_cpus)
@@ -417,7 +475,7 @@ async def run(opts: Options) -> dict[str, Any]:
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
         split1 = sampler.server_cpu_split()
-        if opts.scenario in ("fanout", "burst"):
+        if opts.scenario in (*STEADY, "burst"):
             stop = asyncio.Event()
             watcher = asyncio.create_task(
                 _watch(progress, opts.scenario, opts.duration, workers, "rate", stop))
@@ -429,7 +487,7 @@ async def run(opts: Options) -> dict[str, Any]:
         await workers.finish(expect, opts.grace)
         window = time.monotonic() - window_start
         last = max((f["last_delivery"] for f in workers.finals), default=0.0)
-        if opts.scenario in ("fanout", "burst") and last > publish_wall:
+        if opts.scenario in (*STEADY, "burst") and last > publish_wall:
             window = last - publish_wall  # from the first publish to the last delivery
         cpu = sampler.server_cpu() - cpu1
         gen_cpu = sampler.generator_cpu() - gen1
@@ -442,9 +500,12 @@ async def run(opts: Options) -> dict[str, Any]:
         server["open_connections_end"] = sampler.open_connections()
         server["open_connections_peak"] = max(0, sampler.fds_peak - sampler.fds_base)
         server["rss_mb_peak"] = round(max(sampler.rss_peak, rss_after) / 2**20, 1)
+        # Machine-wide, so the generator's receive buffers count too; the peak over the run.
+        server["kernel_tcp_mb_peak"] = round(
+            (sampler.tcp_mem_peak - sampler.tcp_mem_base) / 2**20, 1)
         if opts.scenario in ("idle", "connect-storm") and connected:
             server["rss_kb_per_connection"] = round((rss_after - rss_before) / 1024 / connected, 2)
-        if opts.scenario in ("fanout", "burst"):
+        if opts.scenario in (*STEADY, "burst"):
             server["cpu_s"] = round(cpu, 3)
             server["cpu_system_share"] = _system_share(split1, sampler.server_cpu_split())
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
@@ -460,6 +521,17 @@ async def run(opts: Options) -> dict[str, Any]:
         if opts.scenario == "burst" and target.kind == "nchan":
             result["out_of_order"] = None  # concurrent publishes: arrival order is the order
         result["closed_by_server"] = {k: v for f in workers.finals for k, v in f["closed"].items()}
+        if opts.stalled:
+            outcomes = [f["stalled"] for f in workers.finals if f.get("stalled")]
+            codes: dict[str, int] = {}
+            for o in outcomes:
+                for k, v in o["codes"].items():
+                    codes[k] = codes.get(k, 0) + v
+            result["stalled"] = {
+                "connections": sum(o["connections"] for o in outcomes),
+                "ended_by_server": sum(o["ended_by_server"] for o in outcomes),
+                "codes": codes, "evictions": await _evictions(target),
+            }
         total_window = time.monotonic() - t0
         result["generator"] = {
             "processes": len(workers.procs), "cpu_s": round(gen_cpu, 2),

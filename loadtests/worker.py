@@ -46,6 +46,7 @@ class Spec:
     connect_concurrency: int
     connect_rate: float  # connections/s this worker opens; 0 = as fast as possible
     read_buffer: int
+    stalled: int = 0  # connections more, that complete the handshake and then never read
 
 
 class Stats:
@@ -168,21 +169,49 @@ class NchanConn(Conn):
         stats.record(msg["ts"])
 
 
+class StalledConn(WSListener):
+    """A subscriber that stops reading once connected, with a small receive buffer: the slow
+    consumer of a bad mobile network. Counted apart; it reads again only at the end, to see
+    how the server ended it (close code, or a reset)."""
+
+    __slots__ = ("closed", "disconnected", "transport")
+
+    RCVBUF = 4096
+
+    def __init__(self) -> None:
+        self.closed: int | None = None
+        self.disconnected = False
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.transport = transport
+        transport.underlying_transport.pause_reading()
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        self.disconnected = True
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        if frame.msg_type is WSMsgType.CLOSE:
+            self.closed = frame.get_close_code().value
+
+
 def emit(obj: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
 
 
-async def open_all(spec: Spec, stats: Stats, conns: list[Conn]) -> None:
+async def open_all(spec: Spec, stats: Stats, conns: list[Conn],
+                   stalled: list[StalledConn]) -> None:
     semaphore = asyncio.Semaphore(spec.connect_concurrency)
     decode = Decoder()
 
-    def source_socket(url: Any) -> socket.socket:
+    def source_socket(url: Any, rcvbuf: int = 0) -> socket.socket:
         """A socket bound to this worker's loopback address, its port chosen at connect time
         (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT from earlier runs against other
         server ports do not run the ephemeral range dry."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+        if rcvbuf:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
         sock.bind((spec.source_ip, 0))
         return sock
@@ -209,14 +238,64 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn]) -> None:
                     stats.error(f"{type(exc).__name__}: {getattr(exc, 'strerror', '') or exc}")
                     await asyncio.sleep(0.2 * (attempt + 1))
 
+    async def one_stalled(i: int) -> None:
+        target = spec.envs[i % len(spec.envs)]
+        async with semaphore:
+            conn = StalledConn()
+            for attempt in range(5):
+                try:
+                    await ws_connect(
+                        lambda: conn, target["url"], extra_headers=target["headers"],
+                        socket_factory=lambda url: source_socket(url, StalledConn.RCVBUF),
+                        read_buffer_init_size=spec.read_buffer, websocket_handshake_timeout=30,
+                    )
+                    stalled.append(conn)
+                    return
+                except Exception as exc:
+                    stats.error(f"stalled {type(exc).__name__}: {exc}")
+                    await asyncio.sleep(0.2 * (attempt + 1))
+
+    # Stalled connections are spread among the others (one every `every`).
+    total = spec.count + spec.stalled
+    every = total // spec.stalled if spec.stalled else 0
     tasks = []
-    for n, i in enumerate(range(spec.first, spec.first + spec.count)):
+    fast = iter(range(spec.first, spec.first + spec.count))
+    made_stalled = 0
+    for n in range(total):
         if interval:
             delay = start + n * interval - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one(i)))
+        if every and n % every == every - 1 and made_stalled < spec.stalled:
+            tasks.append(asyncio.create_task(one_stalled(spec.first + made_stalled)))
+            made_stalled += 1
+        else:
+            i = next(fast, None)
+            if i is None:
+                tasks.append(asyncio.create_task(one_stalled(spec.first + made_stalled)))
+                made_stalled += 1
+            else:
+                tasks.append(asyncio.create_task(one(i)))
     await asyncio.gather(*tasks)
+
+
+async def stalled_outcome(stalled: list[StalledConn]) -> dict[str, Any]:
+    """Let the stalled connections read again, briefly, and say how the server ended them."""
+    for conn in stalled:
+        if not conn.disconnected:
+            conn.transport.underlying_transport.resume_reading()
+    deadline = time.monotonic() + 3.0
+    while time.monotonic() < deadline:
+        if all(c.disconnected or c.closed for c in stalled):
+            break
+        await asyncio.sleep(0.05)
+    codes: dict[str, int] = {}
+    for conn in stalled:
+        if conn.closed is not None:
+            codes[str(conn.closed)] = codes.get(str(conn.closed), 0) + 1
+        elif conn.disconnected:
+            codes["reset"] = codes.get("reset", 0) + 1
+    return {"connections": len(stalled), "ended_by_server": sum(codes.values()), "codes": codes}
 
 
 async def ticker(stats: Stats, stop: asyncio.Event) -> None:
@@ -244,12 +323,13 @@ async def read_command(reader: asyncio.StreamReader) -> dict[str, Any]:
 async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
     stats = Stats()
     conns: list[Conn] = []
+    stalled: list[StalledConn] = []
     stop = asyncio.Event()
     tick_task = asyncio.create_task(ticker(stats, stop))
     t0 = time.monotonic()
-    await open_all(spec, stats, conns)
-    emit({"type": "opened", "connections": len(conns), "seconds": time.monotonic() - t0,
-          "errors": stats.errors})
+    await open_all(spec, stats, conns, stalled)
+    emit({"type": "opened", "connections": len(conns), "stalled": len(stalled),
+          "seconds": time.monotonic() - t0, "errors": stats.errors})
     command = await read_command(reader)
     if command["cmd"] == "finish":
         expect: dict[str, int] = command["expect"]
@@ -268,7 +348,9 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
         stop.set()
         await tick_task
         hist = stats.total_hist
+        outcome = await stalled_outcome(stalled) if stalled else None
         emit({
+            "stalled": outcome,
             "type": "final", "connections": len(conns), "deliveries": stats.deliveries,
             "missing": missing, "out_of_order": stats.out_of_order, "errors": stats.errors,
             "closed": stats.closed, "last_delivery": stats.last_delivery_ns / 1e9,
@@ -276,6 +358,9 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
         })
     for c in conns:
         c.transport.disconnect()
+    for s in stalled:
+        if not s.disconnected:
+            s.transport.disconnect()
     await asyncio.sleep(0.2)
 
 

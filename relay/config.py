@@ -53,7 +53,23 @@ class Config:
         _default_max_connections(), "SDK sessions this node accepts before closing with 4101"
     )
     max_session_buffer: int = _opt(
-        1 << 20, "bytes a session may have unsent before it is evicted (goaway, close 4100)"
+        1 << 20,
+        "bytes a session that is behind may have unsent before it is evicted (goaway, 4100); "
+        "keep it above the largest environment's snapshot",
+    )
+    slow_consumer_timeout: float = _opt(
+        30.0, "seconds a session may stay behind (missing changes) before it is evicted"
+    )
+    write_high_water: int = _opt(
+        64 << 10, "unsent bytes above which a session is sent nothing more until it drains"
+    )
+    write_low_water: int = _opt(
+        16 << 10, "unsent bytes below which a paused session gets its catch-up delta"
+    )
+    socket_send_buffer: int = _opt(
+        0,
+        "SO_SNDBUF of SDK sockets in bytes, which bounds the kernel memory a stalled client "
+        "holds (0: the kernel's autotuning, up to net.ipv4.tcp_wmem's maximum)",
     )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -118,11 +134,17 @@ def check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value <= 65535:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
-    for name in ("history", "log_retention", "max_connections", "max_session_buffer"):
+    for name in ("history", "log_retention", "max_connections", "max_session_buffer",
+                 "write_high_water"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
+    if config.socket_send_buffer < 0:
+        raise ConfigError("--socket-send-buffer must be 0 (the kernel's default) or positive")
+    if not 0 <= config.write_low_water < config.write_high_water:
+        raise ConfigError("--write-low-water must be at least 0 and below --write-high-water")
     positive = (
-        "handshake_timeout", "auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl"
+        "handshake_timeout", "auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl",
+        "slow_consumer_timeout",
     )
     for name in positive:
         if getattr(config, name) <= 0:

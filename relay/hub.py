@@ -4,6 +4,11 @@ Each environment with local sessions has a channel holding its `EnvState` (the w
 sessions are served from) and its sessions. A committed change is encoded once; frames owed in
 one event-loop tick are joined and written to every session with one write each (uvloop sets
 TCP_NODELAY, so batching per tick is what keeps a burst from costing one send() per frame).
+
+Backpressure (relay/outbound.py): each session has an `Outbox`. A session whose socket buffer is
+above the high-water mark is skipped, at the cost of one check; when it drains it gets one
+coalesced catch-up delta. Sessions that stay behind are evicted by a periodic sweep over the
+paused ones only.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from relay import protocol
 from relay.changes import Change
 from relay.envstate import Applied, EnvState, change_frame, delta_frame
 from relay.metrics import Metrics
+from relay.outbound import EVICT_HISTORY, Outbox
 from relay.store.base import Store
 
 log = logging.getLogger("relay.hub")
@@ -32,28 +38,39 @@ class SessionSink(Protocol):
 
     env: str
     key_hash: str
+    writing_paused: bool  # its socket's write buffer is above the high-water mark
 
     def write(self, data: bytes) -> bool:
         """Write whole frames if the connection is open; False if it is not."""
+        ...
+
+    def buffered(self) -> int:
+        """Bytes written to it that its socket has not taken yet."""
         ...
 
     def close(self, code: int, reason: str) -> None:
         """Start closing the connection with a close code (returns at once)."""
         ...
 
+    def evict(self, reason: str) -> None:
+        """Slow consumer: goaway (evicted) and close 4100 (returns at once)."""
+        ...
+
 
 class _Channel:
     __slots__ = (
-        "buffered", "env", "gauge", "hello", "idle_timer", "load_task", "pending", "pending_ts",
-        "resync_task", "sessions", "state",
+        "buffered", "env", "gauge", "hello", "idle_timer", "load_task", "pending", "pending_base",
+        "pending_ts", "pending_v", "resync_task", "sessions", "state",
     )
 
     def __init__(self, env: str) -> None:
         self.env = env
         self.state: EnvState | None = None
-        self.sessions: set[SessionSink] = set()
+        self.sessions: dict[SessionSink, Outbox] = {}
         self.pending: list[bytes] = []  # frames owed to every session this tick
         self.pending_ts: list[float] = []  # commit times of the changes in `pending`
+        self.pending_base = 0  # `pending` takes clients from this version ...
+        self.pending_v = 0  # ... to this one
         self.buffered: list[Change] = []  # changes seen while loading or resyncing
         self.hello: tuple[int, bytes] = (-1, b"")
         self.load_task: asyncio.Task[None] | None = None
@@ -71,13 +88,21 @@ class Hub:
         *,
         max_history: int = 1000,
         idle_ttl: float = 60.0,
+        slow_consumer_timeout: float = 30.0,
+        max_session_buffer: int = 1 << 20,
     ) -> None:
         self.store = store
         self.metrics = metrics
         self.node_id = node_id
         self.max_history = max_history
         self.idle_ttl = idle_ttl
+        self.slow_consumer_timeout = slow_consumer_timeout
+        self.max_session_buffer = max_session_buffer
         self._channels: dict[str, _Channel] = {}
+        # Sessions whose socket buffer is above the high-water mark: what the sweep looks at.
+        self._paused: dict[SessionSink, Outbox] = {}
+        self._sweep_timer: asyncio.TimerHandle | None = None
+        metrics.sessions_behind.set_function(self.sessions_behind)
         self._dirty: dict[str, _Channel] = {}
         self._key_cache: dict[str, str] = {}
         # Keys of environments whose keys changed while this node ran: a session that was
@@ -180,7 +205,10 @@ class Hub:
         data = channel.hello[1] + state.catch_up_frame(since)
         self.metrics.frames_sent.inc(2)
         self.metrics.bytes_sent.inc(len(data))
-        channel.sessions.add(session)
+        box = Outbox(state.v)
+        channel.sessions[session] = box
+        if session.writing_paused:  # its 101 alone filled the buffer
+            self._pause(session, box)
         if channel.gauge is None:
             channel.gauge = self.metrics.connections.labels(session.env)
         channel.gauge.inc()
@@ -190,7 +218,8 @@ class Hub:
         channel = self._channels.get(session.env)
         if channel is None or session not in channel.sessions:
             return
-        channel.sessions.discard(session)
+        del channel.sessions[session]
+        self._paused.pop(session, None)
         if channel.gauge is not None:
             channel.gauge.dec()
         self._arm_idle_timer(channel)
@@ -200,6 +229,77 @@ class Hub:
         if not channel.sessions and channel.idle_timer is None:
             loop = asyncio.get_running_loop()
             channel.idle_timer = loop.call_later(self.idle_ttl, self._drop_if_idle, channel)
+
+    # --- backpressure ---------------------------------------------------------------------------
+
+    def session_paused(self, session: SessionSink) -> None:
+        """Its socket buffer passed the high-water mark: write it nothing until it drains."""
+        channel = self._channels.get(session.env)
+        box = channel.sessions.get(session) if channel is not None else None
+        if box is not None:
+            self._pause(session, box)
+
+    def _pause(self, session: SessionSink, box: Outbox) -> None:
+        box.pause()
+        self._paused[session] = box
+        if self._sweep_timer is None:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                self._sweep_interval(), self._sweep
+            )
+
+    def session_resumed(self, session: SessionSink) -> None:
+        """Its socket buffer drained below the low-water mark: one delta brings it up to date."""
+        channel = self._channels.get(session.env)
+        box = channel.sessions.get(session) if channel is not None else None
+        if channel is None or box is None:
+            return
+        box.resume()
+        self._paused.pop(session, None)
+        if channel.state is not None and box.owes(channel.state.v):
+            self._catch_up(channel, session, box)
+
+    def _catch_up(self, channel: _Channel, session: SessionSink, box: Outbox) -> None:
+        """Write one delta from the version the session holds to the current one."""
+        state = channel.state
+        assert state is not None
+        if box.held < state.oldest_base:
+            session.evict(EVICT_HISTORY)  # what it missed is gone: it reconnects for a snapshot
+            return
+        frame = state.catch_up_frame(box.held)
+        missed = state.v - box.held
+        box.caught_up(state.v)
+        if session.write(frame):
+            m = self.metrics
+            m.frames_sent.inc()
+            m.bytes_sent.inc(len(frame))
+            m.coalesced_changes.inc(missed)
+
+    def _sweep_interval(self) -> float:
+        return min(1.0, self.slow_consumer_timeout / 4)
+
+    def _sweep(self) -> None:
+        """Evict the paused sessions that stayed behind too long, owe too many bytes, or missed
+        changes history no longer holds. Runs while any session is paused."""
+        self._sweep_timer = None
+        now = asyncio.get_running_loop().time()
+        for session, box in list(self._paused.items()):
+            channel = self._channels.get(session.env)
+            if channel is None or channel.state is None:
+                continue
+            reason = box.eviction(
+                now, timeout=self.slow_consumer_timeout, buffered=session.buffered(),
+                max_buffered=self.max_session_buffer, oldest_base=channel.state.oldest_base,
+            )
+            if reason is not None:
+                session.evict(reason)  # closes it, which detaches it
+        if self._paused:
+            self._sweep_timer = asyncio.get_running_loop().call_later(
+                self._sweep_interval(), self._sweep
+            )
+
+    def sessions_behind(self) -> int:
+        """Sessions that missed at least one change and have not caught up yet."""
+        return sum(1 for box in self._paused.values() if box.behind_since is not None)
 
     def sessions(self) -> list[SessionSink]:
         return [s for channel in self._channels.values() for s in channel.sessions]
@@ -231,7 +331,7 @@ class Hub:
         result = channel.state.apply(change)
         if result is Applied.APPLIED:
             if channel.sessions:
-                self._enqueue(channel, change_frame(change), change.ts)
+                self._enqueue(channel, change_frame(change), change.v - 1, change.v, change.ts)
         elif result is Applied.GAP:
             log.warning(
                 "env %s: got v=%d while holding v=%d; resyncing from the store",
@@ -252,7 +352,10 @@ class Hub:
         buffered, channel.buffered = channel.buffered, []
         self._apply_all(channel, buffered)
 
-    def _enqueue(self, channel: _Channel, frame: bytes, ts: float) -> None:
+    def _enqueue(self, channel: _Channel, frame: bytes, base: int, v: int, ts: float) -> None:
+        if not channel.pending:
+            channel.pending_base = base
+        channel.pending_v = v
         channel.pending.append(frame)
         channel.pending_ts.append(ts)
         if not self._dirty:
@@ -265,16 +368,24 @@ class Hub:
             self._flush_channel(channel)
 
     def _flush_channel(self, channel: _Channel) -> None:
-        """Write the frames owed this tick, joined, with one write per session."""
+        """Write the frames owed this tick, joined, with one write per session that keeps up."""
         pending = channel.pending
         if not pending:
             return
         data = pending[0] if len(pending) == 1 else b"".join(pending)
+        base, v = channel.pending_base, channel.pending_v
+        now = asyncio.get_running_loop().time()
         written = 0
-        # A copy: a write can evict its session, which leaves the set.
-        for session in tuple(channel.sessions):
-            if session.write(data):
-                written += 1
+        lagging = []
+        # A copy: a write can close its session, which leaves the channel.
+        for session, box in tuple(channel.sessions.items()):
+            if box.offer(base, v, now):
+                if session.write(data):
+                    written += 1
+            elif not box.paused and box.held < v:
+                lagging.append((session, box))  # not paused, yet it missed something
+        for session, box in lagging:
+            self._catch_up(channel, session, box)
         if written:
             m = self.metrics
             m.frames_sent.inc(written * len(pending))
@@ -312,7 +423,7 @@ class Hub:
                     snapshot = await self.store.load(channel.env, 0)
                     delta = state.jump_to(snapshot.v, snapshot.flags)
                     if channel.sessions and delta.v > delta.base:
-                        self._enqueue(channel, delta_frame(delta), time.time())
+                        self._enqueue(channel, delta_frame(delta), delta.base, delta.v, time.time())
                     changes = []
                 break
             except Exception as exc:
@@ -342,6 +453,9 @@ class Hub:
             log.debug("hub task failed: %r", task.exception())
 
     async def close(self) -> None:
+        if self._sweep_timer is not None:
+            self._sweep_timer.cancel()
+            self._sweep_timer = None
         for channel in self._channels.values():
             if channel.idle_timer is not None:
                 channel.idle_timer.cancel()

@@ -50,6 +50,21 @@ class Metrics:
             "relay_evictions", "Sessions evicted as slow consumers (close 4100), by reason",
             ["reason"], registry=r,
         )
+        self.sessions_behind = Gauge(
+            "relay_sessions_behind",
+            "Sessions paused by backpressure that missed changes and have not caught up",
+            registry=r,
+        )
+        self.coalesced_changes = Counter(
+            "relay_coalesced_changes",
+            "Changes that reached slow sessions folded into catch-up deltas, not one by one",
+            registry=r,
+        )
+        self.buffered_bytes = Gauge(
+            "relay_buffered_bytes",
+            "Bytes written to this node's SDK sessions that their sockets have not taken yet",
+            registry=r,
+        )
         self.envs_loaded = Gauge(
             "relay_envs_loaded", "Environments held in memory by this node", registry=r
         )

@@ -50,8 +50,11 @@ class Node:
         self.hub = Hub(
             self.store, self.metrics, config.node_id,
             max_history=config.history, idle_ttl=config.env_idle_ttl,
+            slow_consumer_timeout=config.slow_consumer_timeout,
+            max_session_buffer=config.max_session_buffer,
         )
         self.sdk = SdkServer(config, self.hub, self.metrics)
+        self.metrics.buffered_bytes.set_function(self.sdk.buffered_bytes)
         self.admin = AdminApi(self)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None

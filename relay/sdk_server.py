@@ -90,6 +90,11 @@ class SdkConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        config = self.server.config
+        self.transport.set_write_buffer_limits(config.write_high_water, config.write_low_water)
+        if config.socket_send_buffer:
+            sock = self.transport.get_extra_info("socket")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.socket_send_buffer)
         self.server.connections.add(self)
         loop = self.server.loop
         self.last_seen = loop.time()
@@ -136,35 +141,33 @@ class SdkConnection(asyncio.Protocol):
             self.server.hub.detach(self)
 
     def pause_writing(self) -> None:
+        """The socket's buffer passed --write-high-water: the hub skips this session."""
         self.writing_paused = True
+        self.server.hub.session_paused(self)
 
     def resume_writing(self) -> None:
+        """Below --write-low-water again: the hub sends what it missed, as one delta."""
         self.writing_paused = False
+        self.server.hub.session_resumed(self)
 
     # --- the hub's session interface ------------------------------------------------------------
 
     def write(self, data: bytes) -> bool:
-        """Write whole prebuilt frames while OPEN (never after a close frame).
-
-        A session whose unsent bytes pass --max-session-buffer is evicted (goaway, 4100): what
-        a client that stops reading can cost the server is bounded.
-        """
+        """Write whole prebuilt frames while OPEN (never after a close frame). What a client
+        that stops reading can cost is bounded by the hub, which stops writing to a session
+        above --write-high-water and evicts those that stay behind (relay/outbound.py)."""
         if self.proto.state is not _OPEN:
             return False
-        transport = self.transport
-        assert transport is not None
-        # Only above the transport's high-water mark is the buffer size worth a look.
-        if (
-            self.writing_paused
-            and transport.get_write_buffer_size() > self.server.config.max_session_buffer
-        ):
-            self.evict("max_session_buffer")
-            return False
-        transport.write(data)
+        self.transport.write(data)  # type: ignore[union-attr]
         return True
+
+    def buffered(self) -> int:
+        return self.transport.get_write_buffer_size() if self.transport is not None else 0
 
     def evict(self, why: str) -> None:
         """Slow consumer: goaway (evicted, jittered retry_ms) and close 4100."""
+        if self.proto.state is not _OPEN:
+            return
         self.server.metrics.evictions.labels(why).inc()
         retry_ms = random.randint(*self.server.retry_ms)
         self.transport.write(  # type: ignore[union-attr]
@@ -406,6 +409,10 @@ class SdkServer:
         assert self._server is not None
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    def buffered_bytes(self) -> int:
+        """Bytes waiting in all SDK connections' buffers (the relay_buffered_bytes gauge)."""
+        return sum(conn.buffered() for conn in self.connections)
 
     def lost(self, conn: SdkConnection) -> None:
         self.connections.discard(conn)

@@ -197,3 +197,20 @@ async def started_node(tmp: Path, **overrides: Any) -> Node:
     node = Node(node_config(tmp, **overrides))
     await node.start()
     return node
+
+
+def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Split bytes read from a raw SDK socket into whole server frames (opcode, payload); the
+    rest is an incomplete frame. Server frames are unmasked."""
+    frames = []
+    while len(data) >= 2:
+        length, offset = data[1] & 0x7F, 2
+        if length == 126:
+            length, offset = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, offset = int.from_bytes(data[2:10], "big"), 10
+        if len(data) < offset + length:
+            break
+        frames.append((data[0] & 0x0F, data[offset : offset + length]))
+        data = data[offset + length :]
+    return frames, data

@@ -102,6 +102,10 @@ def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
     assert "--port must be a port number" in one_line_error(bad_port)
     bad_url = run(None, "watch", "--url", "http://x", "--key", "k")
     assert "ws://" in one_line_error(bad_url)
+    marks = run(None, "serve", "--write-high-water", "1000", "--write-low-water", "1000")
+    assert "--write-low-water must be at least 0 and below" in one_line_error(marks)
+    timeout = run(None, "serve", "--slow-consumer-timeout", "0")
+    assert "--slow-consumer-timeout must be positive" in one_line_error(timeout)
 
 
 def test_serve_reads_relay_env_vars_and_admin_token_file(tmp_path: Path) -> None:

@@ -117,7 +117,9 @@ async def test_a_client_that_keeps_talking_after_close_is_cut_off(make_node: Nod
 async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
     make_node: NodeFactory,
 ) -> None:
-    node = await make_node(max_session_buffer=256 << 10)
+    # A buffer limit below the high-water mark: the first change it misses once paused
+    # gets it evicted at the next sweep (the timeout, 30 s by default, is not what acts).
+    node = await make_node(max_session_buffer=16 << 10)
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])
@@ -131,12 +133,13 @@ async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
         await _wait(lambda: node.hub.session_count() == 2, "stalled session not attached")
         blob = "x" * 20_000
         last = 0
-        # 8 MB owed to the stalled reader: past what the kernel's socket buffers absorb and
-        # far past its 256 KiB limit.
+        # Up to 8 MB owed to the stalled reader: past what the kernel's socket buffers absorb.
         for i in range(400):
             last = await admin.publish("prod", {"blob": blob, "n": i})
             frame = await recv_frame(fast)
             assert frame["v"] == last  # the fast client never waits for the slow one
+            if node.hub.session_count() == 1:
+                break
         await _wait(lambda: node.hub.session_count() == 1, "stalled session not evicted")
         _, metrics = await admin.call("GET", "/metrics", token="")
         assert 'relay_evictions_total{reason="max_session_buffer"} 1.0' in metrics

@@ -44,6 +44,37 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         relay.stop()
 
 
+def test_tiny_slow_consumers_run_evicts_the_stalled_and_loses_nothing(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path / "data", "--slow-consumer-timeout", "0.5",
+                        "--write-high-water", "4096", "--write-low-water", "1024",
+                        "--socket-send-buffer", "4096")
+    try:
+        out = tmp_path / "result.json"
+        result = subprocess.run(
+            [sys.executable, "-m", "loadtests", "slow-consumers", "--url", relay.ws_url,
+             "--admin-url", relay.admin_url, "--admin-token", relay.token,
+             "--server-pid", str(relay.proc.pid), "--connections", "30", "--stalled", "6",
+             "--envs", "1", "--rate", "40", "--duration", "3", "--payload-bytes", "4000",
+             "--out", str(out), "--no-progress", "--workdir", str(tmp_path / "work")],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert result.returncode == 0, result.stderr
+        data = json.loads(out.read_text())
+        assert data["scenario"] == "slow-consumers" and data["connections"] == 30
+        # The fast connections got every change, in order, beside the stalled ones ...
+        assert data["missing"] == 0 and data["out_of_order"] == 0
+        assert data["deliveries"] == 30 * 120
+        assert data["without_stalled"]["missing"] == 0
+        assert data["without_stalled"]["latency_ms"]["count"] == 30 * 120
+        # ... and every stalled one was evicted (the node counts it; the client saw it end).
+        assert data["stalled"]["connections"] == 6
+        assert data["stalled"]["evictions"] == 6
+        assert data["stalled"]["ended_by_server"] == 6
+        assert "p99 without stalled" in result.stdout
+    finally:
+        relay.stop()
+
+
 def _run(p99: float, deliveries: int, missing: int = 0) -> dict[str, Any]:
     return {"scenario": "fanout", "target": "relay", "params": {"connections": 10},
             "deliveries_per_s": deliveries, "latency_ms": {"p99": p99, "p50": p99 / 2},

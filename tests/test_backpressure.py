@@ -1,0 +1,325 @@
+"""Backpressure and slow-consumer eviction over real sockets: fast clients never wait for slow
+ones, a stalled reader costs bounded memory and is evicted with 4100, and a slow reader catches
+up through coalesced deltas with the exact state."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from relay import protocol
+from relay.node import Node
+from relay.sdk_server import SdkConnection
+from tests.helpers import Admin, open_stream, recv_frame, server_frames
+
+NodeFactory = Callable[..., Awaitable[Node]]
+OP_BINARY, OP_CLOSE = 2, 8
+
+
+def _raw_stream(port: int, key: str, rcvbuf: int = 4096) -> socket.socket:
+    """An SDK connection on a plain socket with a small receive buffer: the test decides
+    when (and whether) it reads."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect(("127.0.0.1", port))
+    nonce = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((
+        "GET /v1/stream HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+        f"Connection: Upgrade\r\nSec-WebSocket-Key: {nonce}\r\nSec-WebSocket-Version: 13\r\n"
+        f"Sec-WebSocket-Protocol: relay.v1\r\nAuthorization: Bearer {key}\r\n\r\n"
+    ).encode())
+    sock.setblocking(False)
+    return sock
+
+
+def _server_side(node: Node, sock: socket.socket) -> SdkConnection:
+    local = sock.getsockname()
+    for conn in node.sdk.connections:
+        assert conn.transport is not None
+        if conn.transport.get_extra_info("peername") == local:
+            return conn
+    raise AssertionError("no server connection for this socket")
+
+
+class RawReader:
+    """Reads a raw SDK socket and applies what it gets like an SDK, checking the chain."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buffer = b""
+        self.head_done = False
+        self.v = -1
+        self.flags: dict[str, Any] = {}
+        self.frames: list[dict[str, Any]] = []
+        self.close_code: int | None = None
+        self.eof = False
+
+    def read(self, limit: int = 1 << 20) -> int:
+        try:
+            data = self.sock.recv(limit)
+        except BlockingIOError:
+            return 0
+        except ConnectionResetError:
+            data = b""
+        if not data:
+            self.eof = True
+            return 0
+        self.buffer += data
+        if not self.head_done:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return len(data)
+            assert self.buffer.startswith(b"HTTP/1.1 101 ")
+            self.buffer, self.head_done = self.buffer[end + 4 :], True
+        frames, self.buffer = server_frames(self.buffer)
+        for opcode, payload in frames:
+            if opcode == OP_CLOSE:
+                self.close_code = int.from_bytes(payload[:2], "big")
+            elif opcode == OP_BINARY:
+                self.apply(protocol.unpack(payload))
+        return len(data)
+
+    def apply(self, frame: dict[str, Any]) -> None:
+        self.frames.append(frame)
+        if frame["t"] == "snap":
+            self.v = frame["v"]
+            self.flags = {k: f["value"] for k, f in frame["flags"].items()}
+        elif frame["t"] == "delta":
+            assert frame["base"] == self.v, f"gap: hold {self.v}, got base {frame['base']}"
+            self.flags.update({k: f["value"] for k, f in frame["put"].items()})
+            for key in frame["del"]:
+                self.flags.pop(key, None)
+            self.v = frame["v"]
+
+
+async def _wait(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def _read_until_closed(reader: RawReader, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while reader.close_code is None and not reader.eof:
+        assert asyncio.get_running_loop().time() < deadline, "the server never closed"
+        if not reader.read():
+            await asyncio.sleep(0.01)
+
+
+def _metric(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.rsplit(" ", 1)[1])
+    family = name.split("{")[0]
+    seen = [line for line in text.splitlines() if line.startswith(family)]
+    raise AssertionError(f"{name} not in /metrics: {seen}")
+
+
+async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
+    make_node: NodeFactory,
+) -> None:
+    high = 32 << 10
+    # History long enough that the timeout, not the history, is what evicts it.
+    node = await make_node(slow_consumer_timeout=1.5, write_high_water=high, history=100_000,
+                           write_low_water=8 << 10, socket_send_buffer=16 << 10)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        stalled = _raw_stream(node.port, "k")
+        fast = [await open_stream(node.ws_url, "k") for _ in range(4)]
+        for ws in fast:
+            assert (await recv_frame(ws))["t"] == "hello"
+            assert (await recv_frame(ws))["t"] == "snap"
+        await _wait(lambda: node.hub.session_count() == 5, "stalled session not attached")
+        conn = _server_side(node, stalled)
+        blob = "x" * 10_000
+        most_buffered = published = last = 0
+        # Publish until the stalled session is behind and then past the timeout; every fast
+        # client gets every change, in order, as it is published.
+        behind_at: float | None = None
+        loop = asyncio.get_running_loop()
+        while published < 2000:
+            last = await admin.publish("prod", {"blob": blob, "n": published})
+            published += 1
+            for ws in fast:
+                frame = await recv_frame(ws)
+                assert (frame["t"], frame["base"], frame["v"]) == ("delta", last - 1, last)
+            most_buffered = max(most_buffered, conn.buffered())
+            if behind_at is None and node.hub.sessions_behind() == 1:
+                behind_at = loop.time()
+            if node.hub.session_count() == 4:
+                break
+        assert behind_at is not None, "the stalled reader never fell behind"
+        assert node.hub.session_count() == 4, "the stalled reader was not evicted"
+        assert loop.time() - behind_at >= 1.0  # after the timeout, not before
+        # What the server held for it stayed at the high-water mark plus one write.
+        assert most_buffered <= high + 11_000
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        assert _metric(metrics, 'relay_evictions_total{reason="slow_consumer_timeout"}') == 1
+        assert _metric(metrics, 'relay_closes_total{code="4100"}') == 1
+        assert _metric(metrics, "relay_sessions_behind") == 0
+        # The stalled client, reading at last, finds an unbroken chain of deltas, then goaway
+        # (evicted, with a retry_ms) and close 4100.
+        reader = RawReader(stalled)
+        await _read_until_closed(reader)
+        goaway = reader.frames[-1]
+        assert goaway["t"] == "goaway" and goaway["reason"] == "evicted"
+        assert 500 <= goaway["retry_ms"] <= 5000
+        assert reader.close_code == protocol.CLOSE_EVICTED
+        assert 0 <= reader.v < last
+        stalled.close()
+        for ws in fast:
+            await ws.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_reader_behind_past_the_history_is_evicted_to_reconnect(
+    make_node: NodeFactory,
+) -> None:
+    """It can no longer be sent one delta: evicted at once, not after the timeout; it gets a
+    snapshot when it reconnects with `since`."""
+    node = await make_node(history=3, slow_consumer_timeout=60, write_high_water=16 << 10,
+                           write_low_water=4 << 10, socket_send_buffer=8 << 10)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        reader = RawReader(_raw_stream(node.port, "k"))
+        await _wait(lambda: node.hub.session_count() == 1, "not attached")
+        # 40 changes of 10 KB: past the kernel's buffers and the high-water mark, and more
+        # than 3 behind. The next sweep (within a second) evicts it.
+        for i in range(40):
+            await admin.publish("prod", {"blob": "h" * 10_000, "n": i})
+        await _wait(lambda: node.hub.session_count() == 0, "not evicted", timeout=5)
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        assert _metric(metrics, 'relay_evictions_total{reason="history"}') == 1
+        await _read_until_closed(reader)
+        assert reader.close_code == protocol.CLOSE_EVICTED
+        ws = await open_stream(node.ws_url, "k", since=reader.v)
+        await recv_frame(ws)
+        snap = await recv_frame(ws)
+        version, flags = await admin.flags("prod")
+        assert snap["t"] == "snap" and snap["v"] == version
+        assert {k: f["value"] for k, f in snap["flags"].items()} == flags
+        await ws.close()
+        reader.sock.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_slow_reader_catches_up_through_coalesced_deltas(make_node: NodeFactory) -> None:
+    node = await make_node(write_high_water=16 << 10, write_low_water=4 << 10,
+                           socket_send_buffer=8 << 10)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        reader = RawReader(_raw_stream(node.port, "k"))
+        await _wait(lambda: (reader.read(), reader.v)[1] >= 0, "no snapshot")
+
+        async def read_slowly(stop: asyncio.Event) -> None:
+            while not stop.is_set():
+                reader.read(2048)  # about 100 KB/s
+                await asyncio.sleep(0.02)
+
+        stop = asyncio.Event()
+        task = asyncio.create_task(read_slowly(stop))
+        conn = _server_side(node, reader.sock)
+        most_buffered = last = 0
+        for i in range(300):
+            put = {f"flag{i % 7}": {"n": i, "pad": "y" * 2000}}
+            dels = [f"flag{(i + 3) % 7}"] if i % 50 == 49 else []
+            last = await admin.publish("prod", put, dels=dels)
+            most_buffered = max(most_buffered, conn.buffered())
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        await _wait(lambda: reader.v == last, "the slow reader never caught up", timeout=60)
+        stop.set()
+        await task
+        version, flags = await admin.flags("prod")
+        assert reader.v == version == last
+        assert reader.flags == flags
+        coalesced = [f for f in reader.frames if f["t"] == "delta" and f["v"] - f["base"] > 1]
+        assert coalesced, "no coalesced delta: the reader was never behind"
+        assert all(len(f["put"]) + len(f["del"]) <= 7 for f in coalesced)
+        assert most_buffered <= (16 << 10) + 4000
+        assert node.hub.session_count() == 1  # behind for a while, but never evicted
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        assert _metric(metrics, "relay_coalesced_changes_total") >= sum(
+            f["v"] - f["base"] for f in coalesced
+        )
+        assert _metric(metrics, "relay_sessions_behind") == 0
+        assert "relay_buffered_bytes " in metrics
+        reader.sock.close()
+    finally:
+        await admin.close()
+
+
+CLIENT = """
+import asyncio, json, sys
+from relay.client import RelayClient
+
+async def main():
+    async with RelayClient(sys.argv[1], "k", backoff_max=1.0) as client:
+        await client.wait_ready()
+        print("ready", flush=True)
+        target = int(await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline))
+        await client.wait_for_version(target, timeout=60)
+        print(json.dumps({"v": client.version, "flags": client.flags,
+                          "codes": client.stats.close_codes}), flush=True)
+
+asyncio.run(main())
+"""
+
+
+async def test_the_client_reconnects_after_eviction_and_ends_with_the_exact_state(
+    make_node: NodeFactory, tmp_path: Path,
+) -> None:
+    """A real relay.client process is frozen (SIGSTOP) while changes pour in: the node evicts
+    it; once it runs again it reads goaway and 4100, reconnects with `since` and ends with the
+    store's state."""
+    node = await make_node(slow_consumer_timeout=1.0, write_high_water=16 << 10,
+                           write_low_water=4 << 10, socket_send_buffer=8 << 10)
+    admin = Admin(node.admin_url)
+    script = tmp_path / "client.py"
+    script.write_text(CLIENT)
+    await admin.put_env("prod", ["k"])
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), node.ws_url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stdin is not None
+    try:
+        line = await asyncio.wait_for(proc.stdout.readline(), 30)
+        assert line.strip() == b"ready"
+        proc.send_signal(signal.SIGSTOP)
+        i = 0
+        while node.hub.session_count() == 1 and i < 3000:
+            await admin.publish("prod", {f"f{i % 5}": {"n": i, "pad": "z" * 5000}},
+                                dels=[f"f{(i + 2) % 5}"] if i % 40 == 39 else ())
+            i += 1
+            if i % 50 == 0:
+                await asyncio.sleep(0.1)
+        assert node.hub.session_count() == 0, "the frozen client was not evicted"
+        proc.send_signal(signal.SIGCONT)
+        last = await admin.publish("prod", {"after": True})
+        proc.stdin.write(f"{last}\n".encode())
+        await proc.stdin.drain()
+        result = json.loads(await asyncio.wait_for(proc.stdout.readline(), 60))
+        version, flags = await admin.flags("prod")
+        assert result["v"] == version == last
+        assert result["flags"] == flags
+        assert protocol.CLOSE_EVICTED in result["codes"]
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+        await proc.wait()
+        await admin.close()
