@@ -471,6 +471,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         expect: dict[str, int] = {}
         errors: list[str] = []
         acked = 0
+        publish_s = opts.duration
         window_start = time.monotonic()
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
@@ -480,6 +481,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             watcher = asyncio.create_task(
                 _watch(progress, opts.scenario, opts.duration, workers, "rate", stop))
             acked = await _publish(target, opts, env_names, expect, errors)
+            publish_s = time.monotonic() - window_start
             stop.set()
             await watcher
         elif opts.scenario == "idle":
@@ -514,7 +516,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             result["window_s"] = round(window, 2)
             result["latency_ms"] = report.latency_ms(hist)
             result["publishes"] = {"acked": acked, "errors": len(errors),
-                                   "per_s": round(acked / opts.duration, 1),
+                                   "per_s": round(acked / max(publish_s, opts.duration), 1),
                                    "first_errors": errors[:3]}
         result["missing"] = sum(f["missing"] for f in workers.finals)
         result["out_of_order"] = sum(f["out_of_order"] for f in workers.finals)
@@ -542,6 +544,15 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         result["server"]["cpus"] = sorted(server_cpus or [])
         result["timeline"] = _timeline(workers, wall0)
         result["duration_s"] = round(total_window, 1)
+        if opts.scenario in STEADY and result["publishes"]["per_s"] < 0.9 * opts.rate:
+            result["notes"].append(
+                f"{opts.target}: the publisher kept {result['publishes']['per_s']:.0f} of "
+                f"{opts.rate:.0f} changes/s: it keeps one change in flight per environment, "
+                "and the server acknowledged more slowly")
+        elif opts.scenario in STEADY and result["window_s"] > 1.2 * opts.duration:
+            result["notes"].append(
+                f"{opts.target}: changes published over {opts.duration:.0f} s took "
+                f"{result['window_s']:.0f} s to arrive: the server did not keep up with --rate")
         if result["generator"]["cpu_share"] >= 0.9:
             result["notes"].append(
                 f"{opts.target}: the generator was busy {result['generator']['cpu_share']:.0%} "

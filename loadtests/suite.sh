@@ -19,3 +19,8 @@ run idle-19k      idle   --connections 19000 --envs 10 --compare
 # ~19,000 under the open-files limit, so the server here is nchan with 6 workers (reuseport).
 run idle-100k     idle   --connections 100000 --envs 10 --connect-rate 4000 --target nchan --server-workers 6
 run fanout-100k   fanout --connections 100000 --envs 10 --rate 5 --duration 20 --connect-rate 4000 --target nchan --server-workers 6
+# Slow consumers (issue 4): 5,000 readers and 500 connections that never read, one environment,
+# 30 s, beside the same run without them. 20 changes/s (100,000 deliveries/s) is what this
+# 2-core machine carries; the evictions come from a 10 s --slow-consumer-timeout (default 30 s),
+# so that they happen within the run.
+RELAY_SLOW_CONSUMER_TIMEOUT=10 run slow-consumers slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --compare
