@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests import report
+from loadtests import report, tables
 from tests.helpers import start_relay
 
 
@@ -111,3 +111,15 @@ def test_an_unreachable_target_gets_a_message_not_a_traceback(tmp_path: Path) ->
     )
     assert result.returncode == 1 and "loadtests: relay: Cannot connect" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_tables_turn_results_into_the_markdown_of_docs_benchmarks(tmp_path: Path) -> None:
+    runs = [_run(30.0, 900), _run(10.0, 1000), _run(20.0, 800)]
+    other = {**_run(5.0, 950), "target": "nchan"}
+    (tmp_path / "fanout-x.json").write_text(
+        json.dumps({"compare": [report.median_result(runs), other]}))
+    text = tables.table(tmp_path / "fanout-x.json")
+    assert "| | relay | nchan |" in text
+    assert "| p99 ms | 20.0 | 5.0 |" in text and "| deliveries/s | 900 | 950 |" in text
+    assert "median of 3 runs" in text and "p99 10.0-30.0" in text
+    assert tables.main([str(tmp_path / "missing")]) == 2

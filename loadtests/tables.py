@@ -1,0 +1,82 @@
+"""`python -m loadtests.tables DIR`: the Markdown tables of docs/benchmarks.md, from the JSON
+results that loadtests/suite.sh wrote to DIR (one table per result file, one column per target).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from loadtests.report import _get
+
+# (label, path in a result, digits after the point)
+ROWS: list[tuple[str, str, int]] = [
+    ("deliveries/s", "deliveries_per_s", 0),
+    ("p50 ms", "latency_ms.p50", 1),
+    ("p99 ms", "latency_ms.p99", 1),
+    ("p99.9 ms", "latency_ms.p999", 1),
+    ("p50 ms without stalled", "without_stalled.latency_ms.p50", 1),
+    ("p99 ms without stalled", "without_stalled.latency_ms.p99", 1),
+    ("missing", "missing", 0),
+    ("out of order", "out_of_order", 0),
+    ("stalled ended by server", "stalled.ended_by_server", 0),
+    ("evictions (relay's metric)", "stalled.evictions", 0),
+    ("connections/s", "connections_per_s", 0),
+    ("server CPU us/delivery", "server.cpu_us_per_delivery", 2),
+    ("server CPU us/handshake", "server.cpu_us_per_handshake", 0),
+    ("server CPU in kernel", "server.cpu_system_share", 2),
+    ("server RSS MB before", "server.rss_mb_before", 1),
+    ("server RSS MB after", "server.rss_mb_after", 1),
+    ("server RSS MB after, without stalled", "without_stalled.server.rss_mb_after", 1),
+    ("kernel TCP buffers MB, peak", "server.kernel_tcp_mb_peak", 1),
+    ("server RSS KB/connection", "server.rss_kb_per_connection", 2),
+    ("generator busy", "generator.cpu_share", 2),
+]
+
+
+def _cell(value: Any, digits: int) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def table(path: Path) -> str:
+    data = json.loads(path.read_text())
+    results: list[dict[str, Any]] = data.get("compare", [data])
+    lines = [f"### {path.stem}", ""]
+    params = ", ".join(f"{k}={v}" for k, v in results[0]["params"].items() if v)
+    runs = results[0].get("repeat", {}).get("runs", 1)
+    lines.append(f"`{results[0]['scenario']}`: {params}" + (f"; median of {runs} runs" if runs > 1
+                                                           else "") + ".")
+    lines += ["", "| | " + " | ".join(r["target"] for r in results) + " |",
+              "|---|" + "---|" * len(results)]
+    for label, key, digits in ROWS:
+        values = [_get(r, key) for r in results]
+        if all(v is None for v in values):
+            continue
+        lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in values) + " |")
+    spreads = [(r["target"], r["repeat"]["spread"]) for r in results if "repeat" in r]
+    for target, spread in spreads:
+        shown = "; ".join(
+            f"{k.split('.')[-1]} {_cell(a, 0 if a >= 100 else 1)}-{_cell(b, 0 if b >= 100 else 1)}"
+            for k, (a, b) in spread.items())
+        lines.append(f"\n{target}, range over the runs: {shown}.")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1 or not Path(args[0]).is_dir():
+        print("usage: python -m loadtests.tables RESULTS_DIR", file=sys.stderr)
+        return 2
+    for path in sorted(Path(args[0]).glob("*.json")):
+        print(table(path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
