@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -191,6 +191,14 @@ def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) 
         proc.kill()
         raise AssertionError("relay serve did not start:\n" + "".join(lines))
     return RelayProcess(proc, ws_url, admin_url, token, lines)
+
+
+async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    """Poll `predicate` until it holds; fail with `what` after `timeout` seconds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
 
 
 async def started_node(tmp: Path, **overrides: Any) -> Node:

@@ -18,7 +18,7 @@ from typing import Any
 from relay import protocol
 from relay.node import Node
 from relay.sdk_server import SdkConnection
-from tests.helpers import Admin, open_stream, recv_frame, server_frames
+from tests.helpers import Admin, open_stream, recv_frame, server_frames, wait_until
 
 NodeFactory = Callable[..., Awaitable[Node]]
 OP_BINARY, OP_CLOSE = 2, 8
@@ -100,13 +100,6 @@ class RawReader:
             self.v = frame["v"]
 
 
-async def _wait(predicate: Callable[[], bool], what: str, timeout: float = 20) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.02)
-
-
 async def _read_until_closed(reader: RawReader, timeout: float = 10) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while reader.close_code is None and not reader.eof:
@@ -139,7 +132,7 @@ async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
         for ws in fast:
             assert (await recv_frame(ws))["t"] == "hello"
             assert (await recv_frame(ws))["t"] == "snap"
-        await _wait(lambda: node.hub.session_count() == 5, "stalled session not attached")
+        await wait_until(lambda: node.hub.session_count() == 5, "stalled session not attached")
         conn = _server_side(node, stalled)
         blob = "x" * 10_000
         most_buffered = published = last = 0
@@ -194,12 +187,12 @@ async def test_a_reader_behind_past_the_history_is_evicted_to_reconnect(
     try:
         await admin.put_env("prod", ["k"])
         reader = RawReader(_raw_stream(node.port, "k"))
-        await _wait(lambda: node.hub.session_count() == 1, "not attached")
+        await wait_until(lambda: node.hub.session_count() == 1, "not attached")
         # 40 changes of 10 KB: past the kernel's buffers and the high-water mark, and more
         # than 3 behind. The next sweep (within a second) evicts it.
         for i in range(40):
             await admin.publish("prod", {"blob": "h" * 10_000, "n": i})
-        await _wait(lambda: node.hub.session_count() == 0, "not evicted", timeout=5)
+        await wait_until(lambda: node.hub.session_count() == 0, "not evicted", timeout=5)
         _, metrics = await admin.call("GET", "/metrics", token="")
         assert _metric(metrics, 'relay_evictions_total{reason="history"}') == 1
         await _read_until_closed(reader)
@@ -223,7 +216,7 @@ async def test_a_slow_reader_catches_up_through_coalesced_deltas(make_node: Node
     try:
         await admin.put_env("prod", ["k"])
         reader = RawReader(_raw_stream(node.port, "k"))
-        await _wait(lambda: (reader.read(), reader.v)[1] >= 0, "no snapshot")
+        await wait_until(lambda: (reader.read(), reader.v)[1] >= 0, "no snapshot")
 
         async def read_slowly(stop: asyncio.Event) -> None:
             while not stop.is_set():
@@ -240,7 +233,7 @@ async def test_a_slow_reader_catches_up_through_coalesced_deltas(make_node: Node
             last = await admin.publish("prod", put, dels=dels)
             most_buffered = max(most_buffered, conn.buffered())
         _, metrics = await admin.call("GET", "/metrics", token="")
-        await _wait(lambda: reader.v == last, "the slow reader never caught up", timeout=60)
+        await wait_until(lambda: reader.v == last, "the slow reader never caught up", timeout=60)
         stop.set()
         await task
         version, flags = await admin.flags("prod")

@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 import msgpack
 
 from relay.node import Node
-from tests.helpers import Admin, close_code, open_stream, recv_frame
+from tests.helpers import Admin, close_code, open_stream, recv_frame, wait_until
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
@@ -36,13 +36,6 @@ def _client_frame(opcode: int, payload: bytes = b"", declared: int | None = None
     else:
         head += bytes([0x80 | 127]) + struct.pack("!Q", length)
     return head + b"\x00\x00\x00\x00" + payload
-
-
-async def _wait(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, what
-        await asyncio.sleep(0.05)
 
 
 async def _read_until_eof(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -73,8 +66,8 @@ async def test_sessions_closed_while_their_env_loads_leave_nothing_behind(
             sockets.append(ws)
         for ws in sockets[1::2]:
             await close_code(ws)
-        await _wait(lambda: node.hub.session_count() == 0, "sessions leaked")
-        await _wait(lambda: not node.hub.env_summary(), "channels leaked")
+        await wait_until(lambda: node.hub.session_count() == 0, "sessions leaked")
+        await wait_until(lambda: not node.hub.env_summary(), "channels leaked")
         assert node.sdk.open_count == 0
     finally:
         await admin.close()
@@ -106,7 +99,7 @@ async def test_a_client_that_keeps_talking_after_close_is_cut_off(make_node: Nod
         elapsed = asyncio.get_running_loop().time() - start
         assert data and elapsed < 5
         writer.close()
-        await _wait(lambda: node.sdk.open_count == 0, "slot not freed")
+        await wait_until(lambda: node.sdk.open_count == 0, "slot not freed")
         ws = await open_stream(node.ws_url, "good")
         assert (await recv_frame(ws))["t"] == "hello"
         await ws.close()
@@ -130,7 +123,7 @@ async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
         fast = await open_stream(node.ws_url, "k")
         await recv_frame(fast)
         await recv_frame(fast)
-        await _wait(lambda: node.hub.session_count() == 2, "stalled session not attached")
+        await wait_until(lambda: node.hub.session_count() == 2, "stalled session not attached")
         blob = "x" * 20_000
         last = 0
         # Up to 8 MB owed to the stalled reader: past what the kernel's socket buffers absorb.
@@ -140,7 +133,7 @@ async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
             assert frame["v"] == last  # the fast client never waits for the slow one
             if node.hub.session_count() == 1:
                 break
-        await _wait(lambda: node.hub.session_count() == 1, "stalled session not evicted")
+        await wait_until(lambda: node.hub.session_count() == 1, "stalled session not evicted")
         _, metrics = await admin.call("GET", "/metrics", token="")
         assert 'relay_evictions_total{reason="max_session_buffer"} 1.0' in metrics
         assert 'relay_closes_total{code="4100"} 1.0' in metrics

@@ -9,23 +9,29 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import report, tables
-from tests.helpers import start_relay
+from tests.helpers import RelayProcess, start_relay
+
+
+def _loadtest(relay: RelayProcess, tmp_path: Path, scenario: str,
+              *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """`python -m loadtests SCENARIO` against a relay the test started; its JSON result."""
+    out = tmp_path / "result.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", scenario, "--url", relay.ws_url,
+         "--admin-url", relay.admin_url, "--admin-token", relay.token,
+         "--server-pid", str(relay.proc.pid), *args, "--out", str(out), "--no-progress",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    return result, json.loads(out.read_text())
 
 
 def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
     relay = start_relay(tmp_path / "data")
     try:
-        out = tmp_path / "result.json"
-        result = subprocess.run(
-            [sys.executable, "-m", "loadtests", "fanout", "--url", relay.ws_url,
-             "--admin-url", relay.admin_url, "--admin-token", relay.token,
-             "--server-pid", str(relay.proc.pid), "--connections", "50", "--envs", "5",
-             "--rate", "50", "--duration", "2", "--out", str(out), "--no-progress",
-             "--workdir", str(tmp_path / "work")],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        data = json.loads(out.read_text())
+        result, data = _loadtest(relay, tmp_path, "fanout", "--connections", "50", "--envs", "5",
+                                 "--rate", "50", "--duration", "2")
         assert data["scenario"] == "fanout" and data["target"] == "relay"
         assert data["connections"] == 50
         assert data["publishes"] == {"acked": 100, "errors": 0, "per_s": 50.0,
@@ -38,7 +44,7 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         assert data["server"]["cpu_s"] > 0 and data["server"]["rss_mb_after"] > 0
         # the server's open sockets, counted off its file descriptors
         assert data["server"]["open_connections_after_connect"] >= 50
-        assert out.with_suffix(".png").stat().st_size > 1000
+        assert (tmp_path / "result.png").stat().st_size > 1000
         assert "deliveries/s" in result.stdout
     finally:
         relay.stop()
@@ -49,17 +55,9 @@ def test_tiny_slow_consumers_run_evicts_the_stalled_and_loses_nothing(tmp_path: 
                         "--write-high-water", "4096", "--write-low-water", "1024",
                         "--socket-send-buffer", "4096")
     try:
-        out = tmp_path / "result.json"
-        result = subprocess.run(
-            [sys.executable, "-m", "loadtests", "slow-consumers", "--url", relay.ws_url,
-             "--admin-url", relay.admin_url, "--admin-token", relay.token,
-             "--server-pid", str(relay.proc.pid), "--connections", "30", "--stalled", "6",
-             "--envs", "1", "--rate", "40", "--duration", "3", "--payload-bytes", "4000",
-             "--out", str(out), "--no-progress", "--workdir", str(tmp_path / "work")],
-            capture_output=True, text=True, timeout=120,
-        )
-        assert result.returncode == 0, result.stderr
-        data = json.loads(out.read_text())
+        result, data = _loadtest(relay, tmp_path, "slow-consumers", "--connections", "30",
+                                 "--stalled", "6", "--envs", "1", "--rate", "40",
+                                 "--duration", "3", "--payload-bytes", "4000")
         assert data["scenario"] == "slow-consumers" and data["connections"] == 30
         # The fast connections got every change, in order, beside the stalled ones ...
         assert data["missing"] == 0 and data["out_of_order"] == 0
