@@ -53,9 +53,10 @@ class _Head:
         self.url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        # iso-8859-1, as websockets decodes header values: an opaque byte-for-byte mapping.
+        # iso-8859-1, as websockets decodes header values: an opaque byte-for-byte mapping;
+        # and, as websockets does, without the whitespace around the value.
         self.headers.setdefault(name.decode("latin-1").lower(), []).append(
-            value.decode("latin-1")
+            value.strip(b" \t").decode("latin-1")
         )
 
     def on_headers_complete(self) -> None:
@@ -88,6 +89,11 @@ def accept_upgrade(head: bytes, path: str, subprotocol: str) -> Upgrade | None:
     accepted (as websockets does with relay's selection), and the caller closes it with 4002.
     """
     if len(head) > _MAX_HEAD:
+        return None
+    # llhttp tolerates what websockets refuses in the request line (leading line breaks, runs
+    # of spaces): only the exact form `GET <target> HTTP/1.1` takes the fast path.
+    line = head[: head.find(b"\r\n")].split(b" ")
+    if len(line) != 3 or line[0] != b"GET" or line[2] != b"HTTP/1.1" or not line[1]:
         return None
     request = _Head()
     parser = httptools.HttpRequestParser(request)

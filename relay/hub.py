@@ -165,7 +165,9 @@ class Hub:
         if not self.key_valid(session.key_hash, session.env):
             self._arm_idle_timer(channel)
             return False
-        session.write(self._join(channel, session, since))
+        data = self._join(channel, session, since)
+        if session.write(data):
+            self._count_sent(2, len(data))
         return True
 
     def cached_env(self, key_hash: str) -> str | None:
@@ -184,7 +186,13 @@ class Hub:
             or not self.key_valid(session.key_hash, session.env)
         ):
             return None
-        return self._join(channel, session, since)
+        data = self._join(channel, session, since)
+        self._count_sent(2, len(data))  # the caller writes it to an open connection
+        return data
+
+    def _count_sent(self, frames: int, size: int) -> None:
+        self.metrics.frames_sent.inc(frames)
+        self.metrics.bytes_sent.inc(size)
 
     def _join(self, channel: _Channel, session: SessionSink, since: int | None) -> bytes:
         """Add the session to a loaded channel; return its `hello` and catch-up frames.
@@ -193,18 +201,16 @@ class Hub:
         exactly between two fan-outs."""
         state = channel.state
         assert state is not None
+        self._flush_channel(channel)  # (which may evict a session, and arm the idle timer)
         if channel.idle_timer is not None:
             channel.idle_timer.cancel()
             channel.idle_timer = None
-        self._flush_channel(channel)
         if channel.hello[0] != state.v:
             channel.hello = (
                 state.v,
                 protocol.ws_binary_frame(protocol.hello(state.env, self.node_id, state.v)),
             )
         data = channel.hello[1] + state.catch_up_frame(since)
-        self.metrics.frames_sent.inc(2)
-        self.metrics.bytes_sent.inc(len(data))
         box = Outbox(state.v)
         channel.sessions[session] = box
         if session.writing_paused:  # its 101 alone filled the buffer
@@ -269,10 +275,9 @@ class Hub:
         missed = state.v - box.held
         box.caught_up(state.v)
         if session.write(frame):
-            m = self.metrics
-            m.frames_sent.inc()
-            m.bytes_sent.inc(len(frame))
-            m.coalesced_changes.inc(missed)
+            self._count_sent(1, len(frame))
+            if missed > 1:  # one change alone was not coalesced with anything
+                self.metrics.coalesced_changes.inc(missed)
 
     def _sweep_interval(self) -> float:
         return min(1.0, self.slow_consumer_timeout / 4)

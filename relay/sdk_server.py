@@ -141,13 +141,20 @@ class SdkConnection(asyncio.Protocol):
             self.server.hub.detach(self)
 
     def pause_writing(self) -> None:
-        """The socket's buffer passed --write-high-water: the hub skips this session."""
+        """The socket's buffer passed --write-high-water: the hub skips this session, and
+        nothing more is read from it until it drains, since what a client sends (pings,
+        closes) makes the server write (pongs): a client that sends and never reads must not
+        grow its buffer either."""
         self.writing_paused = True
+        with contextlib.suppress(RuntimeError):  # closing
+            self.transport.pause_reading()  # type: ignore[union-attr]
         self.server.hub.session_paused(self)
 
     def resume_writing(self) -> None:
         """Below --write-low-water again: the hub sends what it missed, as one delta."""
         self.writing_paused = False
+        with contextlib.suppress(RuntimeError):
+            self.transport.resume_reading()  # type: ignore[union-attr]
         self.server.hub.session_resumed(self)
 
     # --- the hub's session interface ------------------------------------------------------------

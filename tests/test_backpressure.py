@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+from websockets.frames import Frame, Opcode
 
 from relay import protocol
 from relay.node import Node
@@ -175,6 +178,35 @@ async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
         stalled.close()
         for ws in fast:
             await ws.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_client_that_sends_pings_and_never_reads_costs_a_bounded_buffer(
+    make_node: NodeFactory,
+) -> None:
+    """Pings make the server write pongs: once its buffer is above the high-water mark, the
+    server stops reading from it, so the pongs it owes stop growing too."""
+    high = 32 << 10
+    node = await make_node(write_high_water=high, write_low_water=8 << 10,
+                           socket_send_buffer=16 << 10)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        sock = _raw_stream(node.port, "k")
+        await wait_until(lambda: node.hub.session_count() == 1, "not attached")
+        conn = _server_side(node, sock)
+        pings = Frame(Opcode.PING, b"p" * 125).serialize(mask=True, extensions=[]) * 200
+        loop = asyncio.get_running_loop()
+        deadline, most_buffered = loop.time() + 2.0, 0
+        while loop.time() < deadline:
+            with contextlib.suppress(BlockingIOError):
+                sock.send(pings)
+            most_buffered = max(most_buffered, conn.buffered())
+            await asyncio.sleep(0.005)
+        assert conn.writing_paused, "the flood never filled the buffers"
+        assert most_buffered <= high + (64 << 10)
+        sock.close()
     finally:
         await admin.close()
 

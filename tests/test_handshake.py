@@ -124,6 +124,9 @@ def test_declines_what_it_does_not_answer_itself() -> None:
         variant(*base, *[(f"X-{i}", "x") for i in range(130)]),  # over websockets' 128
         variant(*base, ("Cookie", "x" * 9000)),  # over websockets' line limit
         b"GET /v1/stream HTTP/1.1\r\nHost h\r\n\r\n",  # not HTTP
+        b"\r\n" + variant(*base),  # a line break before the request line
+        variant(*base, line=f"GET  {PATH} HTTP/1.1"),  # two spaces
+        variant(*base, line=f"GET {PATH}  HTTP/1.1"),
     ]
     for head in declined:
         assert accept_upgrade(head, PATH, SUB) is None, head
@@ -166,7 +169,12 @@ def _requests(draw: st.DrawFn) -> bytes:
     headers = [h for h in _required if draw(st.integers(0, 9)) > 0]
     headers += draw(st.lists(st.tuples(_names, _values), max_size=5))
     order = draw(st.permutations(headers))
-    return _head(f"{method} {target} {version}", list(order))
+    # Request lines llhttp tolerates and websockets does not: runs of spaces, a tab, a line
+    # break before the request.
+    gap = draw(st.sampled_from([" ", " ", " ", "  ", "\t"]))
+    gap2 = draw(st.sampled_from([" ", " ", " ", "  "]))
+    before = draw(st.sampled_from(["", "", "", "\r\n", "\n", "\r"]))
+    return before.encode() + _head(f"{method}{gap}{target}{gap2}{version}", list(order))
 
 
 @settings(max_examples=1500, deadline=None)
