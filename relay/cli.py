@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 
 from relay import __version__
 from relay import config as config_mod
+from relay.store import describe as describe_store
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
 DEFAULT_WS_URL = "ws://127.0.0.1:8080/v1/stream"
@@ -54,7 +55,7 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
         f"  SDK WebSockets  {node.ws_url}",
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
         f"  admin token     {node.admin_token}  ({token_note})",
-        f"  store           SQLite {Path(cfg.data_dir) / 'relay.db'}",
+        f"  store           {describe_store(cfg)}",
         "",
         "Try it (in another terminal):",
         f"  {token_env}",

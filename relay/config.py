@@ -23,6 +23,9 @@ def _default_max_connections() -> int:
     return max(16, soft - 256)
 
 
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+
+
 def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -34,6 +37,11 @@ class Config:
     admin_host: str = _opt("", "address of the internal admin port (default: --host)")
     admin_port: int = _opt(8081, "internal admin/metrics port (0 picks a free port)")
     data_dir: str = _opt("./relay-data", "directory of the embedded SQLite store")
+    store: str = _opt(
+        "sqlite",
+        "where state lives: sqlite (embedded, one node, in --data-dir) or a redis:// URL "
+        "(shared by the nodes of a cluster)",
+    )
     admin_token: str = _opt(
         "", "bearer token of the admin API (default: generated once, kept in the data dir)"
     )
@@ -138,6 +146,10 @@ def check(config: Config) -> None:
                  "write_high_water"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
+    if config.store != "sqlite" and not config.store.startswith(REDIS_SCHEMES):
+        raise ConfigError(
+            f"--store must be sqlite or a redis:// (rediss://, unix://) URL, got {config.store!r}"
+        )
     if config.socket_send_buffer < 0:
         raise ConfigError("--socket-send-buffer must be 0 (the kernel's default) or positive")
     if not 0 <= config.write_low_water < config.write_high_water:

@@ -16,8 +16,8 @@ from relay.config import Config
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.sdk_server import SdkServer
+from relay.store import make_store
 from relay.store.base import Store
-from relay.store.sqlite import SQLiteStore
 
 log = logging.getLogger("relay.node")
 
@@ -44,7 +44,7 @@ class Node:
         self.state = "starting"
         self.started_at = time.time()
         self.metrics = Metrics()
-        self.store: Store = store or SQLiteStore(config.data_dir, config.log_retention)
+        self.store: Store = store or make_store(config)
         self.admin_token = config.admin_token
         self.token_generated = False
         self.hub = Hub(

@@ -222,3 +222,71 @@ def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
         frames.append((data[0] & 0x0F, data[offset : offset + length]))
         data = data[offset + length :]
     return frames, data
+
+
+@dataclass
+class RedisServer:
+    """A real redis-server on a free loopback port, in a directory of its own."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    dir: Path
+    args: list[str]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.proc.wait(5)
+
+    def restart(self) -> None:
+        """Start it again on the same port and directory (with the same persistence)."""
+        self.stop()
+        fresh = start_redis(self.dir, *self.args, port=self.port)
+        self.proc = fresh.proc
+
+
+def start_redis(directory: Path, *args: str, port: int = 0) -> RedisServer:
+    """Start redis-server (scripts/install-test-deps.sh installs it); wait until it answers."""
+    import shutil
+    import socket as socket_mod
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise AssertionError("redis-server is not installed: run scripts/install-test-deps.sh")
+    if not port:
+        with socket_mod.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+    directory.mkdir(parents=True, exist_ok=True)
+    extra = list(args) or ["--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(directory),
+         "--daemonize", "no", "--loglevel", "warning", *extra],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket_mod.create_connection(("127.0.0.1", port), timeout=1) as conn:
+                conn.sendall(b"PING\r\n")
+                if conn.recv(16).startswith(b"+PONG"):
+                    return RedisServer(proc, port, directory, list(args))
+        except OSError:
+            pass
+        if proc.poll() is not None:
+            raise AssertionError(f"redis-server exited with {proc.returncode}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError("redis-server did not answer within 10 s")

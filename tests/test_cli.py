@@ -106,6 +106,12 @@ def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
     assert "--write-low-water must be at least 0 and below" in one_line_error(marks)
     timeout = run(None, "serve", "--slow-consumer-timeout", "0")
     assert "--slow-consumer-timeout must be positive" in one_line_error(timeout)
+    bad_store = run(None, "serve", "--store", "mysql://db")
+    assert "--store must be sqlite or a redis://" in one_line_error(bad_store)
+    no_redis = run(None, "serve", "--port", "0", "--admin-port", "0", "--data-dir",
+                   str(tmp_path / "d"), "--store", "redis://127.0.0.1:9/0")
+    assert "cannot open the store: cannot reach Redis at redis://127.0.0.1:9/0" in (
+        one_line_error(no_redis))
 
 
 def test_serve_reads_relay_env_vars_and_admin_token_file(tmp_path: Path) -> None:

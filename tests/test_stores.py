@@ -1,4 +1,5 @@
-"""relay.store.sqlite: the embedded store, on a real SQLite file under tmp_path (no mocks)."""
+"""The stores: what every store must do (run on SQLite and on a real Redis server), then what is
+particular to the embedded SQLite store (a real file under tmp_path). No mocks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import random
 import sqlite3
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,24 +18,49 @@ from relay.changes import Change
 from relay.store.base import (
     EnvSnapshot,
     KeyConflict,
+    Store,
     StoreError,
     StoreUnavailable,
     UnknownEnv,
     hash_key,
 )
+from relay.store.redis import RedisStore
 from relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
 H1, H2, H3 = hash_key("sdk-1"), hash_key("sdk-2"), hash_key("sdk-3")
 
 
+@pytest.fixture(params=["sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store
+    if request.param == "sqlite":
+        s = SQLiteStore(tmp_path, log_retention=1000)
+    else:
+        s = RedisStore(request.getfixturevalue("redis_url"), log_retention=1000)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
 @pytest.fixture
-async def store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SQLiteStore]:
     s = SQLiteStore(tmp_path, log_retention=1000)
     await s.open()
     try:
         yield s
     finally:
         await s.close()
+
+
+async def delivered(predicate: Callable[[], bool], timeout: float = 5) -> None:
+    """Listeners hear of changes on the loop: at once with SQLite, through pub/sub with
+    Redis. Wait (bounded) until `predicate` holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "listener not called"
+        await asyncio.sleep(0.01)
 
 
 async def _open(path: Path, **kwargs: Any) -> SQLiteStore:
@@ -50,7 +76,7 @@ def test_hash_key_is_sha256_hex() -> None:
     assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
 
 
-async def test_put_env_creates_with_version_zero(store: SQLiteStore) -> None:
+async def test_put_env_creates_with_version_zero(store: Store) -> None:
     assert await store.put_env("prod", [H1, H2]) == 0
     assert await store.env_for_key(H1) == "prod"
     assert await store.env_for_key(H2) == "prod"
@@ -60,7 +86,7 @@ async def test_put_env_creates_with_version_zero(store: SQLiteStore) -> None:
     assert snap == EnvSnapshot(env="prod", v=0, flags={}, history=[])
 
 
-async def test_put_env_replaces_keys_and_returns_current_version(store: SQLiteStore) -> None:
+async def test_put_env_replaces_keys_and_returns_current_version(store: Store) -> None:
     await store.put_env("prod", [H1, H2])
     await store.publish("prod", {"a": 1}, [])
     await store.publish("prod", {"a": 2}, [])
@@ -76,7 +102,7 @@ async def test_put_env_replaces_keys_and_returns_current_version(store: SQLiteSt
     assert await store.env_for_key(H3) is None
 
 
-async def test_put_env_key_conflict(store: SQLiteStore) -> None:
+async def test_put_env_key_conflict(store: Store) -> None:
     await store.put_env("a", [H1])
     with pytest.raises(KeyConflict) as err:
         await store.put_env("b", [H2, H1])
@@ -96,7 +122,7 @@ async def test_put_env_key_conflict(store: SQLiteStore) -> None:
     assert await store.envs() == {"a": 0, "b": 0}
 
 
-async def test_keys_listener_fires_on_the_loop(store: SQLiteStore) -> None:
+async def test_keys_listener_fires_on_the_loop(store: Store) -> None:
     calls: list[tuple[str, frozenset[str], int]] = []
     store.add_keys_listener(lambda env, hashes: calls.append((env, hashes, threading.get_ident())))
     await store.put_env("prod", [H1, H2])
@@ -112,7 +138,7 @@ async def test_keys_listener_fires_on_the_loop(store: SQLiteStore) -> None:
 # --- publish ----------------------------------------------------------------------------------
 
 
-async def test_publish_assigns_consecutive_versions(store: SQLiteStore) -> None:
+async def test_publish_assigns_consecutive_versions(store: Store) -> None:
     await store.put_env("prod", [H1])
     await store.put_env("dev", [H2])
     c1 = await store.publish("prod", {"a": True}, [])
@@ -136,7 +162,7 @@ async def test_publish_assigns_consecutive_versions(store: SQLiteStore) -> None:
     )
 
 
-async def test_publish_unknown_env(store: SQLiteStore) -> None:
+async def test_publish_unknown_env(store: Store) -> None:
     with pytest.raises(UnknownEnv) as err:
         await store.publish("nope", {"a": 1}, [])
     assert err.value.env == "nope"
@@ -147,7 +173,7 @@ async def test_publish_unknown_env(store: SQLiteStore) -> None:
     assert await store.envs() == {}
 
 
-async def test_concurrent_publishes_get_unique_consecutive_versions(store: SQLiteStore) -> None:
+async def test_concurrent_publishes_get_unique_consecutive_versions(store: Store) -> None:
     await store.put_env("prod", [H1])
     seen: list[int] = []
     store.add_change_listener(lambda c: seen.append(c.v))
@@ -155,6 +181,7 @@ async def test_concurrent_publishes_get_unique_consecutive_versions(store: SQLit
     versions = [c.v for c in changes]
     assert sorted(versions) == list(range(1, 51))
     assert len(set(versions)) == 50
+    await delivered(lambda: len(seen) == 50)
     assert seen == list(range(1, 51))  # listeners see commit order
     by_v = {c.v: c for c in changes}
     snap = await store.load("prod", 100)
@@ -164,7 +191,7 @@ async def test_concurrent_publishes_get_unique_consecutive_versions(store: SQLit
     assert [c.put for c in snap.history] == [by_v[v].put for v in range(1, 51)]
 
 
-async def test_deleting_a_missing_flag_is_dropped(store: SQLiteStore) -> None:
+async def test_deleting_a_missing_flag_is_dropped(store: Store) -> None:
     await store.put_env("prod", [H1])
     await store.publish("prod", {"a": 1, "b": 2}, [])
     c = await store.publish("prod", {"c": 3}, ["missing", "a", "a"])
@@ -177,16 +204,17 @@ async def test_deleting_a_missing_flag_is_dropped(store: SQLiteStore) -> None:
     assert (await store.load("prod", 0)).flags == {"b": (1, 2), "c": (2, 3)}
 
 
-async def test_an_empty_change_commits_nothing(store: SQLiteStore) -> None:
+async def test_an_empty_change_commits_nothing(store: Store) -> None:
     await store.put_env("prod", [H1])
-    await store.publish("prod", {"a": 1}, [])
     seen: list[Change] = []
     store.add_change_listener(seen.append)
+    await store.publish("prod", {"a": 1}, [])
+    await delivered(lambda: len(seen) == 1)
     for put, dels in [({}, []), ({}, ["missing"]), ({}, ["x", "y", "x"])]:
         c = await store.publish("prod", put, dels)
         assert (c.env, c.v, dict(c.put), c.dels) == ("prod", 1, {}, ())
-    await asyncio.sleep(0)
-    assert seen == []
+    await asyncio.sleep(0.2)  # time for a notification, were there one
+    assert len(seen) == 1
     assert await store.envs() == {"prod": 1}
     assert await store.changes_since("prod", 1) == []
     snap = await store.load("prod", 10)
@@ -197,7 +225,7 @@ async def test_an_empty_change_commits_nothing(store: SQLiteStore) -> None:
     assert (await store.load("prod", 0)).flags == {}
 
 
-async def test_put_and_delete_of_one_key_in_one_change(store: SQLiteStore) -> None:
+async def test_put_and_delete_of_one_key_in_one_change(store: Store) -> None:
     await store.put_env("prod", [H1])
     await store.publish("prod", {"a": 1}, [])
     c = await store.publish("prod", {"a": 2}, ["a"])
@@ -208,7 +236,7 @@ async def test_put_and_delete_of_one_key_in_one_change(store: SQLiteStore) -> No
     assert (await store.load("prod", 0)).flags == {"b": (3, 2)}
 
 
-async def test_publish_does_not_keep_the_callers_mappings(store: SQLiteStore) -> None:
+async def test_publish_does_not_keep_the_callers_mappings(store: Store) -> None:
     await store.put_env("prod", [H1])
     put = {"a": 1}
     dels: list[str] = []
@@ -218,7 +246,7 @@ async def test_publish_does_not_keep_the_callers_mappings(store: SQLiteStore) ->
     assert dict(c.put) == {"a": 1}
 
 
-async def test_a_failed_publish_rolls_back(store: SQLiteStore) -> None:
+async def test_a_failed_publish_rolls_back(store: Store) -> None:
     await store.put_env("prod", [H1])
     await store.publish("prod", {"a": 1}, [])
     with pytest.raises(TypeError):
@@ -232,7 +260,7 @@ async def test_a_failed_publish_rolls_back(store: SQLiteStore) -> None:
 # --- load and the log -------------------------------------------------------------------------
 
 
-async def test_load_returns_per_flag_versions_and_newest_history(store: SQLiteStore) -> None:
+async def test_load_returns_per_flag_versions_and_newest_history(store: Store) -> None:
     await store.put_env("prod", [H1])
     published = [
         await store.publish("prod", {"a": 1, "b": "x"}, []),
@@ -278,7 +306,7 @@ async def test_log_trimmed_to_retention(tmp_path: Path) -> None:
         await s.close()
 
 
-async def test_changes_since_full_log(store: SQLiteStore) -> None:
+async def test_changes_since_full_log(store: Store) -> None:
     await store.put_env("prod", [H1])
     assert await store.changes_since("prod", 0) == []
     published = [await store.publish("prod", {"a": v}, []) for v in range(1, 6)]
@@ -380,11 +408,13 @@ async def test_reopen_keeps_everything(tmp_path: Path) -> None:
         await s2.close()
 
 
-async def test_a_published_change_is_committed_when_acknowledged(store: SQLiteStore) -> None:
-    await store.put_env("prod", [H1])
-    await store.publish("prod", {"a": "durable"}, [])
+async def test_a_published_change_is_committed_when_acknowledged(
+    sqlite_store: SQLiteStore,
+) -> None:
+    await sqlite_store.put_env("prod", [H1])
+    await sqlite_store.publish("prod", {"a": "durable"}, [])
     # an independent connection (another process would see the same) reads it at once
-    db = sqlite3.connect(store.path)
+    db = sqlite3.connect(sqlite_store.path)
     try:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert db.execute("SELECT v FROM envs WHERE env = 'prod'").fetchone()[0] == 1
@@ -430,43 +460,46 @@ async def test_data_dir_is_created(tmp_path: Path) -> None:
 
 
 async def test_change_listeners_run_on_the_loop_before_publish_returns(
-    store: SQLiteStore,
+    sqlite_store: SQLiteStore,
 ) -> None:
-    await store.put_env("prod", [H1])
-    await store.put_env("dev", [H2])
+    await sqlite_store.put_env("prod", [H1])
+    await sqlite_store.put_env("dev", [H2])
     loop_thread = threading.get_ident()
     first: list[tuple[str, int, int]] = []
     second: list[tuple[str, int]] = []
-    store.add_change_listener(lambda c: first.append((c.env, c.v, threading.get_ident())))
-    store.add_change_listener(lambda c: second.append((c.env, c.v)))
+    sqlite_store.add_change_listener(lambda c: first.append((c.env, c.v, threading.get_ident())))
+    sqlite_store.add_change_listener(lambda c: second.append((c.env, c.v)))
 
-    c1 = await store.publish("prod", {"a": 1}, [])
+    c1 = await sqlite_store.publish("prod", {"a": 1}, [])
     assert first == [("prod", 1, loop_thread)]  # already called when publish returns
     assert second == [("prod", 1)]
-    c2 = await store.publish("prod", {"a": 2}, [])
-    c3 = await store.publish("dev", {"a": 2}, [])
+    c2 = await sqlite_store.publish("prod", {"a": 2}, [])
+    c3 = await sqlite_store.publish("dev", {"a": 2}, [])
     assert first == [("prod", 1, loop_thread), ("prod", 2, loop_thread), ("dev", 1, loop_thread)]
     assert second == [("prod", 1), ("prod", 2), ("dev", 1)]
     assert (c1.v, c2.v, c3.v) == (1, 2, 1)
 
 
-async def test_change_listener_gets_the_committed_change(store: SQLiteStore) -> None:
+async def test_change_listener_gets_the_committed_change(store: Store) -> None:
     await store.put_env("prod", [H1])
-    await store.publish("prod", {"a": 1}, [])
     got: list[Change] = []
     store.add_change_listener(got.append)
+    first = await store.publish("prod", {"a": 1}, [])
     c = await store.publish("prod", {"b": [1]}, ["a", "missing"])
-    assert got == [c]
-    assert got[0] == Change(env="prod", v=2, put={"b": [1]}, dels=("a",), ts=c.ts)
+    await delivered(lambda: len(got) == 2)
+    assert got == [first, c]
+    assert got[1] == Change(env="prod", v=2, put={"b": [1]}, dels=("a",), ts=c.ts)
 
 
-async def test_concurrent_publishes_each_see_their_change_delivered(store: SQLiteStore) -> None:
-    await store.put_env("prod", [H1])
+async def test_concurrent_publishes_each_see_their_change_delivered(
+    sqlite_store: SQLiteStore,
+) -> None:
+    await sqlite_store.put_env("prod", [H1])
     seen: list[int] = []
-    store.add_change_listener(lambda c: seen.append(c.v))
+    sqlite_store.add_change_listener(lambda c: seen.append(c.v))
 
     async def publish_and_check(i: int) -> int:
-        c = await store.publish("prod", {"k": i}, [])
+        c = await sqlite_store.publish("prod", {"k": i}, [])
         assert c.v in seen  # delivered before this caller resumed
         assert seen == sorted(seen)
         return c.v
@@ -476,18 +509,18 @@ async def test_concurrent_publishes_each_see_their_change_delivered(store: SQLit
     assert seen == list(range(1, 51))
 
 
-async def test_group_commit_fails_only_the_bad_change(store: SQLiteStore) -> None:
+async def test_group_commit_fails_only_the_bad_change(sqlite_store: SQLiteStore) -> None:
     """Concurrent publishes share one transaction; one to an unknown environment fails alone."""
-    await store.put_env("a", [H1])
+    await sqlite_store.put_env("a", [H1])
     results = await asyncio.gather(
-        *(store.publish("a", {"n": i}, ()) for i in range(10)),
-        store.publish("ghost", {"x": 1}, ()),
-        *(store.publish("a", {"m": i}, ()) for i in range(10)),
+        *(sqlite_store.publish("a", {"n": i}, ()) for i in range(10)),
+        sqlite_store.publish("ghost", {"x": 1}, ()),
+        *(sqlite_store.publish("a", {"m": i}, ()) for i in range(10)),
         return_exceptions=True,
     )
     assert isinstance(results[10], UnknownEnv)
     versions = sorted(r.v for r in results if isinstance(r, Change))
     assert versions == list(range(1, 21))
-    snapshot = await store.load("a", 100)
+    snapshot = await sqlite_store.load("a", 100)
     assert snapshot.v == 20 and snapshot.flags == {"n": (10, 9), "m": (20, 9)}
     assert [c.v for c in snapshot.history] == list(range(1, 21))

@@ -1,0 +1,368 @@
+"""The cluster store: Redis (redis-py asyncio), shared by every node.
+
+Layout, per environment under the hash tag `{env}` (one slot, so it works on Redis Cluster):
+- `relay:{env}:v`      the version (its existence is the environment's)
+- `relay:{env}:flags`  hash: flag key -> "<version>:<msgpack value>"
+- `relay:{env}:log`    stream: one entry per version, ID `<version>-1`, fields ts, put, del
+SDK keys live under their own tag, `{relay-keys}`: `relay:{relay-keys}:owner` (key hash -> env)
+and `relay:{relay-keys}:env:<env>` (an environment's key hashes); `relay:{relay-envs}` lists the
+environments.
+
+A publish is one Lua script on the environment's slot: it bumps the version, writes the flags,
+appends to the stream (trimmed to the log retention) and publishes the change itself on the
+channel `relay:changes`, atomically; it is acknowledged once Redis answers (as durable as Redis's
+persistence settings make it: see docs/architecture.md). Every node's listeners learn of changes
+from that channel, in the order Redis committed them. Pub/sub is at-most-once: a listener that
+misses one sees a version gap and reads the stream (`changes_since`); after a lost subscription
+the store itself replays, from the streams, what the environments it has seen may have missed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError, ResponseError
+
+from relay.changes import Change
+from relay.store.base import (
+    ChangeListener,
+    EnvSnapshot,
+    KeyConflict,
+    KeysListener,
+    StoreUnavailable,
+    UnknownEnv,
+)
+
+log = logging.getLogger("relay.store.redis")
+
+T = TypeVar("T")
+CHANGES_CHANNEL = b"relay:changes"
+KEYS_CHANNEL = b"relay:keys"
+_RECONNECT_S = (0.1, 2.0)  # first and longest pause between subscription attempts
+
+# KEYS: v, flags, log. ARGV: env, ts, retention, n_put, (key, packed value) * n_put,
+# packed put map, n_del, del keys. Returns {version, committed (0/1), packed deleted keys}.
+_PUBLISH = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return redis.error_reply('UNKNOWN_ENV') end
+cur = tonumber(cur)
+local nput = tonumber(ARGV[4])
+local p = 5 + 2 * nput
+local putblob = ARGV[p]
+local ndel = tonumber(ARGV[p + 1])
+local dels = {}
+for j = 1, ndel do
+  local k = ARGV[p + 1 + j]
+  if redis.call('HEXISTS', KEYS[2], k) == 1 then dels[#dels + 1] = k end
+end
+local delblob = cmsgpack.pack(dels)
+if nput == 0 and #dels == 0 then return {cur, 0, delblob} end
+local v = cur + 1
+redis.call('SET', KEYS[1], v)
+for j = 0, nput - 1 do
+  redis.call('HSET', KEYS[2], ARGV[5 + 2 * j], v .. ':' .. ARGV[6 + 2 * j])
+end
+for _, k in ipairs(dels) do redis.call('HDEL', KEYS[2], k) end
+redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], v .. '-1', 'ts', ARGV[2], 'put', putblob,
+           'del', delblob)
+redis.call('PUBLISH', 'relay:changes', cmsgpack.pack(ARGV[1], v, ARGV[2]) .. delblob .. putblob)
+return {v, 1, delblob}
+"""
+
+# KEYS: owner hash, the environment's key set. ARGV: env, key hashes. Replaces the keys.
+_PUT_KEYS = """
+for i = 2, #ARGV do
+  local owner = redis.call('HGET', KEYS[1], ARGV[i])
+  if owner and owner ~= ARGV[1] then return redis.error_reply('KEYCONFLICT ' .. owner) end
+end
+for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('HDEL', KEYS[1], h) end
+redis.call('DEL', KEYS[2])
+for i = 2, #ARGV do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[i])
+end
+return 1
+"""
+
+
+def _pack(obj: Any) -> bytes:
+    data: bytes = msgpack.packb(obj, use_bin_type=True)
+    return data
+
+
+def _unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+def _keys(env: str) -> tuple[str, str, str]:
+    return f"relay:{{{env}}}:v", f"relay:{{{env}}}:flags", f"relay:{{{env}}}:log"
+
+
+_OWNER = "relay:{relay-keys}:owner"
+_ENVS = "relay:{relay-envs}"
+
+
+def _env_keys(env: str) -> str:
+    return f"relay:{{relay-keys}}:env:{env}"
+
+
+def _flag(raw: bytes) -> tuple[int, Any]:
+    v, _, value = raw.partition(b":")
+    return int(v), _unpack(value)
+
+
+def _change(env: str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Change:
+    return Change(
+        env=env,
+        v=int(entry_id.split(b"-")[0]),
+        put=_unpack(fields[b"put"]),
+        dels=tuple(_unpack(fields[b"del"])),
+        ts=float(fields[b"ts"]),
+    )
+
+
+class RedisStore:
+    """`relay.store.base.Store` on a Redis server, for a cluster of nodes."""
+
+    def __init__(self, url: str, log_retention: int = 10_000) -> None:
+        self.url = url
+        self.log_retention = max(1, log_retention)
+        self._redis: aioredis.Redis | None = None
+        self._change_listeners: list[ChangeListener] = []
+        self._keys_listeners: list[KeysListener] = []
+        self._publish_script: Any = None
+        self._keys_script: Any = None
+        self._subscriber: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+        # Per environment, the newest version told to listeners (or, before any, the first
+        # one loaded): what a lost subscription is caught up from.
+        self._seen: dict[str, int] = {}
+        self._origin = os.urandom(8)  # tells this store's own key notices apart
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    @property
+    def _r(self) -> aioredis.Redis:
+        if self._redis is None:
+            raise StoreUnavailable("store is not open")
+        return self._redis
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await fn()
+        except ResponseError as exc:
+            text = str(exc)
+            if text.startswith("UNKNOWN_ENV"):
+                raise
+            raise StoreUnavailable(f"Redis error: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
+
+    async def open(self) -> None:
+        self._redis = aioredis.from_url(
+            self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=10
+        )
+        try:
+            await self._redis.ping()
+        except (RedisError, OSError) as exc:
+            await self._redis.aclose()
+            self._redis = None
+            raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._keys_script = self._redis.register_script(_PUT_KEYS)
+        self._subscriber = asyncio.get_running_loop().create_task(self._subscribe())
+        # Changes committed from here on reach the listeners.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 5)
+
+    async def close(self) -> None:
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._subscriber
+            self._subscriber = None
+        if self._redis is not None:
+            await self._redis.aclose()
+            self._redis = None
+
+    def add_change_listener(self, listener: ChangeListener) -> None:
+        self._change_listeners.append(listener)
+
+    def add_keys_listener(self, listener: KeysListener) -> None:
+        self._keys_listeners.append(listener)
+
+    # --- notifications ------------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        """Follow the change and key channels for as long as the store is open."""
+        pause = _RECONNECT_S[0]
+        first = True
+        while True:
+            pubsub = self._r.pubsub()
+            try:
+                await pubsub.subscribe(CHANGES_CHANNEL, KEYS_CHANNEL)
+                self._subscribed.set()
+                if not first:
+                    log.info("Redis subscription restored; replaying what it may have missed")
+                    await self._catch_up()
+                first, pause = False, _RECONNECT_S[0]
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True,
+                                                       timeout=1.0)
+                    if message is not None:
+                        self._dispatch(message["channel"], message["data"])
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("Redis subscription lost (%s); retrying in %.1fs", exc, pause)
+            finally:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+            await asyncio.sleep(pause)
+            pause = min(_RECONNECT_S[1], pause * 2)
+
+    def _dispatch(self, channel: bytes, data: bytes) -> None:
+        try:
+            if channel == CHANGES_CHANNEL:
+                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+                unpacker.feed(data)
+                env, v, ts, dels, put = (unpacker.unpack() for _ in range(5))
+                self._tell(Change(env=env, v=int(v), put=put, dels=tuple(dels), ts=float(ts)))
+            elif channel == KEYS_CHANNEL:
+                origin, env, hashes = _unpack(data)
+                if origin != self._origin:
+                    for listener in self._keys_listeners:
+                        listener(env, frozenset(hashes))
+        except Exception:  # a listener's bug, or a message from something else on the channel
+            log.exception("cannot handle a message on %r", channel)
+
+    def _tell(self, change: Change) -> None:
+        if change.v > self._seen.get(change.env, -1):
+            self._seen[change.env] = change.v
+        for listener in self._change_listeners:
+            try:
+                listener(change)
+            except Exception:  # a listener's bug must not stop the subscription
+                log.exception("change listener failed")
+
+    async def _catch_up(self) -> None:
+        """After a lost subscription: tell listeners, from the streams, every change of the
+        environments seen so far that came after the version last told (duplicates are
+        dropped by the listeners, which go by version)."""
+        for env, v in list(self._seen.items()):
+            with contextlib.suppress(StoreUnavailable, ResponseError):
+                for change in await self.changes_since(env, v) or []:
+                    self._tell(change)
+
+    # --- writes -------------------------------------------------------------------------------
+
+    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
+        hashes = list(dict.fromkeys(key_hashes))
+        v_key, _, _ = _keys(env)
+
+        async def run() -> int:
+            # Keys first: a conflict refuses the whole call, before the environment exists.
+            try:
+                await self._keys_script(keys=[_OWNER, _env_keys(env)], args=[env, *hashes])
+            except ResponseError as exc:
+                if str(exc).startswith("KEYCONFLICT "):
+                    raise KeyConflict(str(exc).removeprefix("KEYCONFLICT ")) from None
+                raise
+            await self._r.set(v_key, 0, nx=True)
+            await self._r.sadd(_ENVS, env)
+            return int(await self._r.get(v_key) or 0)
+
+        v = await self._call(run)
+        notice = frozenset(hashes)
+        for listener in self._keys_listeners:
+            asyncio.get_running_loop().call_soon(listener, env, notice)
+        with contextlib.suppress(RedisError, OSError):  # other nodes also learn at their next
+            await self._r.publish(KEYS_CHANNEL, _pack([self._origin, env, hashes]))  # lookup
+        return v
+
+    async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
+        put = dict(put)
+        packed = [_pack(value) for value in put.values()]  # TypeError if not encodable
+        dels = list(dict.fromkeys(dels))  # the script drops those that do not exist
+        ts = time.time()
+        args: list[Any] = [env, repr(ts), self.log_retention, len(put)]
+        for key, blob in zip(put, packed, strict=True):
+            args += [key, blob]
+        args += [_pack(put), len(dels), *dels]
+        try:
+            v, committed, delblob = await self._call(
+                lambda: self._publish_script(keys=list(_keys(env)), args=args)
+            )
+        except ResponseError as exc:  # UNKNOWN_ENV, passed through by _call
+            raise UnknownEnv(env) from exc
+        if not committed:
+            return Change(env=env, v=int(v), put={}, dels=(), ts=ts)
+        return Change(env=env, v=int(v), put=put, dels=tuple(_unpack(delblob)), ts=ts)
+
+    # --- reads --------------------------------------------------------------------------------
+
+    async def load(self, env: str, history: int) -> EnvSnapshot:
+        v_key, flags_key, log_key = _keys(env)
+
+        async def run() -> EnvSnapshot:
+            async with self._r.pipeline(transaction=True) as pipe:  # one consistent read
+                pipe.get(v_key)
+                pipe.hgetall(flags_key)
+                if history > 0:
+                    pipe.xrevrange(log_key, count=history)
+                results = await pipe.execute()
+            if results[0] is None:
+                raise UnknownEnv(env)
+            entries = list(reversed(results[2])) if history > 0 else []
+            snapshot = EnvSnapshot(
+                env=env,
+                v=int(results[0]),
+                flags={k.decode(): _flag(raw) for k, raw in results[1].items()},
+                history=[_change(env, entry_id, fields) for entry_id, fields in entries],
+            )
+            # Replays start from the first load, and move only with what listeners are told:
+            # a later load (an admin read) must not skip what a listener has not heard.
+            self._seen.setdefault(env, snapshot.v)
+            return snapshot
+
+        return await self._call(run)
+
+    async def changes_since(self, env: str, since: int) -> list[Change] | None:
+        v_key, _, log_key = _keys(env)
+
+        async def run() -> list[Change] | None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.get(v_key)
+                pipe.xrange(log_key, min=f"{since + 1}-0")
+                current, entries = await pipe.execute()
+            if current is None:
+                raise UnknownEnv(env)
+            if since >= int(current):
+                return []
+            changes = [_change(env, entry_id, fields) for entry_id, fields in entries]
+            if not changes or changes[0].v != since + 1:
+                return None  # trimmed past `since`
+            return changes
+
+        return await self._call(run)
+
+    async def env_for_key(self, key_hash: str) -> str | None:
+        env: Any = await self._call(lambda: self._r.hget(_OWNER, key_hash))
+        return None if env is None else str(env.decode())
+
+    async def envs(self) -> dict[str, int]:
+        async def run() -> dict[str, int]:
+            members: Any = await self._r.smembers(_ENVS)
+            names = sorted(n.decode() for n in members)
+            versions = [await self._r.get(_keys(env)[0]) for env in names]
+            return {env: int(v) for env, v in zip(names, versions, strict=True) if v is not None}
+
+        return await self._call(run)

@@ -1,0 +1,186 @@
+"""relay.store.redis on a real redis-server: what is particular to a store shared by nodes.
+
+(What every store must do runs on Redis too, in tests/test_stores.py.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import redis
+
+from relay.changes import Change
+from relay.store.base import StoreUnavailable, hash_key
+from relay.store.redis import RedisStore
+from tests.helpers import Admin, RedisServer, open_stream, recv_frame, start_redis, started_node
+
+H1, H2 = hash_key("sdk-1"), hash_key("sdk-2")
+
+
+async def _open(url: str, **kwargs: int) -> RedisStore:
+    store = RedisStore(url, **kwargs)
+    await store.open()
+    return store
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_keys_share_the_environments_hash_tag(redis_url: str) -> None:
+    """Redis Cluster needs every key a script touches in one slot: {env} for an environment's
+    version, flags and log; {relay-keys} for SDK keys."""
+    store = await _open(redis_url)
+    try:
+        await store.put_env("prod", [H1])
+        await store.publish("prod", {"a": 1}, [])
+        names = sorted(k.decode() for k in redis.Redis.from_url(redis_url).keys("*"))
+        assert names == ["relay:{prod}:flags", "relay:{prod}:log", "relay:{prod}:v",
+                         "relay:{relay-envs}", "relay:{relay-keys}:env:prod",
+                         "relay:{relay-keys}:owner"]
+    finally:
+        await store.close()
+
+
+async def test_log_trimmed_to_retention(redis_url: str) -> None:
+    store = await _open(redis_url, log_retention=5)
+    try:
+        await store.put_env("prod", [H1])
+        published = [await store.publish("prod", {f"k{v % 4}": v}, []) for v in range(1, 13)]
+        snap = await store.load("prod", 100)
+        assert [c.v for c in snap.history] == [8, 9, 10, 11, 12]
+        for since in range(7, 12):
+            log = await store.changes_since("prod", since)
+            assert log is not None and log == published[since:]
+        for since in (0, 1, 5, 6):
+            assert await store.changes_since("prod", since) is None
+        assert await store.changes_since("prod", 12) == []
+        assert await store.changes_since("prod", 50) == []
+    finally:
+        await store.close()
+
+
+async def test_two_nodes_see_each_others_changes_in_order(redis_url: str) -> None:
+    a, b = await _open(redis_url), await _open(redis_url)
+    try:
+        seen_b: list[Change] = []
+        keys_b: list[tuple[str, frozenset[str]]] = []
+        b.add_change_listener(seen_b.append)
+        b.add_keys_listener(lambda env, hashes: keys_b.append((env, hashes)))
+        await a.put_env("prod", [H1])
+        published = await asyncio.gather(*(a.publish("prod", {"n": i}, []) for i in range(30)))
+        await _until(lambda: len(seen_b) == 30, "b did not hear every change")
+        assert [c.v for c in seen_b] == list(range(1, 31))
+        assert sorted(seen_b, key=lambda c: c.v) == sorted(published, key=lambda c: c.v)
+        await _until(lambda: ("prod", frozenset({H1})) in keys_b, "b did not hear the keys")
+        assert await b.env_for_key(H1) == "prod"
+        assert (await b.load("prod", 0)).v == 30
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_a_lost_subscription_is_caught_up_from_the_streams(redis_url: str) -> None:
+    """Pub/sub is at-most-once: changes published while b's subscription is down reach b's
+    listeners anyway, in order, once it is back."""
+    a, b = await _open(redis_url), await _open(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        seen: list[int] = []
+        b.add_change_listener(lambda c: seen.append(c.v))
+        await a.put_env("prod", [H1])
+        await a.publish("prod", {"n": 0}, [])
+        await _until(lambda: seen == [1], "first change not heard")
+        admin.client_kill_filter(_type="pubsub")  # every subscription on the server drops
+        for i in range(1, 20):
+            await a.publish("prod", {"n": i}, [])
+        await _until(lambda: len(set(seen)) == 20, "missed changes were not replayed")
+        assert sorted(set(seen)) == list(range(1, 21))
+        firsts = [v for i, v in enumerate(seen) if v not in seen[:i]]
+        assert firsts == sorted(firsts)  # never a version before one already heard
+    finally:
+        admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_redis_down_means_503_then_recovery_with_nothing_acknowledged_lost(
+    tmp_path: Path,
+) -> None:
+    """Redis with AOF and appendfsync always: what was acknowledged survives its restart; while
+    it is down, publishes fail with a clear 503; the node recovers by itself."""
+    server: RedisServer = start_redis(tmp_path / "redis", "--appendonly", "yes",
+                                      "--appendfsync", "always", "--save", "")
+    node = await started_node(tmp_path / "node", store=server.url)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        acked = [await admin.publish("prod", {"n": i}) for i in range(20)]
+        ws = await open_stream(node.ws_url, "k")
+        assert (await recv_frame(ws))["v"] == acked[-1]
+        await recv_frame(ws)
+        server.kill9()
+        status, body = await admin.call("PATCH", "/admin/v1/envs/prod/flags",
+                                        {"put": {"n": "lost?"}, "del": []})
+        assert status == 503 and "Redis" in body["error"]
+        server.restart()
+        # Recovered by itself: the next publish is acknowledged and reaches the client.
+        deadline = asyncio.get_running_loop().time() + 15
+        while True:
+            status, body = await admin.call("PATCH", "/admin/v1/envs/prod/flags",
+                                            {"put": {"n": "after"}, "del": []})
+            if status == 200:
+                break
+            assert asyncio.get_running_loop().time() < deadline, body
+            await asyncio.sleep(0.2)
+        assert body["v"] == acked[-1] + 1  # nothing acknowledged was lost, nothing doubled
+        version, flags = await admin.flags("prod")
+        assert (version, flags) == (acked[-1] + 1, {"n": "after"})
+        frame = await recv_frame(ws, timeout=15)
+        assert (frame["t"], frame["base"], frame["v"]) == ("delta", acked[-1], acked[-1] + 1)
+        await ws.close()
+    finally:
+        await admin.close()
+        await node.stop()
+        server.stop()
+
+
+async def test_an_unreachable_redis_is_refused_at_start(tmp_path: Path) -> None:
+    store = RedisStore("redis://127.0.0.1:9/0")
+    with pytest.raises(StoreUnavailable, match="cannot reach Redis"):
+        await store.open()
+    await store.close()
+
+
+async def test_nodes_on_one_redis_serve_changes_published_anywhere(
+    redis_url: str, tmp_path: Path,
+) -> None:
+    """Any node can publish: the store assigns versions, and every node's clients get every
+    change of their environment exactly once, in order (each node follows the store here;
+    the ring and peer links of the cluster work come on top)."""
+    nodes = [await started_node(tmp_path / f"n{i}", store=redis_url) for i in range(3)]
+    admins = [Admin(n.admin_url) for n in nodes]
+    try:
+        await admins[0].put_env("prod", ["k"])
+        clients = [await open_stream(n.ws_url, "k") for n in nodes for _ in range(2)]
+        for ws in clients:
+            assert (await recv_frame(ws))["t"] == "hello"
+            assert (await recv_frame(ws))["v"] == 0
+        versions = [await admins[i % 3].publish("prod", {"n": i}) for i in range(30)]
+        assert versions == list(range(1, 31))
+        for ws in clients:
+            got = [await recv_frame(ws) for _ in range(30)]
+            assert [(f["base"], f["v"]) for f in got] == [(v - 1, v) for v in versions]
+            assert [f["put"]["n"]["value"] for f in got] == list(range(30))
+            await ws.close()
+    finally:
+        for a in admins:
+            await a.close()
+        for n in nodes:
+            await n.stop()
