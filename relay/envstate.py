@@ -67,6 +67,16 @@ class EnvState:
         """The lowest `since` this state can answer with a delta."""
         return self._history[0].v - 1 if self._history else self.v
 
+    def flag_versions(self) -> dict[str, tuple[int, Any]]:
+        """Current flags with the version each last changed at (a copy)."""
+        return dict(self._flags)
+
+    def changes_after(self, since: int) -> list[Change] | None:
+        """The changes after `since`, from history; None when history does not reach back."""
+        if since > self.v or since < self.oldest_base:
+            return None
+        return list(itertools.islice(self._history, since - self.oldest_base, None))
+
     def snap_frame(self) -> bytes:
         """The WebSocket frame of the full state, encoded once per version."""
         if self._snap_frame is None:

@@ -5,6 +5,11 @@ sessions are served from) and its sessions. A committed change is encoded once; 
 one event-loop tick are joined and written to every session with one write each (uvloop sets
 TCP_NODELAY, so batching per tick is what keeps a burst from costing one send() per frame).
 
+In a cluster (relay/cluster.py), an environment this node does not own is followed through a
+peer link to its owner (`Upstream`): the channel then takes changes from there, not from the
+store; and remote edges that follow an environment owned here are the channel's `followers`,
+sent each change once (relay/peer_protocol.py). A version gap is always filled from the store.
+
 Backpressure (relay/outbound.py): each session has an `Outbox`. A session whose socket buffer is
 above the high-water mark is skipped, at the cost of one check; when it drains it gets one
 coalesced catch-up delta. Sessions that stay behind are evicted by a periodic sweep over the
@@ -17,10 +22,10 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
-from relay import protocol
+from relay import peer_protocol, protocol
 from relay.changes import Change
 from relay.envstate import Applied, EnvState, change_frame, delta_frame
 from relay.metrics import Metrics
@@ -57,10 +62,31 @@ class SessionSink(Protocol):
         ...
 
 
+class Follower(Protocol):
+    """A remote edge following environments owned here, through its peer link."""
+
+    def send(self, data: bytes) -> None:
+        """Queue one peer message (returns at once)."""
+        ...
+
+
+class Upstream(Protocol):
+    """Where an environment's changes come from in a cluster (relay/cluster.py)."""
+
+    def follow(self, env: str, since: int) -> bool:
+        """A channel was loaded at `since`: True if its changes now come from a peer (this
+        node is an edge for it), False if from the store (it owns it, or runs alone)."""
+        ...
+
+    def unfollow(self, env: str) -> None:
+        """The channel is gone, or takes changes from the store again."""
+        ...
+
+
 class _Channel:
     __slots__ = (
-        "buffered", "env", "gauge", "hello", "idle_timer", "load_task", "pending", "pending_base",
-        "pending_ts", "pending_v", "resync_task", "sessions", "state",
+        "buffered", "env", "followers", "gauge", "hello", "idle_timer", "load_task", "pending",
+        "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state", "via_peer",
     )
 
     def __init__(self, env: str) -> None:
@@ -77,6 +103,8 @@ class _Channel:
         self.resync_task: asyncio.Task[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
+        self.via_peer = False  # changes come from the owner's peer link, not from the store
+        self.followers: set[Follower] = set()  # remote edges (on the owner)
 
 
 class Hub:
@@ -109,6 +137,7 @@ class Hub:
         # attaching when its key was revoked is refused once the load completes.
         self._env_keys: dict[str, frozenset[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.upstream: Upstream | None = None  # set in a cluster
         store.add_change_listener(self.on_change)
         store.add_keys_listener(self.on_keys)
 
@@ -231,8 +260,8 @@ class Hub:
         self._arm_idle_timer(channel)
 
     def _arm_idle_timer(self, channel: _Channel) -> None:
-        """Drop the channel after idle_ttl if it has no sessions by then."""
-        if not channel.sessions and channel.idle_timer is None:
+        """Drop the channel after idle_ttl if it has no sessions (nor followers) by then."""
+        if not channel.sessions and not channel.followers and channel.idle_timer is None:
             loop = asyncio.get_running_loop()
             channel.idle_timer = loop.call_later(self.idle_ttl, self._drop_if_idle, channel)
 
@@ -319,13 +348,92 @@ class Hub:
             for env, ch in self._channels.items()
         }
 
+    # --- cluster ------------------------------------------------------------------------------
+
+    def loaded_envs(self) -> list[str]:
+        return list(self._channels)
+
+    def version(self, env: str) -> int | None:
+        """The version held for `env`, if it is loaded."""
+        channel = self._channels.get(env)
+        return None if channel is None or channel.state is None else channel.state.v
+
+    def set_source(self, env: str, via_peer: bool) -> None:
+        """Take `env`'s changes from a peer (the cluster just subscribed with our version) or
+        from the store again (this node owns it now, or the owner's link is down): then
+        whatever came meanwhile is read from the store."""
+        channel = self._channels.get(env)
+        if channel is None or channel.via_peer == via_peer or channel.state is None:
+            return
+        if via_peer and channel.followers:
+            return  # it serves edges: it follows the store itself (no cycles of edges)
+        channel.via_peer = via_peer
+        if not via_peer and channel.resync_task is None:
+            channel.resync_task = self._spawn(self._resync(channel))
+
+    def on_upstream(self, message: peer_protocol.PeerMessage) -> None:
+        """A message from the owner of an environment this node follows as an edge."""
+        channel = self._channels.get(message.env)
+        if channel is None or not channel.via_peer:
+            return  # not (or no longer) followed through a peer: the store is the source
+        if isinstance(message, Change):
+            self._take(channel, message)
+        elif isinstance(message, peer_protocol.Changes):
+            for change in message.changes:
+                self._take(channel, change)
+        elif (
+            isinstance(message, peer_protocol.State)
+            and channel.state is not None
+            and channel.resync_task is None  # (a resync brings it up to date anyway)
+        ):
+            self._jump(channel, message.v, message.flags)
+
+    async def add_follower(self, env: str, follower: Follower, since: int | None) -> None:
+        """A remote edge follows `env` from here: send what it lacks, then every change.
+        Raises UnknownEnv or StoreError."""
+        channel = self._channels.get(env)
+        if channel is None:
+            channel = _Channel(env)
+            self._channels[env] = channel
+            channel.load_task = self._spawn(self._load(channel))
+        if channel.state is None:
+            assert channel.load_task is not None
+            await asyncio.shield(channel.load_task)
+        state = channel.state
+        assert state is not None
+        if channel.idle_timer is not None:
+            channel.idle_timer.cancel()
+            channel.idle_timer = None
+        if channel.via_peer:  # the ring differs between nodes for now: serve from the store
+            channel.via_peer = False
+            if self.upstream is not None:
+                self.upstream.unfollow(env)
+            if channel.resync_task is None:
+                channel.resync_task = self._spawn(self._resync(channel))
+        self._flush_channel(channel)
+        catch_up = None if since is None else state.changes_after(since)
+        if catch_up is None:
+            follower.send(peer_protocol.state(env, state.v, state.flag_versions()))
+        else:
+            follower.send(peer_protocol.changes(env, catch_up))
+        channel.followers.add(follower)
+
+    def remove_follower(self, env: str, follower: Follower) -> None:
+        channel = self._channels.get(env)
+        if channel is not None and follower in channel.followers:
+            channel.followers.discard(follower)
+            self._arm_idle_timer(channel)
+
     # --- changes ------------------------------------------------------------------------------
 
     def on_change(self, change: Change) -> None:
         """A committed change (store listener). Applied in version order, or resynced."""
         channel = self._channels.get(change.env)
-        if channel is None:
+        if channel is None or channel.via_peer:  # an edge takes it from the owner
             return
+        self._take(channel, change)
+
+    def _take(self, channel: _Channel, change: Change) -> None:
         if channel.state is None or channel.resync_task is not None:
             channel.buffered.append(change)
             return
@@ -337,6 +445,8 @@ class Hub:
         if result is Applied.APPLIED:
             if channel.sessions:
                 self._enqueue(channel, change_frame(change), change.v - 1, change.v, change.ts)
+            if channel.followers:
+                self._tell_followers(channel, peer_protocol.change(change))
         elif result is Applied.GAP:
             log.warning(
                 "env %s: got v=%d while holding v=%d; resyncing from the store",
@@ -415,6 +525,8 @@ class Hub:
         )
         self.metrics.envs_loaded.set(len(self._channels))
         self._apply_buffered(channel)
+        if self.upstream is not None and not channel.followers:
+            channel.via_peer = self.upstream.follow(channel.env, channel.state.v)
 
     async def _resync(self, channel: _Channel) -> None:
         """Fill a version gap from the store's log, or jump to its state if the log is gone."""
@@ -426,9 +538,7 @@ class Hub:
                 changes = await self.store.changes_since(channel.env, state.v)
                 if changes is None:
                     snapshot = await self.store.load(channel.env, 0)
-                    delta = state.jump_to(snapshot.v, snapshot.flags)
-                    if channel.sessions and delta.v > delta.base:
-                        self._enqueue(channel, delta_frame(delta), delta.base, delta.v, time.time())
+                    self._jump(channel, snapshot.v, snapshot.flags)
                     changes = []
                 break
             except Exception as exc:
@@ -438,9 +548,32 @@ class Hub:
         buffered, channel.buffered = channel.buffered, []
         self._apply_all(channel, changes + buffered)
 
+    def _jump(self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]) -> None:
+        """Take a newer full state whose changes are gone: one delta to sessions, the state to
+        followers."""
+        state = channel.state
+        assert state is not None
+        if v <= state.v:
+            return
+        delta = state.jump_to(v, flags)
+        if channel.sessions and delta.v > delta.base:
+            self._enqueue(channel, delta_frame(delta), delta.base, delta.v, time.time())
+        if channel.followers:
+            self._tell_followers(channel, peer_protocol.state(channel.env, v, flags))
+
+    def _tell_followers(self, channel: _Channel, data: bytes) -> None:
+        for follower in tuple(channel.followers):
+            follower.send(data)
+
     def _drop_if_idle(self, channel: _Channel) -> None:
         channel.idle_timer = None
-        if not channel.sessions and self._channels.get(channel.env) is channel:
+        if (
+            not channel.sessions
+            and not channel.followers
+            and self._channels.get(channel.env) is channel
+        ):
+            if channel.via_peer and self.upstream is not None:
+                self.upstream.unfollow(channel.env)
             del self._channels[channel.env]
             self.metrics.envs_loaded.set(len(self._channels))
             with contextlib.suppress(KeyError):  # no session ever attached

@@ -482,3 +482,15 @@ def test_decode_frame_handles_long_payloads() -> None:
     big = "x" * 70000
     state = EnvState("e", 1, {"big": (1, big)})
     assert decode_frame(state.snap_frame())["flags"]["big"]["value"] == big
+
+
+def test_changes_after_serves_what_history_holds() -> None:
+    state = EnvState("e", 0, {}, max_history=3)
+    changes = [Change("e", v, {"k": v}) for v in range(1, 6)]
+    for c in changes:
+        state.apply(c)
+    assert state.changes_after(5) == []
+    assert state.changes_after(2) == changes[2:]
+    assert state.changes_after(1) is None  # 2 left history
+    assert state.changes_after(6) is None  # newer than the state
+    assert state.flag_versions() == {"k": (5, 5)}

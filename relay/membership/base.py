@@ -1,0 +1,44 @@
+"""Membership: which nodes make up the cluster and whether each is ready (pluggable).
+
+Implementations, one module each: `static` (a list of peers), `dns` (the A records of a
+Kubernetes headless Service), both of which probe each peer's `/readyz`, and `redis` (nodes
+heartbeat a key with a TTL in the store's Redis). The ring is built from the members that are
+ready; every node computes it from what its membership sees.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+READY = "ready"
+
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    node_id: str
+    address: str  # host:port of its internal port (peer links, admin API)
+    state: str  # starting, ready, draining, stopped
+    connections: int = 0
+
+
+class Membership(Protocol):
+    """What the cluster needs to know about its nodes."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    def members(self) -> Mapping[str, Member]:
+        """Every node seen, this one included, by node id."""
+        ...
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        """Call `listener` on the loop whenever the members or their states change."""
+        ...
+
+
+def ready_ids(members: Mapping[str, Member]) -> frozenset[str]:
+    """The ring's members: nodes that are ready (not starting, draining or gone)."""
+    return frozenset(node_id for node_id, m in members.items() if m.state == READY)

@@ -1,0 +1,102 @@
+"""`--discovery redis`: nodes heartbeat a key with a TTL in the store's Redis.
+
+Each node writes `relay:{relay-members}:<id>` (its address, state and connection count) every
+interval with a TTL of three intervals, and lists the others from the set
+`relay:{relay-members}`; a node whose key expired is gone. A clean stop deletes its key at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from relay.membership.base import Member
+from relay.membership.probed import Self
+
+log = logging.getLogger("relay.membership")
+
+_SET = "relay:{relay-members}"
+
+
+def _key(node_id: str) -> str:
+    return f"{_SET}:{node_id}"
+
+
+class RedisMembership:
+    def __init__(self, url: str, local: Self, interval: float = 1.0) -> None:
+        self.url = url
+        self._local = local
+        self.interval = interval
+        self._redis: aioredis.Redis | None = None
+        self._seen: dict[str, Member] = {}
+        self._last: dict[str, Member] = {}
+        self._listeners: list[Callable[[], None]] = []
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._redis = aioredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
+        with contextlib.suppress(RedisError, OSError):
+            await self._round()
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._redis is not None:
+            with contextlib.suppress(RedisError, OSError):
+                node_id = self._local().node_id
+                await self._redis.delete(_key(node_id))
+                await self._redis.srem(_SET, node_id)
+            await self._redis.aclose()
+
+    def members(self) -> Mapping[str, Member]:
+        local = self._local()
+        return {**self._seen, local.node_id: local}
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        now = dict(self.members())
+        if now != self._last:
+            self._last = now
+            for listener in self._listeners:
+                listener()
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self._round()
+            except (RedisError, OSError) as exc:
+                log.warning("membership heartbeat failed: %s", exc)
+
+    async def _round(self) -> None:
+        assert self._redis is not None
+        local = self._local()
+        ttl_ms = max(1, int(self.interval * 3000))
+        await self._redis.set(
+            _key(local.node_id), msgpack.packb([local.address, local.state, local.connections]),
+            px=ttl_ms)
+        await self._redis.sadd(_SET, local.node_id)
+        members: Any = await self._redis.smembers(_SET)
+        ids = sorted(i.decode() for i in members)
+        values = await self._redis.mget([_key(i) for i in ids]) if ids else []
+        seen: dict[str, Member] = {}
+        for node_id, raw in zip(ids, values, strict=True):
+            if raw is None:
+                await self._redis.srem(_SET, node_id)  # its heartbeat expired: gone
+            elif node_id != local.node_id:
+                address, state, connections = msgpack.unpackb(raw, raw=False)
+                seen[node_id] = Member(node_id, address, state, connections)
+        self._seen = seen
+        self.changed()
