@@ -210,9 +210,12 @@ class AdminApi:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
+        """Also what peers' membership probes read: the node's id and connections."""
         state = self.node.state
-        return web.json_response({"ready": state == "ready", "state": state},
-                                 status=200 if state == "ready" else 503)
+        return web.json_response(
+            {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
+             "connections": self.node.hub.session_count()},
+            status=200 if state == "ready" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.node.metrics.registry)

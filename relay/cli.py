@@ -69,7 +69,10 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
 async def _serve(cfg: config_mod.Config) -> None:
     from relay.node import Node
 
-    node = Node(cfg)
+    try:
+        node = Node(cfg)
+    except config_mod.ConfigError as exc:  # e.g. a --discovery value's details
+        raise UserError(str(exc)) from None
     try:
         await node.start()
     except OSError as exc:
@@ -217,7 +220,10 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"loaded here: {len(status['loaded_envs'])}")
     print("  ring:")
     for member in status["ring"]:
-        print(f"    {member['node']}  {member['state']}")
+        ring = "" if member.get("in_ring", True) else "  (not in the ring)"
+        print(f"    {member['node']:20} {member['state']:9} {member.get('address', ''):22} "
+              f"{member.get('connections', 0):>7} connection(s) "
+              f"{member.get('owned_envs', 0):>6} environment(s) owned{ring}")
     for env, info in sorted(status["loaded_envs"].items()):
         print(f"  env {env}: v={info['v']}, {info['sessions']} session(s)")
     return 0

@@ -37,6 +37,17 @@ class Config:
     admin_host: str = _opt("", "address of the internal admin port (default: --host)")
     admin_port: int = _opt(8081, "internal admin/metrics port (0 picks a free port)")
     data_dir: str = _opt("./relay-data", "directory of the embedded SQLite store")
+    discovery: str = _opt(
+        "",
+        "how nodes find each other in a cluster: static:ID@HOST:PORT,... (peers' internal "
+        "ports), dns:NAME:PORT (a headless Service's A records) or redis (heartbeats in the "
+        "store's Redis); empty: a single node",
+    )
+    advertise: str = _opt(
+        "", "HOST:PORT at which peers reach this node's internal port (default: the one bound)"
+    )
+    peer_token: str = _opt("", "bearer token of the internal peer links (needed with --discovery)")
+    membership_interval: float = _opt(1.0, "seconds between membership probes or heartbeats")
     store: str = _opt(
         "sqlite",
         "where state lives: sqlite (embedded, one node, in --data-dir) or a redis:// URL "
@@ -150,13 +161,30 @@ def check(config: Config) -> None:
         raise ConfigError(
             f"--store must be sqlite or a redis:// (rediss://, unix://) URL, got {config.store!r}"
         )
+    if config.discovery:
+        if config.store == "sqlite":
+            raise ConfigError(
+                "a cluster needs a shared store: --discovery needs --store redis://... "
+                "(the embedded SQLite store serves one node)"
+            )
+        if not config.peer_token:
+            raise ConfigError("--discovery needs --peer-token, the secret peers share")
+        if not config.discovery.startswith(("static:", "dns:")) and config.discovery != "redis":
+            raise ConfigError(
+                "--discovery is static:ID@HOST:PORT,..., dns:NAME:PORT or redis, "
+                f"got {config.discovery!r}"
+            )
+    if config.advertise:
+        host, colon, port = config.advertise.rpartition(":")
+        if not colon or not host or not port.isdigit():
+            raise ConfigError(f"--advertise is HOST:PORT, got {config.advertise!r}")
     if config.socket_send_buffer < 0:
         raise ConfigError("--socket-send-buffer must be 0 (the kernel's default) or positive")
     if not 0 <= config.write_low_water < config.write_high_water:
         raise ConfigError("--write-low-water must be at least 0 and below --write-high-water")
     positive = (
         "handshake_timeout", "auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl",
-        "slow_consumer_timeout",
+        "slow_consumer_timeout", "membership_interval",
     )
     for name in positive:
         if getattr(config, name) <= 0:

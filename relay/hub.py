@@ -377,6 +377,7 @@ class Hub:
         if channel is None or not channel.via_peer:
             return  # not (or no longer) followed through a peer: the store is the source
         if isinstance(message, Change):
+            self.metrics.upstream_lag.labels(message.env).set(max(0.0, time.time() - message.ts))
             self._take(channel, message)
         elif isinstance(message, peer_protocol.Changes):
             for change in message.changes:

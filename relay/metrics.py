@@ -65,6 +65,22 @@ class Metrics:
             "Bytes written to this node's SDK sessions that their sockets have not taken yet",
             registry=r,
         )
+        self.ring_members = Gauge(
+            "relay_ring_members", "Nodes on this node's consistent-hash ring (ready ones)",
+            registry=r,
+        )
+        self.ownership_moves = Counter(
+            "relay_ownership_moves",
+            "Loaded environments whose owner changed with the ring", registry=r,
+        )
+        self.peer_links = Gauge(
+            "relay_peer_links", "Peer links from this node (as an edge) that are up", registry=r,
+        )
+        self.upstream_lag = Gauge(
+            "relay_upstream_lag_seconds",
+            "From a change's commit to its arrival here from the owner, by environment",
+            ["env"], registry=r,
+        )
         self.envs_loaded = Gauge(
             "relay_envs_loaded", "Environments held in memory by this node", registry=r
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,13 @@ from aiohttp import web
 
 from relay import __version__
 from relay.admin import AdminApi
+from relay.cluster import Cluster
 from relay.config import Config
 from relay.hub import Hub
+from relay.membership import make_membership
+from relay.membership.base import Member, Membership
 from relay.metrics import Metrics
+from relay.peer_server import PeerServer
 from relay.sdk_server import SdkServer
 from relay.store import make_store
 from relay.store.base import Store
@@ -58,6 +63,30 @@ class Node:
         self.admin = AdminApi(self)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
+        self.membership: Membership | None = None
+        self.cluster: Cluster | None = None
+        if config.discovery:
+            PeerServer(self.hub, config.peer_token).add_routes(self.admin.app)
+            self.membership = make_membership(
+                config.discovery, self.member, config.store, config.membership_interval
+            )
+            self.cluster = Cluster(config.node_id, config.peer_token, self.membership,
+                                   self.hub, self.metrics)
+            self.hub.upstream = self.cluster
+
+    @property
+    def advertise(self) -> str:
+        """How peers reach this node's internal port."""
+        if self.config.advertise:
+            return self.config.advertise
+        host = self.config.admin_bind
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.gethostname()
+        return f"{host}:{self.admin_port}"
+
+    def member(self) -> Member:
+        """This node as the membership shows it to the others."""
+        return Member(self.config.node_id, self.advertise, self.state, self.hub.session_count())
 
     @property
     def port(self) -> int:
@@ -91,10 +120,14 @@ class Node:
             )
             await self._site.start()
             await self.sdk.start()
+            if self.membership is not None:
+                await self.membership.start()
         except BaseException:
             await self._close_parts()
             raise
         self.state = "ready"
+        if self.cluster is not None:
+            self.cluster.on_members()  # into the ring, as this node sees it
         log.info("node %s ready", self.config.node_id)
 
     async def stop(self) -> None:
@@ -107,10 +140,39 @@ class Node:
         self.state = "stopped"
 
     async def _close_parts(self) -> None:
+        if self.cluster is not None:
+            await self.cluster.stop()
+        if self.membership is not None:
+            await self.membership.stop()
         await self.hub.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()
+
+    def _owned(self, envs: dict[str, int]) -> dict[str, int]:
+        """Environments per owner on this node's ring."""
+        if self.cluster is None:
+            return {self.config.node_id: len(envs)}
+        counts: dict[str, int] = {}
+        for env in envs:
+            owner = self.cluster.ring.owner(env)
+            if owner is not None:
+                counts[owner] = counts.get(owner, 0) + 1
+        return counts
+
+    def _ring_status(self, envs: dict[str, int]) -> list[dict[str, Any]]:
+        owned = self._owned(envs)
+        if self.membership is None:
+            return [{"node": self.config.node_id, "state": self.state, "address": self.advertise,
+                     "connections": self.hub.session_count(),
+                     "owned_envs": owned.get(self.config.node_id, 0), "in_ring": True}]
+        assert self.cluster is not None
+        return [
+            {"node": m.node_id, "state": m.state, "address": m.address,
+             "connections": m.connections, "owned_envs": owned.get(m.node_id, 0),
+             "in_ring": m.node_id in self.cluster.ring.members}
+            for m in sorted(self.membership.members().values(), key=lambda m: m.node_id)
+        ]
 
     async def status(self) -> dict[str, Any]:
         envs = await self.store.envs()
@@ -120,8 +182,8 @@ class Node:
             "state": self.state,
             "uptime_s": round(time.time() - self.started_at, 1),
             "store": type(self.store).__name__,
-            "ring": [{"node": self.config.node_id, "state": self.state}],
-            "owned_envs": len(envs),
+            "ring": self._ring_status(envs),
+            "owned_envs": self._owned(envs).get(self.config.node_id, 0),
             "envs": len(envs),
             "connections": self.hub.session_count(),
             "loaded_envs": self.hub.env_summary(),

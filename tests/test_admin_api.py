@@ -106,9 +106,11 @@ async def test_status_health_ready_metrics(node: Node, admin: Admin) -> None:
     assert status == 200
     assert body["node"] == "test-node" and body["state"] == "ready"
     assert body["envs"] == 1 and body["connections"] == 0
-    assert body["ring"] == [{"node": "test-node", "state": "ready"}]
+    assert body["ring"] == [{"node": "test-node", "state": "ready", "address": node.advertise,
+                             "connections": 0, "owned_envs": 1, "in_ring": True}]
     assert (await admin.call("GET", "/healthz", token=""))[0] == 200
-    assert await admin.call("GET", "/readyz", token="") == (200, {"ready": True, "state": "ready"})
+    assert await admin.call("GET", "/readyz", token="") == (
+        200, {"ready": True, "state": "ready", "node": "test-node", "connections": 0})
     status, text = await admin.call("GET", "/metrics", token="")
     assert status == 200 and "relay_connections_accepted_total" in text
 

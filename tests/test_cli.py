@@ -106,6 +106,17 @@ def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
     assert "--write-low-water must be at least 0 and below" in one_line_error(marks)
     timeout = run(None, "serve", "--slow-consumer-timeout", "0")
     assert "--slow-consumer-timeout must be positive" in one_line_error(timeout)
+    alone = run(None, "serve", "--discovery", "static:a@127.0.0.1:1", "--peer-token", "t")
+    assert "a cluster needs a shared store" in one_line_error(alone)
+    no_token = run(None, "serve", "--discovery", "redis", "--store", "redis://127.0.0.1:9")
+    assert "--discovery needs --peer-token" in one_line_error(no_token)
+    bad_discovery = run(None, "serve", "--discovery", "consul", "--peer-token", "t",
+                        "--store", "redis://127.0.0.1:9")
+    assert "--discovery is static:ID@HOST:PORT" in one_line_error(bad_discovery)
+    bad_peer = run(None, "serve", "--discovery", "static:nohost", "--peer-token", "t",
+                   "--store", "redis://127.0.0.1:9", "--port", "0", "--admin-port", "0",
+                   "--data-dir", str(tmp_path / "p"))
+    assert "static peers are ID@HOST:PORT" in one_line_error(bad_peer)
     bad_store = run(None, "serve", "--store", "mysql://db")
     assert "--store must be sqlite or a redis://" in one_line_error(bad_store)
     no_redis = run(None, "serve", "--port", "0", "--admin-port", "0", "--data-dir",

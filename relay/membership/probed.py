@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 import aiohttp
 
 from relay.membership.base import Member
+from relay.tasks import raise_if_cancelled
 
 log = logging.getLogger("relay.membership")
 
@@ -63,9 +64,11 @@ class ProbedMembership:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            raise_if_cancelled()
             try:
                 await self._round()
             except Exception:
+                raise_if_cancelled()
                 log.exception("membership probe round failed")
 
     async def _round(self) -> None:

@@ -19,6 +19,7 @@ from redis.exceptions import RedisError
 
 from relay.membership.base import Member
 from relay.membership.probed import Self
+from relay.tasks import raise_if_cancelled
 
 log = logging.getLogger("relay.membership")
 
@@ -75,9 +76,11 @@ class RedisMembership:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self.interval)
+            raise_if_cancelled()  # (a cancellation redis-py swallowed in the last round)
             try:
                 await self._round()
             except (RedisError, OSError) as exc:
+                raise_if_cancelled()
                 log.warning("membership heartbeat failed: %s", exc)
 
     async def _round(self) -> None:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from relay.config import ConfigError
 from relay.membership.probed import ProbedMembership, Self
 
 
-class DiscoveryError(ValueError):
-    pass
+class DiscoveryError(ConfigError):
+    """A --discovery value that cannot be used."""
 
 
 def parse(spec: str) -> dict[str, str]:

@@ -40,6 +40,7 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
 )
+from relay.tasks import raise_if_cancelled
 
 log = logging.getLogger("relay.store.redis")
 
@@ -215,6 +216,7 @@ class RedisStore:
                     await self._catch_up()
                 first, pause = False, _RECONNECT_S[0]
                 while True:
+                    raise_if_cancelled()
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=1.0)
                     if message is not None:
@@ -222,6 +224,7 @@ class RedisStore:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                raise_if_cancelled()
                 log.warning("Redis subscription lost (%s); retrying in %.1fs", exc, pause)
             finally:
                 with contextlib.suppress(Exception):

@@ -1,0 +1,121 @@
+"""The edge's side of a peer link: one WebSocket (websockets client) to one owner node,
+carrying the subscriptions of every environment this node follows through it.
+
+It reconnects by itself with backoff; on every (re)connection it subscribes again to each of
+its environments with the version the hub holds then, so the owner sends exactly what is
+missing. While it is down, the cluster takes those environments from the store instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from relay import peer_protocol
+from relay.tasks import raise_if_cancelled
+
+log = logging.getLogger("relay.peer")
+
+_BACKOFF = (0.05, 2.0)
+
+
+class PeerLink:
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        token: str,
+        *,
+        on_message: Callable[[peer_protocol.PeerMessage], None],
+        since_of: Callable[[str], int | None],
+        on_up: Callable[[PeerLink], None],
+        on_down: Callable[[PeerLink], None],
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.token = token
+        self.envs: set[str] = set()
+        self.up = False
+        self._on_message = on_message
+        self._since_of = since_of
+        self._on_up = on_up
+        self._on_down = on_down
+        self._out: asyncio.Queue[bytes] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def subscribe(self, env: str) -> None:
+        """Follow `env` from the version the hub holds now (again at every reconnection)."""
+        self.envs.add(env)
+        if self.up:
+            self._out.put_nowait(peer_protocol.sub(env, self._since_of(env)))
+
+    def unsubscribe(self, env: str) -> None:
+        if env in self.envs:
+            self.envs.discard(env)
+            if self.up:
+                self._out.put_nowait(peer_protocol.unsub(env))
+
+    async def _run(self) -> None:
+        pause = _BACKOFF[0]
+        while True:
+            try:
+                async with connect(
+                    f"ws://{self.address}{peer_protocol.PATH}",
+                    additional_headers={"Authorization": f"Bearer {self.token}"},
+                    compression=None, max_size=None, open_timeout=5,
+                    ping_interval=10, ping_timeout=10,
+                ) as ws:
+                    pause = _BACKOFF[0]
+                    await self._session(ws)
+            except asyncio.CancelledError:
+                raise
+            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                raise_if_cancelled()
+                log.info("peer link to %s (%s): %s", self.node_id, self.address, exc)
+            finally:
+                if self.up:
+                    self.up = False
+                    self._on_down(self)
+            await asyncio.sleep(random.uniform(pause / 2, pause))
+            pause = min(_BACKOFF[1], pause * 2)
+
+    async def _session(self, ws: ClientConnection) -> None:
+        self._out = asyncio.Queue()  # what was queued for the last connection is stale
+        self.up = True
+        self._on_up(self)
+        for env in sorted(self.envs):
+            self._out.put_nowait(peer_protocol.sub(env, self._since_of(env)))
+        writer = asyncio.get_running_loop().create_task(self._write(ws))
+        try:
+            async for data in ws:
+                if isinstance(data, str):
+                    continue
+                try:
+                    message = peer_protocol.parse(data)
+                except peer_protocol.PeerProtocolError as exc:
+                    log.warning("peer link to %s: %s", self.node_id, exc)
+                    continue
+                self._on_message(message)
+        finally:
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                await writer
+
+    async def _write(self, ws: ClientConnection) -> None:
+        while True:
+            await ws.send(await self._out.get())

@@ -1,0 +1,81 @@
+"""relay.membership: static and dns (probing real nodes' /readyz) and redis (heartbeats in a
+real Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from relay.membership import make_membership
+from relay.membership.base import READY, Member, ready_ids
+from relay.membership.dns import parse as parse_dns
+from relay.membership.redis import RedisMembership
+from relay.membership.static import DiscoveryError
+from relay.membership.static import parse as parse_static
+from tests.helpers import started_node
+
+
+def test_discovery_specs() -> None:
+    assert parse_static("a@10.0.0.1:8081, b@host:9") == {"a": "10.0.0.1:8081", "b": "host:9"}
+    assert parse_dns("relay-peers.default.svc:8081") == ("relay-peers.default.svc", 8081)
+    for bad in ("a@", "a@host", "@h:1", "a@h:x", ""):
+        with pytest.raises(DiscoveryError):
+            parse_static(bad)
+    with pytest.raises(DiscoveryError):
+        parse_dns("nameonly")
+    with pytest.raises(DiscoveryError, match="--discovery is"):
+        make_membership("consul:x", lambda: Member("a", "h:1", READY), "redis://x")
+
+
+async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def test_dns_finds_nodes_by_their_a_records_and_readyz(tmp_path: Path) -> None:
+    node = await started_node(tmp_path / "n", node_id="found-by-dns")
+    me = Member("me", "127.0.0.1:1", READY)
+    membership = make_membership(f"dns:localhost:{node.admin_port}", lambda: me, "", 0.1)
+    seen: list[int] = []
+    membership.add_listener(lambda: seen.append(1))
+    try:
+        await membership.start()
+        members = membership.members()
+        assert members["found-by-dns"] == Member("found-by-dns", f"127.0.0.1:{node.admin_port}",
+                                                 READY, 0)
+        assert ready_ids(members) == {"found-by-dns", "me"}
+        assert seen
+        await node.stop()  # it no longer answers: it is no longer a member
+        await _until(lambda: "found-by-dns" not in membership.members(), "still a member")
+    finally:
+        await membership.stop()
+        await node.stop()
+
+
+async def test_redis_heartbeats_come_and_go(redis_url: str) -> None:
+    a = RedisMembership(redis_url, lambda: Member("a", "h:1", READY, 3), 0.1)
+    b_state = {"state": READY}
+    b = RedisMembership(redis_url, lambda: Member("b", "h:2", b_state["state"]), 0.1)
+    c = RedisMembership(redis_url, lambda: Member("c", "h:3", READY), 0.1)
+    await a.start()
+    await b.start()
+    await c.start()
+    try:
+        await _until(lambda: set(a.members()) == {"a", "b", "c"}, "a does not see b and c")
+        assert b.members()["a"] == Member("a", "h:1", READY, 3)
+        b_state["state"] = "draining"
+        await _until(lambda: a.members()["b"].state == "draining", "b's state not seen")
+        assert ready_ids(a.members()) == {"a", "c"}
+        await b.stop()  # a clean stop leaves at once
+        await _until(lambda: "b" not in a.members(), "b still seen")
+        assert c._task is not None
+        c._task.cancel()  # c dies without a word: its heartbeat expires (3 intervals)
+        await _until(lambda: "c" not in a.members(), "c's heartbeat never expired")
+    finally:
+        await a.stop()
+        await c.stop()
