@@ -19,7 +19,7 @@ from loadtests.runner import SCENARIOS, Options, run
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m loadtests", description=__doc__)
     p.add_argument("scenario", choices=SCENARIOS)
-    p.add_argument("--target", default="relay", choices=("relay", "naive", "nchan"),
+    p.add_argument("--target", default="relay", choices=("relay", "naive", "nchan", "cluster"),
                    help="server to start and measure (default relay)")
     p.add_argument("--compare", action="store_true",
                    help="run relay, naive and nchan one after another and print ratios")
@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-workers", type=int, default=1,
                    help="nginx worker processes for nchan (one process holds about 19,000 "
                         "connections; relay is one process)")
+    p.add_argument("--nodes", type=int, default=3,
+                   help="relay nodes in the cluster scenario (compared with one node)")
     p.add_argument("--client-cpus", default="1", help="CPUs the generator is pinned to")
     p.add_argument("--out", default="", help="JSON result file (a .png plot is written beside)")
     p.add_argument("--workdir", default="", help="where servers keep logs and data")
@@ -63,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     targets = args.targets.split(",") if args.compare else [args.target]
+    if args.scenario == "cluster":  # its comparison (one node) is built in
+        targets = ["cluster"]
     if args.url and args.compare:
         print("loadtests: --url measures one running server; drop --compare", file=sys.stderr)
         return 2
@@ -85,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 processes=args.processes, seed=args.seed + attempt,
                 connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
                 grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
-                server_workers=args.server_workers, stalled=stalled,
+                server_workers=args.server_workers, stalled=stalled, nodes=args.nodes,
                 progress=not args.no_progress, workdir=args.workdir,
             )
             round_ = f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""

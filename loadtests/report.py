@@ -53,6 +53,11 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency max", "latency_ms.max", " ms"),
     ("p50 without stalled", "without_stalled.latency_ms.p50", " ms"),
     ("p99 without stalled", "without_stalled.latency_ms.p99", " ms"),
+    ("one node: deliveries/s", "one_node.deliveries_per_s", ""),
+    ("one node: p50", "one_node.latency_ms.p50", " ms"),
+    ("one node: p99", "one_node.latency_ms.p99", " ms"),
+    ("one node: p99.9", "one_node.latency_ms.p999", " ms"),
+    ("one node: missing", "one_node.missing", ""),
     ("stalled connections", "stalled.connections", ""),
     ("stalled ended by server", "stalled.ended_by_server", ""),
     ("evictions (server)", "stalled.evictions", ""),
@@ -90,6 +95,7 @@ def _get(result: dict[str, Any], path: str) -> Any:
 MAIN_FIGURE = {
     "fanout": "latency_ms.p99",
     "slow-consumers": "latency_ms.p99",
+    "cluster": "latency_ms.p99",
     "burst": "deliveries_per_s",
     "connect-storm": "server.cpu_us_per_handshake",
     "idle": "server.rss_kb_per_connection",
@@ -169,6 +175,13 @@ def summary(results: list[dict[str, Any]]) -> str:
                                for path, (a, b) in r["repeat"]["spread"].items())
             lines.append(f"{r['target']}: median of {r['repeat']['runs']} runs; "
                          f"range {spread}")
+    for r in results:
+        for label, key in (("CPU by process", "server.cpu_s_by_process"),
+                           ("one node: CPU by process", "one_node.server.cpu_s_by_process")):
+            by = _get(r, key)
+            if by:
+                lines.append(f"{r['target']} {label}: " + ", ".join(
+                    f"{name} {cpu:.1f} s" for name, cpu in sorted(by.items())))
     notes = [n for r in results for n in r.get("notes", [])]
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)

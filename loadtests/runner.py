@@ -24,9 +24,9 @@ from loadtests import report
 from loadtests.targets import Target, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
-SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers")
+SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster")
 # Scenarios that publish at a steady rate and measure deliveries.
-STEADY = ("fanout", "slow-consumers")
+STEADY = ("fanout", "slow-consumers", "cluster")
 
 
 @dataclass
@@ -50,6 +50,7 @@ class Options:
     server_cpus: str = "0"
     client_cpus: str = "1"
     server_workers: int = 1
+    nodes: int = 3  # relay nodes of the cluster scenario
     stalled: int = 0  # connections more that never read (slow-consumers)
     read_buffer: int = 1024
     progress: bool = True
@@ -114,6 +115,9 @@ class Sampler:
 
     def server_cpu(self) -> float:
         return self._cpu(self.server)
+
+    def server_cpu_by_pid(self) -> dict[int, float]:
+        return {p.pid: self._cpu([p]) for p in self.server}
 
     def server_cpu_split(self) -> tuple[float, float]:
         return self._cpu_split(self.server)
@@ -377,6 +381,8 @@ def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
 async def run(opts: Options) -> dict[str, Any]:
     """One scenario on one target. slow-consumers is two runs on fresh servers: the same load
     without the stalled connections first, for the fast clients' latency to compare with."""
+    if opts.scenario == "cluster":
+        return await _run_cluster(opts)
     if opts.scenario != "slow-consumers":
         return await _run_once(opts)
     alone = await _run_once(dataclasses.replace(opts, stalled=0, notes=[]))
@@ -390,6 +396,23 @@ async def run(opts: Options) -> dict[str, Any]:
                                                        "rss_mb_peak", "kernel_tcp_mb_peak")},
     }
     result["notes"] = list(dict.fromkeys(alone["notes"] + result["notes"]))
+    return result
+
+
+async def _run_cluster(opts: Options) -> dict[str, Any]:
+    """The cluster scenario: the same steady load on one node and then on `nodes` nodes, each
+    time with Redis as the store (fresh processes each time)."""
+    one = await _run_once(dataclasses.replace(opts, nodes=1, notes=[]))
+    await asyncio.sleep(2)
+    result = await _run_once(opts)
+    result["one_node"] = {
+        "deliveries_per_s": one.get("deliveries_per_s"),
+        "latency_ms": one.get("latency_ms"),
+        "missing": one.get("missing"),
+        "server": {k: one["server"].get(k) for k in ("cpu_s", "cpu_s_by_process",
+                                                     "rss_mb_after")},
+    }
+    result["notes"] = list(dict.fromkeys(one["notes"] + result["notes"]))
     return result
 
 
@@ -413,11 +436,14 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     client_cpus = _cpus(opts.client_cpus)
     if client_cpus:
         os.sched_setaffinity(0, client_cpus)
+    if opts.scenario == "cluster":
+        opts = dataclasses.replace(opts, target="cluster")
     if opts.server_workers > 1 and opts.target != "nchan":
         opts.notes.append(f"{opts.target}: --server-workers applies to nchan only; "
                           f"{opts.target} ran as one process")
     target = make_target(opts.target, workdir, server_cpus,
-                         workers=opts.server_workers if opts.target == "nchan" else 1,
+                         workers=(opts.server_workers if opts.target == "nchan" else
+                                  opts.nodes if opts.target == "cluster" else 1),
                          **({"url": opts.url, "admin_url": opts.admin_url,
                              "admin_token": opts.admin_token, "pid": opts.server_pid}
                             if opts.url else {}))
@@ -476,6 +502,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
         split1 = sampler.server_cpu_split()
+        per_process1 = sampler.server_cpu_by_pid()
         if opts.scenario in (*STEADY, "burst"):
             stop = asyncio.Event()
             watcher = asyncio.create_task(
@@ -510,6 +537,11 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         if opts.scenario in (*STEADY, "burst"):
             server["cpu_s"] = round(cpu, 3)
             server["cpu_system_share"] = _system_share(split1, sampler.server_cpu_split())
+            names = target.process_names()
+            if len(names) > 1:  # a cluster: each node's CPU (and Redis's)
+                server["cpu_s_by_process"] = {
+                    names.get(pid, str(pid)): round(t - per_process1.get(pid, 0.0), 3)
+                    for pid, t in sampler.server_cpu_by_pid().items()}
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
             result["deliveries"] = deliveries
             result["deliveries_per_s"] = round(deliveries / window)

@@ -56,6 +56,10 @@ class Target:
     def pids(self) -> list[int]:
         return [self.proc.pid] if self.proc is not None else []
 
+    def process_names(self) -> dict[int, str]:
+        """Names of the server's processes, by pid, where it has several."""
+        return {pid: self.name for pid in self.pids()}
+
     async def setup(self, envs: list[str]) -> list[dict[str, Any]]:
         """Create the environments; return how subscribers connect to each."""
         raise NotImplementedError
@@ -233,14 +237,114 @@ class NchanTarget(Target):
         return self.counts[env]
 
 
+class ClusterTarget(RelayProtocolTarget):
+    """`nodes` relay processes with static discovery on one redis-server (AOF, fsync always),
+    all started here. Connections are spread over the nodes (every environment has
+    connections on each), publishes go through the nodes in turn."""
+
+    name = "cluster"
+
+    def __init__(self, workdir: Path, cpus: set[int] | None, nodes: int = 3) -> None:
+        super().__init__(workdir, cpus)
+        self.nodes = nodes
+        self.procs: list[subprocess.Popen[bytes]] = []
+        self.names: dict[int, str] = {}
+        self.ws_bases: list[str] = []
+        self.http_bases: list[str] = []
+        self._turn = 0
+
+    async def start(self) -> None:
+        redis = shutil.which("redis-server")
+        if redis is None:
+            raise RuntimeError("redis-server is not installed: run scripts/install-test-deps.sh")
+        redis_port = free_port()
+        (self.workdir / "redis").mkdir(parents=True, exist_ok=True)
+        self._spawn_named("redis", [
+            redis, "--port", str(redis_port), "--bind", "127.0.0.1",
+            "--dir", str(self.workdir / "redis"), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--loglevel", "warning"])
+        ports = [(free_port(), free_port()) for _ in range(self.nodes)]
+        discovery = "static:" + ",".join(
+            f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(ports))
+        store = f"redis://127.0.0.1:{redis_port}/0"
+        await asyncio.sleep(0.3)
+        for i, (port, admin) in enumerate(ports):
+            data = self.workdir / f"n{i}"
+            shutil.rmtree(data, ignore_errors=True)
+            self._spawn_named(f"n{i}", [
+                sys.executable, "-m", "relay", "serve", "--port", str(port),
+                "--admin-port", str(admin), "--data-dir", str(data), "--node-id", f"n{i}",
+                "--admin-token", self.token, "--store", store, "--discovery", discovery,
+                "--peer-token", "loadtest-peers", "--log-level", "warning"])
+            self.ws_bases.append(f"ws://127.0.0.1:{port}")
+            self.http_bases.append(f"http://127.0.0.1:{admin}")
+        for base in self.http_bases:
+            await self._wait_http(base + "/healthz")
+        self.ws_base, self.http_base = self.ws_bases[0], self.http_bases[0]
+        await self._wait_ring()
+
+    async def _wait_ring(self, timeout: float = 30) -> None:
+        """Until every node's ring holds every node."""
+        deadline = time.monotonic() + timeout
+        async with aiohttp.ClientSession(headers=self._headers()) as session:
+            for base in self.http_bases:
+                while True:
+                    async with session.get(base + "/admin/v1/status") as resp:
+                        ring = (await resp.json())["ring"]
+                    if sum(1 for m in ring if m["in_ring"]) == self.nodes:
+                        break
+                    if time.monotonic() > deadline:
+                        raise RuntimeError(f"the cluster's ring did not form: {ring}")
+                    await asyncio.sleep(0.2)
+
+    def _spawn_named(self, name: str, cmd: list[str]) -> None:
+        log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with proc
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_pinned(self.cpus))
+        self.procs.append(proc)
+        self.names[proc.pid] = name
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def process_names(self) -> dict[int, str]:
+        return dict(self.names)
+
+    async def setup(self, envs: list[str]) -> list[dict[str, Any]]:
+        out = await super().setup(envs)
+        # One entry per (node, environment): connection i goes to entry i mod len, so every
+        # environment has connections on every node.
+        return [{**entry, "url": f"{base}/v1/stream"} for base in self.ws_bases for entry in out]
+
+    async def publish(self, env: str, seq: int, body: dict[str, Any]) -> int:
+        self.http_base = self.http_bases[self._turn % len(self.http_bases)]
+        self._turn += 1
+        return await super().publish(env, seq, body)
+
+    async def stop(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+        for proc in reversed(self.procs):  # the nodes, then Redis
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(5)
+
+
 def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 1,
                 **external: Any) -> Target:
-    """`workers` > 1 only applies to nchan (nginx worker processes); relay is one process."""
+    """`workers` > 1 only applies to nchan (nginx worker processes), and is the number of
+    relay nodes for `cluster`; relay is one process."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if name == "cluster":
+        return ClusterTarget(workdir, cpus, workers)
     if name == "relay":
         return RelayTarget(workdir, cpus, **external)
     if name == "naive":
         return NaiveTarget(workdir, cpus)
     if name == "nchan":
         return NchanTarget(workdir, cpus, workers)
-    raise ValueError(f"unknown target {name!r}: relay, naive or nchan")
+    raise ValueError(f"unknown target {name!r}: relay, naive, nchan or cluster")

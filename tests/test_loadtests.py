@@ -121,3 +121,24 @@ def test_tables_turn_results_into_the_markdown_of_docs_benchmarks(tmp_path: Path
     assert "| p99 ms | 20.0 | 5.0 |" in text and "| deliveries/s | 900 | 950 |" in text
     assert "median of 3 runs" in text and "p99 10.0-30.0" in text
     assert tables.main([str(tmp_path / "missing")]) == 2
+
+
+def test_tiny_cluster_run_compares_three_nodes_with_one(tmp_path: Path) -> None:
+    """The harness starts Redis and the nodes itself (twice: 1 node, then 3)."""
+    out = tmp_path / "cluster.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "cluster", "--connections", "60", "--envs", "6",
+         "--rate", "30", "--duration", "2", "--out", str(out), "--no-progress",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["scenario"] == "cluster" and data["target"] == "cluster"
+    # 60 changes over 6 environments of 10 connections each, on 3 nodes and on 1.
+    assert data["deliveries"] == 600 and data["missing"] == 0 and data["out_of_order"] == 0
+    assert data["one_node"]["missing"] == 0
+    assert data["one_node"]["latency_ms"]["count"] == 600
+    assert set(data["server"]["cpu_s_by_process"]) == {"n0", "n1", "n2", "redis"}
+    assert set(data["one_node"]["server"]["cpu_s_by_process"]) == {"n0", "redis"}
+    assert "one node: p99" in result.stdout
