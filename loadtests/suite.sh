@@ -28,3 +28,6 @@ run fanout-100k   fanout --connections 100000 --envs 10 --rate 5 --duration 20 -
 # coalescing and eviction happen within the run. The baselines have no such settings.
 run slow-consumers-default slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --target relay
 RELAY_SOCKET_SEND_BUFFER=65536 RELAY_SLOW_CONSUMER_TIMEOUT=10 run slow-consumers slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --compare
+# The cluster (issue 5): 3 nodes and Redis (AOF, fsync always) against one node on the same
+# Redis, 100 environments, 10,000 connections spread over the nodes, 500 changes/s.
+run cluster       cluster --connections 10000 --envs 100 --rate 500 --duration 30
