@@ -19,6 +19,11 @@ ROWS: list[tuple[str, str, int]] = [
     ("p99.9 ms", "latency_ms.p999", 1),
     ("p50 ms without stalled", "without_stalled.latency_ms.p50", 1),
     ("p99 ms without stalled", "without_stalled.latency_ms.p99", 1),
+    ("one node: deliveries/s", "one_node.deliveries_per_s", 0),
+    ("one node: p50 ms", "one_node.latency_ms.p50", 1),
+    ("one node: p99 ms", "one_node.latency_ms.p99", 1),
+    ("one node: p99.9 ms", "one_node.latency_ms.p999", 1),
+    ("one node: missing", "one_node.missing", 0),
     ("missing", "missing", 0),
     ("out of order", "out_of_order", 0),
     ("stalled ended by server", "stalled.ended_by_server", 0),
@@ -59,6 +64,13 @@ def table(path: Path) -> str:
         if all(v is None for v in values):
             continue
         lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in values) + " |")
+    for r in results:
+        for label, key in (("CPU s by process", "server.cpu_s_by_process"),
+                           ("one node: CPU s by process", "one_node.server.cpu_s_by_process")):
+            by = _get(r, key)
+            if by:
+                lines.append(f"\n{r['target']}, {label}: " + ", ".join(
+                    f"{name} {cpu:.1f}" for name, cpu in sorted(by.items())) + ".")
     spreads = [(r["target"], r["repeat"]["spread"]) for r in results if "repeat" in r]
     for target, spread in spreads:
         shown = "; ".join(
