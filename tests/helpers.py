@@ -290,3 +290,38 @@ def start_redis(directory: Path, *args: str, port: int = 0) -> RedisServer:
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("redis-server did not answer within 10 s")
+
+
+def start_redis_cluster(directory: Path, masters: int = 3) -> list[RedisServer]:
+    """A real Redis Cluster of `masters` nodes on loopback (redis-cli --cluster create)."""
+    import shutil
+    import socket as socket_mod
+
+    def free() -> int:
+        with socket_mod.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+
+    servers = [  # the cluster bus on a free port of its own (not port + 10000)
+        start_redis(directory / f"c{i}", "--cluster-enabled", "yes",
+                    "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+                    "--cluster-port", str(free()), "--save", "", "--appendonly", "no")
+        for i in range(masters)
+    ]
+    cli = shutil.which("redis-cli")
+    assert cli is not None, "redis-cli is not installed: run scripts/install-test-deps.sh"
+    subprocess.run(
+        [cli, "--cluster", "create", *(f"127.0.0.1:{s.port}" for s in servers),
+         "--cluster-replicas", "0", "--cluster-yes"],
+        check=True, capture_output=True, timeout=30,
+    )
+    import redis
+
+    deadline = time.monotonic() + 20
+    for server in servers:
+        client = redis.Redis(port=server.port)
+        while client.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+            assert time.monotonic() < deadline, "the Redis Cluster did not form"
+            time.sleep(0.1)
+        client.close()
+    return servers

@@ -13,9 +13,19 @@ import pytest
 import redis
 
 from relay.changes import Change
+from relay.membership.base import READY, Member
+from relay.membership.redis import RedisMembership
 from relay.store.base import StoreUnavailable, hash_key
 from relay.store.redis import RedisStore
-from tests.helpers import Admin, RedisServer, open_stream, recv_frame, start_redis, started_node
+from tests.helpers import (
+    Admin,
+    RedisServer,
+    open_stream,
+    recv_frame,
+    start_redis,
+    start_redis_cluster,
+    started_node,
+)
 
 H1, H2 = hash_key("sdk-1"), hash_key("sdk-2")
 
@@ -184,3 +194,49 @@ async def test_nodes_on_one_redis_serve_changes_published_anywhere(
             await a.close()
         for n in nodes:
             await n.stop()
+
+
+async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
+    """Three masters: environments land on different slots (and nodes); every script and read
+    stays within one slot, and notifications reach a store whatever node published."""
+    servers = start_redis_cluster(tmp_path / "cluster")
+    a = await _open(servers[0].url)
+    b = await _open(servers[2].url)
+    try:
+        assert a.cluster_mode and b.cluster_mode
+        seen: list[tuple[str, int]] = []
+        b.add_change_listener(lambda c: seen.append((c.env, c.v)))
+        envs = [f"env{i}" for i in range(12)]
+        for i, env in enumerate(envs):
+            await a.put_env(env, [hash_key(f"key{i}")])
+        slots = {redis.Redis(port=servers[0].port).execute_command("CLUSTER KEYSLOT",
+                                                                   f"relay:{{{env}}}:v")
+                 for env in envs}
+        assert len(slots) > 1  # spread over the cluster
+        for n in range(3):
+            for env in envs:
+                await (a if n % 2 else b).publish(env, {"n": n}, ["gone"])
+        await _until(lambda: len(seen) == 36, "notifications missing")
+        for env in envs:
+            assert [v for e, v in seen if e == env] == [1, 2, 3]
+            snap = await b.load(env, 10)
+            assert (snap.v, snap.flags) == (3, {"n": (3, 2)})
+            assert [c.v for c in snap.history] == [1, 2, 3]
+            assert [c.v for c in await a.changes_since(env, 1) or []] == [2, 3]
+        assert await a.env_for_key(hash_key("key5")) == "env5"
+        assert await b.envs() == dict.fromkeys(envs, 3)
+        # Membership by heartbeats works on the cluster too.
+        m1 = RedisMembership(servers[1].url, lambda: Member("m1", "h:1", READY), 0.1)
+        m2 = RedisMembership(servers[0].url, lambda: Member("m2", "h:2", READY), 0.1)
+        await m1.start()
+        await m2.start()
+        try:
+            await _until(lambda: set(m1.members()) == {"m1", "m2"}, "members not seen")
+        finally:
+            await m1.stop()
+            await m2.stop()
+    finally:
+        await a.close()
+        await b.close()
+        for server in servers:
+            server.stop()

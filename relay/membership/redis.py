@@ -14,9 +14,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
+from relay import redis_client
 from relay.membership.base import Member
 from relay.membership.probed import Self
 from relay.tasks import raise_if_cancelled
@@ -35,14 +35,17 @@ class RedisMembership:
         self.url = url
         self._local = local
         self.interval = interval
-        self._redis: aioredis.Redis | None = None
+        self._redis: Any = None  # a Redis or RedisCluster client
         self._seen: dict[str, Member] = {}
         self._last: dict[str, Member] = {}
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._redis = aioredis.from_url(self.url, socket_connect_timeout=2, socket_timeout=5)
+        plain, cluster = await redis_client.connect(self.url)
+        if cluster is not None:  # the keys share one slot, which may be on another node
+            await plain.aclose()
+        self._redis = cluster if cluster is not None else plain
         with contextlib.suppress(RedisError, OSError):
             await self._round()
         self._task = asyncio.get_running_loop().create_task(self._run())

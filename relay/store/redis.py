@@ -15,6 +15,7 @@ persistence settings make it: see docs/architecture.md). Every node's listeners 
 from that channel, in the order Redis committed them. Pub/sub is at-most-once: a listener that
 misses one sees a version gap and reads the stream (`changes_since`); after a lost subscription
 the store itself replays, from the streams, what the environments it has seen may have missed.
+On a Redis Cluster (found at connect time) commands go to the node of their slot.
 """
 
 from __future__ import annotations
@@ -29,8 +30,10 @@ from typing import Any, TypeVar
 
 import msgpack
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
+from relay import redis_client
 from relay.changes import Change
 from relay.store.base import (
     ChangeListener,
@@ -94,6 +97,30 @@ return 1
 """
 
 
+# Consistent reads of one environment (one slot), as scripts: a MULTI pipeline is not
+# available on every Redis Cluster client. KEYS: v, flags, log.
+_LOAD = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+local log = {}
+if tonumber(ARGV[1]) > 0 then
+  log = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])
+end
+return {v, redis.call('HGETALL', KEYS[2]), log}
+"""
+_SINCE = """
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('XRANGE', KEYS[3], ARGV[1], '+')}
+"""
+
+
+def _entries(raw: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """Stream entries as a script returns them: [id, [field, value, ...]]."""
+    return [(entry_id, dict(zip(fields[::2], fields[1::2], strict=True)))
+            for entry_id, fields in raw]
+
+
 def _pack(obj: Any) -> bytes:
     data: bytes = msgpack.packb(obj, use_bin_type=True)
     return data
@@ -136,7 +163,10 @@ class RedisStore:
     def __init__(self, url: str, log_retention: int = 10_000) -> None:
         self.url = url
         self.log_retention = max(1, log_retention)
-        self._redis: aioredis.Redis | None = None
+        self._redis: aioredis.Redis | None = None  # pub/sub, and commands without a cluster
+        self._cluster: RedisCluster | None = None
+        self._load_script: Any = None
+        self._since_script: Any = None
         self._change_listeners: list[ChangeListener] = []
         self._keys_listeners: list[KeysListener] = []
         self._publish_script: Any = None
@@ -151,10 +181,19 @@ class RedisStore:
     # --- plumbing -----------------------------------------------------------------------------
 
     @property
-    def _r(self) -> aioredis.Redis:
+    def _r(self) -> Any:
+        """Where commands go: the Redis Cluster client, or the one connection pool."""
         if self._redis is None:
             raise StoreUnavailable("store is not open")
-        return self._redis
+        return self._cluster if self._cluster is not None else self._redis
+
+    @property
+    def _commands(self) -> Any:
+        return self._r
+
+    @property
+    def cluster_mode(self) -> bool:
+        return self._cluster is not None
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
         try:
@@ -168,23 +207,26 @@ class RedisStore:
             raise StoreUnavailable(f"Redis unavailable: {exc}") from exc
 
     async def open(self) -> None:
-        self._redis = aioredis.from_url(
-            self.url, socket_connect_timeout=5, socket_timeout=10, health_check_interval=10
-        )
         try:
-            await self._redis.ping()
+            # On a Redis Cluster, commands go to the node of their slot; pub/sub stays on the
+            # plain connection (cluster pub/sub reaches every node).
+            self._redis, self._cluster = await redis_client.connect(self.url)
         except (RedisError, OSError) as exc:
-            await self._redis.aclose()
-            self._redis = None
             raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
-        self._publish_script = self._redis.register_script(_PUBLISH)
-        self._keys_script = self._redis.register_script(_PUT_KEYS)
+        commands = self._commands
+        self._publish_script = commands.register_script(_PUBLISH)
+        self._keys_script = commands.register_script(_PUT_KEYS)
+        self._load_script = commands.register_script(_LOAD)
+        self._since_script = commands.register_script(_SINCE)
         self._subscriber = asyncio.get_running_loop().create_task(self._subscribe())
         # Changes committed from here on reach the listeners.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     async def close(self) -> None:
+        if self._cluster is not None:
+            await self._cluster.aclose()
+            self._cluster = None
         if self._subscriber is not None:
             self._subscriber.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -207,7 +249,8 @@ class RedisStore:
         pause = _RECONNECT_S[0]
         first = True
         while True:
-            pubsub = self._r.pubsub()
+            assert self._redis is not None
+            pubsub = self._redis.pubsub()
             try:
                 await pubsub.subscribe(CHANGES_CHANNEL, KEYS_CHANNEL)
                 self._subscribed.set()
@@ -316,20 +359,16 @@ class RedisStore:
         v_key, flags_key, log_key = _keys(env)
 
         async def run() -> EnvSnapshot:
-            async with self._r.pipeline(transaction=True) as pipe:  # one consistent read
-                pipe.get(v_key)
-                pipe.hgetall(flags_key)
-                if history > 0:
-                    pipe.xrevrange(log_key, count=history)
-                results = await pipe.execute()
-            if results[0] is None:
+            result = await self._load_script(keys=[v_key, flags_key, log_key],
+                                             args=[max(0, history)])
+            if not result:
                 raise UnknownEnv(env)
-            entries = list(reversed(results[2])) if history > 0 else []
+            v, flat, log = result
+            flags = {k.decode(): _flag(raw) for k, raw in zip(flat[::2], flat[1::2], strict=True)}
             snapshot = EnvSnapshot(
-                env=env,
-                v=int(results[0]),
-                flags={k.decode(): _flag(raw) for k, raw in results[1].items()},
-                history=[_change(env, entry_id, fields) for entry_id, fields in entries],
+                env=env, v=int(v), flags=flags,
+                history=[_change(env, entry_id, fields)
+                         for entry_id, fields in reversed(_entries(log))],
             )
             # Replays start from the first load, and move only with what listeners are told:
             # a later load (an admin read) must not skip what a listener has not heard.
@@ -339,18 +378,16 @@ class RedisStore:
         return await self._call(run)
 
     async def changes_since(self, env: str, since: int) -> list[Change] | None:
-        v_key, _, log_key = _keys(env)
+        keys = list(_keys(env))
 
         async def run() -> list[Change] | None:
-            async with self._r.pipeline(transaction=True) as pipe:
-                pipe.get(v_key)
-                pipe.xrange(log_key, min=f"{since + 1}-0")
-                current, entries = await pipe.execute()
-            if current is None:
+            result = await self._since_script(keys=keys, args=[f"{since + 1}-0"])
+            if not result:
                 raise UnknownEnv(env)
+            current, entries = result
             if since >= int(current):
                 return []
-            changes = [_change(env, entry_id, fields) for entry_id, fields in entries]
+            changes = [_change(env, entry_id, fields) for entry_id, fields in _entries(entries)]
             if not changes or changes[0].v != since + 1:
                 return None  # trimmed past `since`
             return changes
