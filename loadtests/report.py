@@ -63,6 +63,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("evictions (server)", "stalled.evictions", ""),
     ("missing", "missing", ""),
     ("out of order", "out_of_order", ""),
+    ("resyncs (snapshots after the first)", "resyncs", ""),
     ("connections/s", "connections_per_s", ""),
     ("server CPU", "server.cpu_s", " s"),
     ("server CPU in kernel", "server.cpu_system_share", ""),
@@ -127,7 +128,7 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for _, path, _ in ROWS:
         values = [_get(r, path) for r in runs]
         numbers = [v for v in values if _number(v)]
-        if path in ("missing", "out_of_order"):
+        if path in ("missing", "out_of_order", "resyncs"):
             out[path] = sum(numbers) if numbers else out.get(path)
         elif numbers:
             _set(out, path, statistics.median(numbers))

@@ -552,6 +552,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                                    "first_errors": errors[:3]}
         result["missing"] = sum(f["missing"] for f in workers.finals)
         result["out_of_order"] = sum(f["out_of_order"] for f in workers.finals)
+        result["resyncs"] = sum(f.get("resyncs", 0) for f in workers.finals)
         if opts.scenario == "burst" and target.kind == "nchan":
             result["out_of_order"] = None  # concurrent publishes: arrival order is the order
         result["closed_by_server"] = {k: v for f in workers.finals for k, v in f["closed"].items()}

@@ -59,6 +59,7 @@ class Stats:
         self.errors: dict[str, int] = {}
         self.closed: dict[str, int] = {}
         self.out_of_order = 0
+        self.resyncs = 0  # snapshots after a connection's first: caught up by state, not deltas
         self.last_delivery_ns = 0  # wall-clock time of the last latency sample
         self.latency_counts: dict[int, int] = {}
 
@@ -144,8 +145,11 @@ class Conn(WSListener):
             if put is not None:
                 stats.record(put["value"]["ts"])
         elif t == "snap":
+            if self.held < 0:
+                stats.ready += 1
+            else:
+                stats.resyncs += 1
             self.held = msg["v"]
-            stats.ready += 1
         elif t == "goaway":
             stats.error("goaway:" + str(msg.get("reason")))
 
@@ -279,6 +283,20 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn],
     await asyncio.gather(*tasks)
 
 
+async def all_ready(stats: Stats, conns: list[Conn], timeout: float = 30.0) -> None:
+    """Until every open connection holds its snapshot: a connection counts as open, and the
+    publishing starts, only then (on a cluster, an edge answers the upgrade before its owner's
+    snapshot arrives; a change published in between would be counted in the snapshot, not as
+    a delivery)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if stats.ready >= len(conns):
+            break
+        await asyncio.sleep(0.01)
+    if stats.ready < len(conns):
+        stats.error(f"no snapshot within {timeout:.0f} s")
+
+
 async def stalled_outcome(stalled: list[StalledConn]) -> dict[str, Any]:
     """Let the stalled connections read again, briefly, and say how the server ended them."""
     for conn in stalled:
@@ -328,6 +346,7 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
     tick_task = asyncio.create_task(ticker(stats, stop))
     t0 = time.monotonic()
     await open_all(spec, stats, conns, stalled)
+    await all_ready(stats, conns)
     emit({"type": "opened", "connections": len(conns), "stalled": len(stalled),
           "seconds": time.monotonic() - t0, "errors": stats.errors})
     command = await read_command(reader)
@@ -352,7 +371,8 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
         emit({
             "stalled": outcome,
             "type": "final", "connections": len(conns), "deliveries": stats.deliveries,
-            "missing": missing, "out_of_order": stats.out_of_order, "errors": stats.errors,
+            "missing": missing, "out_of_order": stats.out_of_order, "resyncs": stats.resyncs,
+            "errors": stats.errors,
             "closed": stats.closed, "last_delivery": stats.last_delivery_ns / 1e9,
             "hist": hist.encode().decode() if hist.get_total_count() else None,
         })
