@@ -190,7 +190,26 @@ def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) 
     else:
         proc.kill()
         raise AssertionError("relay serve did not start:\n" + "".join(lines))
+    _drain_output(proc, lines, data_dir / "relay.log")
     return RelayProcess(proc, ws_url, admin_url, token, lines)
+
+
+def _drain_output(proc: subprocess.Popen[str], lines: list[str], log: Path) -> None:
+    """Keep reading the process's output (into `lines` and a log file beside its data), so a
+    chatty node never blocks on a full pipe."""
+    import threading
+
+    def drain() -> None:
+        assert proc.stdout is not None
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a") as out:
+            out.writelines(lines)
+            for line in proc.stdout:
+                lines.append(line)
+                out.write(line)
+                out.flush()
+
+    threading.Thread(target=drain, daemon=True).start()
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:

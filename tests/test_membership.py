@@ -15,7 +15,7 @@ from relay.membership.dns import parse as parse_dns
 from relay.membership.redis import RedisMembership
 from relay.membership.static import DiscoveryError
 from relay.membership.static import parse as parse_static
-from tests.helpers import started_node
+from tests.helpers import start_redis, started_node
 
 
 def test_discovery_specs() -> None:
@@ -79,3 +79,35 @@ async def test_redis_heartbeats_come_and_go(redis_url: str) -> None:
     finally:
         await a.stop()
         await c.stop()
+
+
+async def test_a_redis_restart_does_not_shake_the_membership(tmp_path: Path) -> None:
+    """Redis (AOF) is down longer than the heartbeat TTL, so every heartbeat key has expired
+    when it is back, and b is slower than a to come back: a keeps b in its view throughout,
+    and drops b only once b is really gone."""
+    server = start_redis(tmp_path / "redis", "--appendonly", "yes", "--save", "")
+    a = RedisMembership(server.url, lambda: Member("a", "h:1", READY), 0.3)
+    b = RedisMembership(server.url, lambda: Member("b", "h:2", READY), 0.3)
+    views: list[set[str]] = []
+    await a.start()
+    await b.start()
+    try:
+        await _until(lambda: set(a.members()) == {"a", "b"}, "a does not see b")
+        a.add_listener(lambda: views.append(set(a.members())))
+        server.kill9()
+        await asyncio.sleep(1.2)  # longer than the heartbeat TTL (3 intervals)
+        assert set(a.members()) == {"a", "b"}  # the last view holds while Redis is away
+        assert b._task is not None
+        b._task.cancel()  # b is slow to come back
+        server.restart()
+        await asyncio.sleep(0.4)  # a is back: at least one round
+        b._task = asyncio.get_running_loop().create_task(b._run())
+        await asyncio.sleep(1.5)
+        assert set(a.members()) == {"a", "b"}
+        assert all(view == {"a", "b"} for view in views), views
+        b._task.cancel()  # b dies silently now: it does drop out
+        await _until(lambda: set(a.members()) == {"a"}, "b never dropped out")
+    finally:
+        await a.stop()
+        await b.stop()
+        server.stop()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -40,6 +41,11 @@ class RedisMembership:
         self._last: dict[str, Member] = {}
         self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
+        # After Redis was unreachable, the others' heartbeat keys may have expired meanwhile
+        # (or vanished with a restart): everyone already known gets a fresh TTL to heartbeat
+        # again, so a Redis outage does not shake the ring. Until when that grace lasts:
+        self._grace_until: float | None = None
+        self._failing = False
 
     async def start(self) -> None:
         plain, cluster = await redis_client.connect(self.url)
@@ -84,6 +90,8 @@ class RedisMembership:
                 await self._round()
             except (RedisError, OSError) as exc:
                 raise_if_cancelled()
+                self._grace_until = None  # set by the first round back
+                self._failing = True
                 log.warning("membership heartbeat failed: %s", exc)
 
     async def _round(self) -> None:
@@ -98,11 +106,19 @@ class RedisMembership:
         ids = sorted(i.decode() for i in members)
         values = await self._redis.mget([_key(i) for i in ids]) if ids else []
         seen: dict[str, Member] = {}
+        now = time.monotonic()
+        if self._failing:
+            self._failing = False
+            self._grace_until = now + ttl_ms / 1000
+        grace = self._grace_until is not None and now < self._grace_until
         for node_id, raw in zip(ids, values, strict=True):
             if raw is None:
-                await self._redis.srem(_SET, node_id)  # its heartbeat expired: gone
+                if not grace:
+                    await self._redis.srem(_SET, node_id)  # its heartbeat expired: gone
             elif node_id != local.node_id:
                 address, state, connections = msgpack.unpackb(raw, raw=False)
                 seen[node_id] = Member(node_id, address, state, connections)
+        if grace:
+            seen = {**self._seen, **seen}
         self._seen = seen
         self.changed()

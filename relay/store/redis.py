@@ -302,11 +302,30 @@ class RedisStore:
     async def _catch_up(self) -> None:
         """After a lost subscription: tell listeners, from the streams, every change of the
         environments seen so far that came after the version last told (duplicates are
-        dropped by the listeners, which go by version)."""
-        for env, v in list(self._seen.items()):
-            with contextlib.suppress(StoreUnavailable, ResponseError):
-                for change in await self.changes_since(env, v) or []:
-                    self._tell(change)
+        dropped by the listeners, which go by version). An environment whose read fails (the
+        first commands after a Redis restart can meet a dead pooled connection) is read again
+        until it succeeds: skipping one would leave its followers behind until its next change."""
+        pending = dict(self._seen)
+        pause = _RECONNECT_S[0]
+        while True:
+            for env, v in list(pending.items()):
+                try:
+                    changes = await self.changes_since(env, v)
+                    if changes is None:  # trimmed past v: the newest change shows the gap,
+                        changes = list((await self.load(env, 1)).history)  # listeners resync
+                except UnknownEnv:
+                    log.warning("env %s is gone from Redis (restarted without persistence?)", env)
+                except StoreUnavailable as exc:
+                    log.warning("replay of env %s failed (%s); retrying", env, exc)
+                    continue
+                else:
+                    for change in changes:
+                        self._tell(change)
+                del pending[env]
+            if not pending:
+                return
+            await asyncio.sleep(pause)
+            pause = min(_RECONNECT_S[1], pause * 2)
 
     # --- writes -------------------------------------------------------------------------------
 
