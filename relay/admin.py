@@ -18,6 +18,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import protocol
+from relay.drain import DrainError, DrainPlan, DrainRefused
 from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, hash_key
 
 if TYPE_CHECKING:
@@ -201,7 +202,24 @@ class AdminApi:
         return web.json_response({"v": snapshot.v, "flags": flags})
 
     async def drain(self, request: web.Request) -> web.Response:
-        return _error(501, "drain is not implemented yet in this version of relay")
+        """202 and the drain's plan; asked again while draining, the drain under way."""
+        body = await _json_object(request) if await request.read() else {}
+        _unknown_fields(body, {"deadline_s", "window_s"})
+        config = self.node.config
+        deadline = body.get("deadline_s", config.drain_deadline)
+        window = body.get("window_s", config.drain_window)
+        for name, value in (("deadline_s", deadline), ("window_s", window)):
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise BadRequest(f"'{name}' must be a number of seconds")
+        try:
+            plan = DrainPlan.make(float(deadline), float(window))
+        except DrainError as exc:
+            raise BadRequest(str(exc)) from None
+        try:
+            info = self.node.drain(plan)
+        except DrainRefused as exc:
+            return _error(409, str(exc))
+        return web.json_response(info, status=202)
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(await self.node.status())
@@ -210,11 +228,13 @@ class AdminApi:
         return web.json_response({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
-        """Also what peers' membership probes read: the node's id and connections."""
+        """Also what peers' membership probes read: the node's id and connections (sessions);
+        `open` counts connections not yet closed, those a drain waits for."""
         state = self.node.state
         return web.json_response(
             {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
-             "connections": self.node.hub.session_count()},
+             "connections": self.node.hub.session_count(),
+             "open": len(self.node.sdk.connections)},
             status=200 if state == "ready" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -22,6 +23,7 @@ from typing import Any, NoReturn
 
 from relay import __version__
 from relay import config as config_mod
+from relay.drain import DrainPlan
 from relay.store import describe as describe_store
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
@@ -78,13 +80,32 @@ async def _serve(cfg: config_mod.Config) -> None:
     except OSError as exc:
         raise UserError(f"cannot start: {exc.strerror or exc}") from None
     print(_banner(node, cfg), flush=True)
+    log = logging.getLogger("relay")
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    logging.getLogger("relay").info("stopping: sessions get goaway (shutdown)")
-    await node.stop()
+
+    def on_sigterm() -> None:
+        """The first SIGTERM drains (as POST /admin/v1/drain with the configured deadline);
+        one during a drain stops at once."""
+        if node.state == "ready":
+            log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",
+                        cfg.drain_deadline)
+            node.drain(DrainPlan.make(cfg.drain_deadline, cfg.drain_window))
+        else:
+            stop.set()
+
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    stopped = asyncio.ensure_future(stop.wait())
+    drained = asyncio.ensure_future(node.drained.wait())
+    await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    drained.cancel()
+    if stop.is_set():
+        log.info("stopping: sessions get goaway (shutdown)")
+        await node.stop(linger_s=min(1.0, cfg.close_timeout))
+    else:
+        await node.stop()
 
 
 def _run_async(coro: Any) -> Any:
@@ -132,9 +153,14 @@ def _admin_token(args: argparse.Namespace) -> str:
     )
 
 
-def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
+def _admin_base(args: argparse.Namespace) -> str:
+    return str(args.admin_url or os.environ.get("RELAY_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
+
+
+def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
+               base: str | None = None) -> Any:
     """One admin API request; returns the decoded JSON answer or raises UserError."""
-    base = (args.admin_url or os.environ.get("RELAY_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
+    base = base or _admin_base(args)
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         base + path,
@@ -226,6 +252,91 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{member.get('owned_envs', 0):>6} environment(s) owned{ring}")
     for env, info in sorted(status["loaded_envs"].items()):
         print(f"  env {env}: v={info['v']}, {info['sessions']} session(s)")
+    return 0
+
+
+# --- relay drain --------------------------------------------------------------------------------
+
+
+def _node_base(args: argparse.Namespace) -> str:
+    """NODE as an admin base URL: a URL or HOST:PORT of its internal port as it is, a node id
+    looked up in the ring of the node at --admin-url."""
+    node: str = args.node
+    if node.startswith(("http://", "https://")):
+        return node.rstrip("/")
+    if ":" in node:
+        return "http://" + node.rstrip("/")
+    status = admin_call(args, "GET", "/admin/v1/status")
+    if status.get("node") == node:
+        return _admin_base(args)
+    for member in status.get("ring", []):
+        if member.get("node") == node:
+            return "http://" + str(member["address"])
+    names = ", ".join(sorted(str(m.get("node")) for m in status.get("ring", [])))
+    raise UserError(f"no node {node!r} in the cluster as {_admin_base(args)} sees it "
+                    f"(members: {names})")
+
+
+def _readyz(base: str, timeout: float) -> dict[str, Any] | None:
+    """The node's /readyz answer (200 or 503), or None once it no longer answers."""
+    try:
+        with urllib.request.urlopen(base + "/readyz", timeout=timeout) as response:
+            return dict(json.loads(response.read()))
+    except urllib.error.HTTPError as exc:
+        with contextlib.suppress(ValueError):
+            return dict(json.loads(exc.read()))
+        return {}
+    except (urllib.error.URLError, OSError, http.client.HTTPException):
+        return None
+
+
+def _progress(left: int, total: int, seconds_left: float, tty: bool) -> str:
+    width = 30
+    done = total - left if total else 0
+    filled = width if not total else min(width, width * done // total)
+    bar = "#" * filled + "." * (width - filled)
+    text = f"[{bar}] {left} of {total} session(s) left, {max(0.0, seconds_left):.0f}s to deadline"
+    return "\r" + text + "\x1b[K" if tty else text
+
+
+def cmd_drain(args: argparse.Namespace) -> int:
+    base = _node_base(args)
+    body: dict[str, Any] = {}
+    if args.deadline is not None:
+        body["deadline_s"] = args.deadline
+    if args.window is not None:
+        body["window_s"] = args.window
+    info = admin_call(args, "POST", "/admin/v1/drain", body, base=base)
+    if args.json and not args.wait:
+        _print_json(info)
+        return 0
+    total = int(info.get("sessions_at_start", info.get("sessions", 0)))
+    deadline = time.monotonic() + float(info["deadline_at"]) - time.time()
+    print(f"node {info['node']} draining: {info['sessions']} session(s) left, sent away "
+          f"over {info['window_s']:g}s, deadline {info['deadline_s']:g}s", flush=True)
+    if not args.wait:
+        return 0
+    tty = sys.stderr.isatty()
+    left, last_line = total, 0.0
+    while True:
+        answer = _readyz(base, args.timeout)
+        now = time.monotonic()
+        if answer is None:  # the process is gone: it exits when drained or at its deadline
+            break
+        left = int(answer.get("open", answer.get("connections", left)))
+        if tty or now - last_line >= 5:
+            print(_progress(left, total, deadline - now, tty), end="" if tty else "\n",
+                  file=sys.stderr, flush=True)
+            last_line = now
+        if now > deadline + 30:
+            raise UserError(f"node {info['node']} still answers 30s after its drain deadline")
+        time.sleep(0.5)
+    if tty:
+        print(file=sys.stderr)
+    if left and time.monotonic() >= deadline:
+        raise UserError(f"node {info['node']} stopped at its deadline with {left} session(s) "
+                        "left (they were sent away with goaway: shutdown)")
+    print(f"node {info['node']} drained and stopped", flush=True)
     return 0
 
 
@@ -341,6 +452,23 @@ def build_parser() -> argparse.ArgumentParser:
     status = sub.add_parser("status", help="show a node's state")
     _admin_options(status)
     status.set_defaults(func=cmd_status)
+
+    drain = sub.add_parser(
+        "drain", help="drain a node: out of the ring, sessions sent away evenly, then it exits")
+    drain.add_argument("node", metavar="NODE",
+                       help="the node: its id (looked up in the ring of --admin-url's node), "
+                            "or HOST:PORT / URL of its internal port")
+    drain.add_argument("--deadline", type=float,
+                       help="seconds until the node exits, sessions left or not "
+                            "[default: the node's --drain-deadline]")
+    drain.add_argument("--window", type=float,
+                       help="seconds over which sessions are sent away [default: the node's "
+                            "--drain-window]")
+    drain.add_argument("--wait", action="store_true",
+                       help="block, with a progress bar, until the node has drained and exited "
+                            "(for a Kubernetes preStop hook)")
+    _admin_options(drain)
+    drain.set_defaults(func=cmd_drain)
 
     watch = sub.add_parser("watch", help="connect like an SDK and print each change")
     watch.add_argument("--url", help=f"[RELAY_URL; default {DEFAULT_WS_URL}]")

@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -75,6 +76,8 @@ class ClientStats:
     snaps: int = 0
     deltas: int = 0
     goaways: int = 0
+    goaway_reasons: list[str] = field(default_factory=list)
+    connected_at: list[float] = field(default_factory=list)  # time.time() of each connect
     last_close_code: int | None = None
     close_codes: list[int] = field(default_factory=list)
 
@@ -277,6 +280,7 @@ class RelayClient:
         ) as ws:
             self._ws = ws
             self.stats.connects += 1
+            self.stats.connected_at.append(time.time())
             if self.auth_in_frame:
                 auth: dict[str, Any] = {"t": "auth", "key": self.key}
                 if self.version is not None:
@@ -304,6 +308,7 @@ class RelayClient:
                     await self._apply_delta(frame)
                 elif kind == "goaway":
                     self.stats.goaways += 1
+                    self.stats.goaway_reasons.append(str(frame.get("reason")))
                     self._goaway_retry = max(0, int(frame.get("retry_ms", 0))) / 1000
                     log.info(
                         "goaway (%s): reconnect in %.2fs", frame.get("reason"), self._goaway_retry

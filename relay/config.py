@@ -14,6 +14,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
+from relay.drain import DrainError, DrainPlan
+
 
 def _default_max_connections() -> int:
     """What the open-files limit allows, leaving room for the store, peers and admin sockets."""
@@ -89,6 +91,15 @@ class Config:
         0,
         "SO_SNDBUF of SDK sockets in bytes, which bounds the kernel memory a stalled client "
         "holds (0: the kernel's autotuning, up to net.ipv4.tcp_wmem's maximum)",
+    )
+    drain_deadline: float = _opt(
+        60.0,
+        "seconds a drain (POST /admin/v1/drain without deadline_s, relay drain, or SIGTERM) "
+        "may take: the process exits by then, sessions left or not",
+    )
+    drain_window: float = _opt(
+        0.0,
+        "seconds over which a drain sends the sessions away, evenly (0: half the deadline)",
     )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -189,6 +200,10 @@ def check(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"{_flag(name)} must be positive")
+    try:
+        DrainPlan.make(config.drain_deadline, config.drain_window)
+    except DrainError as exc:
+        raise ConfigError(f"--drain-deadline / --drain-window: {exc}") from None
     if config.ping_interval < 0:
         raise ConfigError("--ping-interval must be 0 (off) or positive")
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:

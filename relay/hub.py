@@ -338,6 +338,10 @@ class Hub:
     def sessions(self) -> list[SessionSink]:
         return [s for channel in self._channels.values() for s in channel.sessions]
 
+    def follower_count(self) -> int:
+        """Peers' subscriptions to environments this node owns (or owned)."""
+        return sum(len(channel.followers) for channel in self._channels.values())
+
     def session_count(self) -> int:
         return sum(len(channel.sessions) for channel in self._channels.values())
 

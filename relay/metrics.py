@@ -65,6 +65,14 @@ class Metrics:
             "Bytes written to this node's SDK sessions that their sockets have not taken yet",
             registry=r,
         )
+        self.node_state = Gauge(
+            "relay_node_state", "1 for this node's state (starting, ready, draining, stopped)",
+            ["state"], registry=r,
+        )
+        self.drain_sessions_left = Gauge(
+            "relay_drain_sessions_left", "SDK sessions still on this node while it drains",
+            registry=r,
+        )
         self.ring_members = Gauge(
             "relay_ring_members", "Nodes on this node's consistent-hash ring (ready ones)",
             registry=r,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 import socket
@@ -15,11 +17,13 @@ from relay import __version__
 from relay.admin import AdminApi
 from relay.cluster import Cluster
 from relay.config import Config
+from relay.drain import DrainPacer, DrainPlan, DrainRefused, retry_ms
 from relay.hub import Hub
 from relay.membership import make_membership
 from relay.membership.base import Member, Membership
 from relay.metrics import Metrics
 from relay.peer_server import PeerServer
+from relay.protocol import CLOSE_SERVICE_RESTART
 from relay.sdk_server import SdkServer
 from relay.store import make_store
 from relay.store.base import Store
@@ -27,6 +31,9 @@ from relay.store.base import Store
 log = logging.getLogger("relay.node")
 
 TOKEN_FILE = "admin-token"
+
+STATES = ("starting", "ready", "draining", "stopped")
+_DRAIN_TICK_S = 0.05
 
 
 def load_or_create_admin_token(data_dir: Path) -> tuple[str, bool]:
@@ -42,13 +49,17 @@ def load_or_create_admin_token(data_dir: Path) -> tuple[str, bool]:
 
 
 class Node:
-    """Starts and stops a node's parts in order. States: starting -> ready -> stopped."""
+    """Starts, drains and stops a node's parts in order.
+    States: starting -> ready -> draining -> stopped."""
 
     def __init__(self, config: Config, store: Store | None = None) -> None:
         self.config = config
-        self.state = "starting"
         self.started_at = time.time()
         self.metrics = Metrics()
+        self._set_state("starting")
+        self.drained = asyncio.Event()  # set when a drain is over: the process should stop
+        self._drain: dict[str, Any] | None = None
+        self._drain_task: asyncio.Task[None] | None = None
         self.store: Store = store or make_store(config)
         self.admin_token = config.admin_token
         self.token_generated = False
@@ -125,19 +136,83 @@ class Node:
         except BaseException:
             await self._close_parts()
             raise
-        self.state = "ready"
+        self._set_state("ready")
         if self.cluster is not None:
             self.cluster.on_members()  # into the ring, as this node sees it
         log.info("node %s ready", self.config.node_id)
 
-    async def stop(self) -> None:
-        """Graceful stop: sessions get goaway (shutdown) and close 1001, then the store closes."""
+    def _set_state(self, state: str) -> None:
+        self.state = state
+        for name in STATES:
+            self.metrics.node_state.labels(name).set(1 if name == state else 0)
+
+    # --- drain --------------------------------------------------------------------------------
+
+    def drain(self, plan: DrainPlan) -> dict[str, Any]:
+        """Start a drain: readiness fails and new upgrades get 503 at once, the node leaves
+        the ring, and its sessions are sent away (goaway `drain`, close 1012) evenly over the
+        window. `drained` is set once no session is left (and peers have moved what they
+        followed here) or at the deadline. Asked again while draining, the drain under way
+        goes on unchanged."""
+        if self.state == "draining" and self._drain is not None:
+            return self.drain_info()
+        if self.state != "ready":
+            raise DrainRefused(f"node {self.config.node_id} is {self.state}, not ready")
+        self._set_state("draining")
+        self.sdk.accepting = False
+        sessions = len(self.sdk.open_connections())
+        self._drain = {"deadline_s": plan.deadline_s, "window_s": plan.window_s,
+                       "deadline_at": round(time.time() + plan.deadline_s, 3),
+                       "sessions_at_start": sessions}
+        log.warning("draining: %d session(s) over %.1f s, deadline %.1f s", sessions,
+                    plan.window_s, plan.deadline_s)
+        if self.membership is not None:
+            self.membership.changed()  # out of this node's ring now; peers at their next look
+        self._drain_task = asyncio.get_running_loop().create_task(self._run_drain(plan))
+        return self.drain_info()
+
+    def drain_info(self) -> dict[str, Any]:
+        return {"node": self.config.node_id, "state": self.state,
+                "sessions": len(self.sdk.connections), **(self._drain or {})}
+
+    async def _run_drain(self, plan: DrainPlan) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        pacer = DrainPacer(len(self.sdk.open_connections()), plan.window_s)
+        # Peers following environments this node owned move them once they see it draining
+        # (their next probe or heartbeat): give them that long before the links close.
+        handoff = min(plan.deadline_s, 3 * self.config.membership_interval)
+        try:
+            while True:
+                elapsed = loop.time() - start
+                remaining = self.sdk.open_connections()
+                for conn in remaining[: pacer.due(elapsed, len(remaining))]:
+                    conn.send_away("drain", retry_ms(), CLOSE_SERVICE_RESTART, "node draining")
+                left = len(self.sdk.connections)
+                self.metrics.drain_sessions_left.set(left)
+                if elapsed >= plan.deadline_s:
+                    log.warning("drain deadline passed with %d session(s) left", left)
+                    break
+                if not left and (self.hub.follower_count() == 0 or elapsed >= handoff):
+                    log.warning("drained in %.1f s", elapsed)
+                    break
+                await asyncio.sleep(_DRAIN_TICK_S)
+        finally:
+            self.drained.set()
+
+    async def stop(self, linger_s: float | None = None) -> None:
+        """Stop: sessions still here get goaway (shutdown) and close 1001; then the peer links,
+        the membership, the admin server and the store close. `linger_s` bounds the wait for
+        the sessions' close handshakes (default: --close-timeout)."""
         if self.state == "stopped":
             return
-        self.state = "stopping"
-        await self.sdk.stop()
+        self._set_state("stopped")
+        if self._drain_task is not None and not self._drain_task.done():
+            self._drain_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._drain_task
+        await self.sdk.stop(linger_s=linger_s)
         await self._close_parts()
-        self.state = "stopped"
 
     async def _close_parts(self) -> None:
         if self.cluster is not None:

@@ -176,11 +176,18 @@ class SdkConnection(asyncio.Protocol):
         if self.proto.state is not _OPEN:
             return
         self.server.metrics.evictions.labels(why).inc()
-        retry_ms = random.randint(*self.server.retry_ms)
-        self.transport.write(  # type: ignore[union-attr]
-            protocol.ws_binary_frame(protocol.goaway("evicted", retry_ms))
-        )
-        self.close(protocol.CLOSE_EVICTED, "slow consumer")
+        self.send_away("evicted", random.randint(*self.server.retry_ms),
+                       protocol.CLOSE_EVICTED, "slow consumer")
+
+    def send_away(self, reason: str, retry_ms: int, code: int, message: str) -> None:
+        """`goaway` (to a session past its hello; others cannot read it) and close `code`."""
+        if self.proto.state is not _OPEN:
+            return
+        if self.attached:
+            self.transport.write(  # type: ignore[union-attr]
+                protocol.ws_binary_frame(protocol.goaway(reason, retry_ms))
+            )
+        self.close(code, message)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with `code`; no frame is written after it."""
@@ -421,6 +428,10 @@ class SdkServer:
         """Bytes waiting in all SDK connections' buffers (the relay_buffered_bytes gauge)."""
         return sum(conn.buffered() for conn in self.connections)
 
+    def open_connections(self) -> list[SdkConnection]:
+        """Connections past the upgrade that have not started closing."""
+        return [conn for conn in self.connections if conn.proto.state is _OPEN]
+
     def lost(self, conn: SdkConnection) -> None:
         self.connections.discard(conn)
         if conn._counted:
@@ -463,8 +474,10 @@ class SdkServer:
                 conn.transport.write(PING_FRAME)
         self._pinger = self.loop.call_later(interval / PING_SLICES, self._keepalive)
 
-    async def stop(self, retry_ms: tuple[int, int] = (500, 5000)) -> None:
-        """Tell every session to go (goaway: shutdown), close all with 1001, stop listening."""
+    async def stop(self, retry_ms: tuple[int, int] = (500, 5000),
+                   linger_s: float | None = None) -> None:
+        """Tell every session to go (goaway: shutdown), close all with 1001, stop listening;
+        wait up to `linger_s` (default: the close timeout) for their close handshakes."""
         if self._server is None:
             return
         self.accepting = False
@@ -472,16 +485,16 @@ class SdkServer:
         if self._pinger is not None:
             self._pinger.cancel()
         for conn in list(self.connections):
-            if conn.attached:
-                goaway = protocol.goaway("shutdown", random.randint(*retry_ms))
-                conn.write(protocol.ws_binary_frame(goaway))
-            conn.close(protocol.CLOSE_GOING_AWAY, "server shutting down")
+            conn.send_away("shutdown", random.randint(*retry_ms), protocol.CLOSE_GOING_AWAY,
+                           "server shutting down")
             if conn.proto.state is State.CONNECTING and conn.transport is not None:
                 conn.transport.abort()
         if self.connections:
             self._all_gone = asyncio.Event()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._all_gone.wait(), self.config.close_timeout + 1)
+                await asyncio.wait_for(
+                    self._all_gone.wait(),
+                    self.config.close_timeout + 1 if linger_s is None else linger_s)
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.abort()

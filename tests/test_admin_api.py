@@ -110,14 +110,10 @@ async def test_status_health_ready_metrics(node: Node, admin: Admin) -> None:
                              "connections": 0, "owned_envs": 1, "in_ring": True}]
     assert (await admin.call("GET", "/healthz", token=""))[0] == 200
     assert await admin.call("GET", "/readyz", token="") == (
-        200, {"ready": True, "state": "ready", "node": "test-node", "connections": 0})
+        200, {"ready": True, "state": "ready", "node": "test-node", "connections": 0,
+              "open": 0})
     status, text = await admin.call("GET", "/metrics", token="")
     assert status == 200 and "relay_connections_accepted_total" in text
-
-
-async def test_drain_is_not_implemented_yet(admin: Admin) -> None:
-    status, body = await admin.call("POST", "/admin/v1/drain", {"deadline_s": 5})
-    assert status == 501 and "drain" in body["error"]
 
 
 @pytest.mark.parametrize(

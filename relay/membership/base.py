@@ -38,6 +38,11 @@ class Membership(Protocol):
         """Call `listener` on the loop whenever the members or their states change."""
         ...
 
+    def changed(self) -> None:
+        """This node's own state changed (it drains): tell the listeners now. Peers learn it
+        at their next probe or heartbeat."""
+        ...
+
 
 def ready_ids(members: Mapping[str, Member]) -> frozenset[str]:
     """The ring's members: nodes that are ready (not starting, draining or gone)."""

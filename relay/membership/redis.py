@@ -46,6 +46,8 @@ class RedisMembership:
         # again, so a Redis outage does not shake the ring. Until when that grace lasts:
         self._grace_until: float | None = None
         self._failing = False
+        self._last_sent: str | None = None  # the state in our last heartbeat
+        self._beat: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         plain, cluster = await redis_client.connect(self.url)
@@ -81,6 +83,15 @@ class RedisMembership:
             self._last = now
             for listener in self._listeners:
                 listener()
+            local = self._local()
+            if self._last_sent is not None and self._last_sent != local.state:
+                self._heartbeat_now()  # peers see a drain at once, not a round later
+
+    def _heartbeat_now(self) -> None:
+        async def beat() -> None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._write_own()
+        self._beat = asyncio.get_running_loop().create_task(beat())  # (kept: not collected)
 
     async def _run(self) -> None:
         while True:
@@ -94,14 +105,20 @@ class RedisMembership:
                 self._failing = True
                 log.warning("membership heartbeat failed: %s", exc)
 
-    async def _round(self) -> None:
+    async def _write_own(self) -> Member:
         assert self._redis is not None
         local = self._local()
-        ttl_ms = max(1, int(self.interval * 3000))
         await self._redis.set(
             _key(local.node_id), msgpack.packb([local.address, local.state, local.connections]),
-            px=ttl_ms)
+            px=max(1, int(self.interval * 3000)))
         await self._redis.sadd(_SET, local.node_id)
+        self._last_sent = local.state
+        return local
+
+    async def _round(self) -> None:
+        assert self._redis is not None
+        local = await self._write_own()
+        ttl_ms = max(1, int(self.interval * 3000))
         members: Any = await self._redis.smembers(_SET)
         ids = sorted(i.decode() for i in members)
         values = await self._redis.mget([_key(i) for i in ids]) if ids else []
