@@ -76,8 +76,10 @@ class Node:
         self._site: web.TCPSite | None = None
         self.membership: Membership | None = None
         self.cluster: Cluster | None = None
+        self.peer_server: PeerServer | None = None
         if config.discovery:
-            PeerServer(self.hub, config.peer_token).add_routes(self.admin.app)
+            self.peer_server = PeerServer(self.hub, config.peer_token)
+            self.peer_server.add_routes(self.admin.app)
             self.membership = make_membership(
                 config.discovery, self.member, config.store, config.membership_interval
             )
@@ -124,7 +126,10 @@ class Node:
             )
         await self.store.open()
         try:
-            self._runner = web.AppRunner(self.admin.app, access_log=None)
+            self._runner = web.AppRunner(
+                self.admin.app, access_log=None,
+                shutdown_timeout=5.0,  # what an admin or peer request may still take at exit
+            )
             await self._runner.setup()
             self._site = web.TCPSite(
                 self._runner, self.config.admin_bind, self.config.admin_port
@@ -219,6 +224,8 @@ class Node:
             await self.cluster.stop()
         if self.membership is not None:
             await self.membership.stop()
+        if self.peer_server is not None:
+            await self.peer_server.close()
         await self.hub.close()
         if self._runner is not None:
             await self._runner.cleanup()

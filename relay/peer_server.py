@@ -61,6 +61,14 @@ class PeerServer:
         self.hub = hub
         self.token = token.encode()
         self.edges = 0
+        self._sockets: set[web.WebSocketResponse] = set()
+
+    async def close(self) -> None:
+        """Close every edge's link (1001): they take their environments from the store, or
+        from the new owners, until they see the ring without this node."""
+        for ws in list(self._sockets):
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await ws.close(code=1001, message=b"node stopping")
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(peer_protocol.PATH, self.handle)
@@ -74,6 +82,7 @@ class PeerServer:
         ws = web.WebSocketResponse(compress=False, max_msg_size=64 << 20, heartbeat=10)
         await ws.prepare(request)
         follower = _EdgeFollower(ws)
+        self._sockets.add(ws)
         writer = asyncio.get_running_loop().create_task(follower.run())
         envs: set[str] = set()
         self.edges += 1
@@ -97,6 +106,7 @@ class PeerServer:
                     self.hub.remove_follower(message.env, follower)
         finally:
             self.edges -= 1
+            self._sockets.discard(ws)
             follower.closed = True
             follower.wake.set()
             for env in envs:

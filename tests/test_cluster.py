@@ -4,88 +4,14 @@ peer links, joins, leaves and a kill -9, with changes flowing throughout."""
 from __future__ import annotations
 
 import asyncio
-import json
-import socket
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from relay.client import RelayClient
 from relay.ring import Ring
-from tests.helpers import (
-    Admin,
-    RelayProcess,
-    open_stream,
-    recv_frame,
-    start_redis,
-    start_relay,
-)
-
-TOKEN = "cluster-admin-token"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Cluster:
-    """Up to N nodes n0, n1, ... with fixed ports, all listed in each one's static discovery."""
-
-    def __init__(self, tmp: Path, redis_url: str, size: int, discovery: str = "static") -> None:
-        self.tmp = tmp
-        self.redis_url = redis_url
-        self.ports = [(_free_port(), _free_port()) for _ in range(size)]
-        self.discovery = discovery if discovery != "static" else "static:" + ",".join(
-            f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(self.ports))
-        self.nodes: dict[int, RelayProcess] = {}
-
-    def start(self, i: int) -> RelayProcess:
-        port, admin = self.ports[i]
-        node = start_relay(
-            self.tmp / f"n{i}", "--port", str(port), "--admin-port", str(admin),
-            "--node-id", f"n{i}", "--store", self.redis_url, "--discovery", self.discovery,
-            "--peer-token", "peer-secret", "--admin-token", TOKEN,
-            "--membership-interval", "0.2", "--log-level", "warning",
-        )
-        self.nodes[i] = node
-        return node
-
-    def admin(self, i: int) -> Admin:
-        return Admin(self.nodes[i].admin_url, TOKEN)
-
-    def status(self, i: int) -> dict[str, Any]:
-        request = urllib.request.Request(f"{self.nodes[i].admin_url}/admin/v1/status",
-                                         headers={"Authorization": f"Bearer {TOKEN}"})
-        with urllib.request.urlopen(request, timeout=5) as resp:
-            return dict(json.load(resp))
-
-    def metric(self, i: int, name: str) -> float:
-        with urllib.request.urlopen(f"{self.nodes[i].admin_url}/metrics", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
-        raise AssertionError(f"{name} not in n{i}'s metrics")
-
-    async def wait_ring(self, members: set[int], timeout: float = 20) -> None:
-        """Until every running node's ring is exactly `members`."""
-        want = {f"n{i}" for i in members}
-        deadline = asyncio.get_running_loop().time() + timeout
-        while True:
-            rings = {i: {m["node"] for m in self.status(i)["ring"] if m["in_ring"]}
-                     for i in self.nodes if self.nodes[i].proc.poll() is None}
-            if all(r == want for r in rings.values()):
-                return
-            assert asyncio.get_running_loop().time() < deadline, f"rings: {rings}"
-            await asyncio.sleep(0.1)
-
-    def stop_all(self) -> None:
-        for node in self.nodes.values():
-            node.stop()
+from tests.cluster import Cluster, all_exact, clients_on, publish_steadily
+from tests.helpers import Admin, open_stream, recv_frame, start_redis
 
 
 @pytest.fixture
@@ -136,32 +62,6 @@ async def test_every_client_sees_every_change_once_in_order(cluster3: Cluster) -
             await a.close()
 
 
-async def _publisher(admin: Admin, envs: list[str], stop: asyncio.Event,
-                     acked: dict[str, int]) -> None:
-    n = 0
-    while not stop.is_set():
-        env = envs[n % len(envs)]
-        acked[env] = await admin.publish(env, {"n": n})
-        n += 1
-        await asyncio.sleep(0.005)
-
-
-async def _clients_on(node: RelayProcess, envs: list[str]) -> dict[str, RelayClient]:
-    clients = {env: RelayClient(node.ws_url, f"key-{env}", backoff_max=1.0) for env in envs}
-    for client in clients.values():
-        await client.start()
-        await client.wait_ready(timeout=10)
-    return clients
-
-
-async def _all_exact(clients: dict[str, RelayClient], admin: Admin) -> None:
-    for env, client in clients.items():
-        version, flags = await admin.flags(env)
-        await client.wait_for_version(version, timeout=20)
-        assert client.version == version and client.flags == flags, env
-        assert client.stats.gaps == 0, f"{env}: a client saw a version gap"
-
-
 async def test_join_and_leave_while_changes_flow(cluster3: Cluster) -> None:
     """n0 and n1 run; n2 joins, then n1 leaves, while changes are published: the clients on n0
     lose nothing and see nothing out of order; about 1/3 of the environments move on the join."""
@@ -174,8 +74,8 @@ async def test_join_and_leave_while_changes_flow(cluster3: Cluster) -> None:
     try:
         for env in ENVS:
             await admin.put_env(env, [f"key-{env}"])
-        clients = await _clients_on(cluster3.nodes[0], ENVS)
-        publisher = asyncio.create_task(_publisher(admin, ENVS, stop, acked))
+        clients = await clients_on(cluster3.nodes[0], ENVS)
+        publisher = asyncio.create_task(publish_steadily(admin, ENVS, stop, acked))
         await asyncio.sleep(0.5)
         moves_before = cluster3.metric(0, "relay_ownership_moves_total")
         cluster3.start(2)
@@ -190,7 +90,7 @@ async def test_join_and_leave_while_changes_flow(cluster3: Cluster) -> None:
         await asyncio.sleep(0.5)
         stop.set()
         await publisher
-        await _all_exact(clients, admin)
+        await all_exact(clients, admin)
         for client in clients.values():
             await client.close()
     finally:
@@ -210,17 +110,17 @@ async def test_kill_9_of_an_owner_while_changes_flow(cluster3: Cluster) -> None:
     try:
         for env in ENVS:
             await admin.put_env(env, [f"key-{env}"])
-        clients = await _clients_on(cluster3.nodes[0], ENVS)
+        clients = await clients_on(cluster3.nodes[0], ENVS)
         owned_by_n1 = [env for env in ENVS if Ring(["n0", "n1", "n2"]).owner(env) == "n1"]
         assert owned_by_n1, "pick environments so that n1 owns some"
-        publisher = asyncio.create_task(_publisher(admin, ENVS, stop, acked))
+        publisher = asyncio.create_task(publish_steadily(admin, ENVS, stop, acked))
         await asyncio.sleep(0.5)
         cluster3.nodes[1].kill9()
         await cluster3.wait_ring({0, 2})
         await asyncio.sleep(0.5)
         stop.set()
         await publisher
-        await _all_exact(clients, admin)
+        await all_exact(clients, admin)
         for client in clients.values():
             await client.close()
     finally:
@@ -245,7 +145,7 @@ async def test_a_redis_restart_under_a_cluster_loses_nothing(tmp_path: Path) -> 
         admins = [cluster.admin(i) for i in range(3)]
         for env in ENVS:
             await admins[0].put_env(env, [f"key-{env}"])
-        clients = await _clients_on(cluster.nodes[0], ENVS)
+        clients = await clients_on(cluster.nodes[0], ENVS)
         acked: dict[str, int] = {}
         refused: list[str] = []
         ok_after: dict[int, float] = {}
@@ -286,7 +186,7 @@ async def test_a_redis_restart_under_a_cluster_loses_nothing(tmp_path: Path) -> 
         for env in ENVS:
             version, _ = await admins[0].flags(env)
             assert version >= acked[env], f"{env}: acknowledged version {acked[env]} lost"
-        await _all_exact(clients, admins[0])
+        await all_exact(clients, admins[0])
         assert cluster.metric(0, "relay_ownership_moves_total") == moves  # the ring held
         for client in clients.values():
             await client.close()

@@ -1,0 +1,193 @@
+"""Test clusters: several real `relay serve` processes on one Redis, and a real HAProxy in
+front of them (health-checking each node's /readyz), as operators run it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from relay.client import RelayClient
+from tests.helpers import Admin, RelayProcess, start_relay
+
+TOKEN = "cluster-admin-token"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Cluster:
+    """Up to N nodes n0, n1, ... with fixed ports, all listed in each one's static discovery."""
+
+    def __init__(self, tmp: Path, redis_url: str, size: int, discovery: str = "static",
+                 extra: Sequence[str] = ()) -> None:
+        self.extra = list(extra)  # more `relay serve` flags for every node
+        self.tmp = tmp
+        self.redis_url = redis_url
+        self.ports = [(_free_port(), _free_port()) for _ in range(size)]
+        self.discovery = discovery if discovery != "static" else "static:" + ",".join(
+            f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(self.ports))
+        self.nodes: dict[int, RelayProcess] = {}
+
+    def start(self, i: int) -> RelayProcess:
+        port, admin = self.ports[i]
+        node = start_relay(
+            self.tmp / f"n{i}", "--port", str(port), "--admin-port", str(admin),
+            "--node-id", f"n{i}", "--store", self.redis_url, "--discovery", self.discovery,
+            "--peer-token", "peer-secret", "--admin-token", TOKEN,
+            "--membership-interval", "0.2", "--log-level", "warning", *self.extra,
+        )
+        self.nodes[i] = node
+        return node
+
+    def admin(self, i: int) -> Admin:
+        return Admin(self.nodes[i].admin_url, TOKEN)
+
+    def status(self, i: int) -> dict[str, Any]:
+        request = urllib.request.Request(f"{self.nodes[i].admin_url}/admin/v1/status",
+                                         headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return dict(json.load(resp))
+
+    def metric(self, i: int, name: str) -> float:
+        with urllib.request.urlopen(f"{self.nodes[i].admin_url}/metrics", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                if line.startswith(name + " "):
+                    return float(line.split()[1])
+        raise AssertionError(f"{name} not in n{i}'s metrics")
+
+    async def wait_ring(self, members: set[int], timeout: float = 20) -> None:
+        """Until every running node's ring is exactly `members`."""
+        want = {f"n{i}" for i in members}
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            rings = {i: {m["node"] for m in self.status(i)["ring"] if m["in_ring"]}
+                     for i in self.nodes if self.nodes[i].proc.poll() is None}
+            if all(r == want for r in rings.values()):
+                return
+            assert asyncio.get_running_loop().time() < deadline, f"rings: {rings}"
+            await asyncio.sleep(0.1)
+
+    def stop_all(self) -> None:
+        for node in self.nodes.values():
+            node.stop()
+
+
+async def publish_steadily(admins: Admin | Sequence[Admin], envs: list[str], stop: asyncio.Event,
+                           acked: dict[str, int], pause: float = 0.005) -> None:
+    """Publish round the environments (through the admins in turn) until `stop`; `acked`
+    holds each environment's last acknowledged version."""
+    through = [admins] if isinstance(admins, Admin) else list(admins)
+    n = 0
+    while not stop.is_set():
+        env = envs[n % len(envs)]
+        acked[env] = await through[n % len(through)].publish(env, {"n": n})
+        n += 1
+        await asyncio.sleep(pause)
+
+
+async def clients_on(node: RelayProcess, envs: list[str]) -> dict[str, RelayClient]:
+    clients = {env: RelayClient(node.ws_url, f"key-{env}", backoff_max=1.0) for env in envs}
+    for client in clients.values():
+        await client.start()
+        await client.wait_ready(timeout=10)
+    return clients
+
+
+async def all_exact(clients: Mapping[str, RelayClient] | Iterable[tuple[str, RelayClient]],
+                    admin: Admin) -> None:
+    """Every client ends with exactly its environment's state in the store, with no gap."""
+    pairs = clients.items() if isinstance(clients, Mapping) else clients
+    stored: dict[str, tuple[int, dict[str, Any]]] = {}
+    for env, client in pairs:
+        if env not in stored:
+            stored[env] = await admin.flags(env)
+        version, flags = stored[env]
+        await client.wait_for_version(version, timeout=20)
+        assert client.version == version and client.flags == flags, env
+        assert client.stats.gaps == 0, f"{env}: a client saw a version gap"
+
+
+class HAProxy:
+    """haproxy (scripts/install-test-deps.sh installs it) in front of the nodes' SDK ports,
+    each health-checked on its internal port's /readyz, as docs/operations.md recommends."""
+
+    def __init__(self, directory: Path, cluster: Cluster, check_interval_ms: int = 200) -> None:
+        binary = shutil.which("haproxy")
+        if binary is None:
+            raise AssertionError("haproxy is not installed: run scripts/install-test-deps.sh")
+        self.port = _free_port()
+        directory.mkdir(parents=True, exist_ok=True)
+        servers = "\n".join(
+            f"    server n{i} 127.0.0.1:{port} check port {admin}"
+            for i, (port, admin) in enumerate(cluster.ports))
+        self.config = directory / "haproxy.cfg"
+        self.config.write_text(HAPROXY_CONFIG.format(
+            port=self.port, inter=check_interval_ms, servers=servers))
+        self.log = open(directory / "haproxy.log", "wb")  # noqa: SIM115 - lives with proc
+        self.proc = subprocess.Popen([binary, "-f", str(self.config), "-db"],
+                                     stdout=self.log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("haproxy did not start: "
+                                         + (directory / "haproxy.log").read_text()) from None
+                time.sleep(0.05)
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/v1/stream"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log.close()
+
+
+# Long tunnel timeouts (WebSockets live for hours); a node is out once /readyz fails (a drain),
+# and an upgrade that meets a node's 503 in the moment before that is retried on another.
+HAPROXY_CONFIG = """\
+global
+    maxconn 4000
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+    timeout tunnel 1h
+    timeout client-fin 5s
+    option redispatch
+    retries 3
+    retry-on conn-failure empty-response 503
+
+frontend sdk
+    bind 127.0.0.1:{port}
+    default_backend relays
+
+backend relays
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter {inter}ms fall 1 rise 2
+{servers}
+"""
