@@ -127,6 +127,7 @@ class Hub:
         self.slow_consumer_timeout = slow_consumer_timeout
         self.max_session_buffer = max_session_buffer
         self._channels: dict[str, _Channel] = {}
+        self._closed = False
         # Sessions whose socket buffer is above the high-water mark: what the sweep looks at.
         self._paused: dict[SessionSink, Outbox] = {}
         self._sweep_timer: asyncio.TimerHandle | None = None
@@ -367,7 +368,8 @@ class Hub:
         from the store again (this node owns it now, or the owner's link is down): then
         whatever came meanwhile is read from the store."""
         channel = self._channels.get(env)
-        if channel is None or channel.via_peer == via_peer or channel.state is None:
+        if (channel is None or channel.via_peer == via_peer or channel.state is None
+                or self._closed):  # (at stop, peer links close after the hub)
             return
         if via_peer and channel.followers:
             return  # it serves edges: it follows the store itself (no cycles of edges)
@@ -596,6 +598,7 @@ class Hub:
             log.debug("hub task failed: %r", task.exception())
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None

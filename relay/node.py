@@ -220,13 +220,13 @@ class Node:
         await self._close_parts()
 
     async def _close_parts(self) -> None:
+        await self.hub.close()  # first: closing links must not start reads from the store
         if self.cluster is not None:
             await self.cluster.stop()
         if self.membership is not None:
             await self.membership.stop()
         if self.peer_server is not None:
             await self.peer_server.close()
-        await self.hub.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()

@@ -240,3 +240,20 @@ async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
         await b.close()
         for server in servers:
             server.stop()
+
+
+async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_url: str) -> None:
+    """A ring change makes hundreds of environments read their streams at once: past the
+    pool's connections they wait their turn (redis-py's default pool raised "Too many
+    connections", which reached publishers as 503s)."""
+    store = await _open(redis_url)
+    try:
+        await store.put_env("burst", [H1])
+        for i in range(3):
+            await store.publish("burst", {"n": i}, [])
+        results = await asyncio.gather(*(store.changes_since("burst", 0) for _ in range(400)),
+                                       *(store.publish("burst", {"m": i}, []) for i in range(50)))
+        assert all(r is not None for r in results)
+        assert (await store.load("burst", 0)).v == 53
+    finally:
+        await store.close()
