@@ -55,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "connections; relay is one process)")
     p.add_argument("--nodes", type=int, default=3,
                    help="relay nodes in the cluster scenario (compared with one node)")
+    p.add_argument("--drain-node", default="n1", help="the node the drain scenario drains")
+    p.add_argument("--drain-after", type=float, default=5.0,
+                   help="seconds into the publishing when the drain scenario drains it")
+    p.add_argument("--drain-window", type=float, default=30.0,
+                   help="seconds over which the drained node sends its sessions away")
     p.add_argument("--client-cpus", default="1", help="CPUs the generator is pinned to")
     p.add_argument("--out", default="", help="JSON result file (a .png plot is written beside)")
     p.add_argument("--workdir", default="", help="where servers keep logs and data")
@@ -67,6 +72,19 @@ def main(argv: list[str] | None = None) -> int:
     targets = args.targets.split(",") if args.compare else [args.target]
     if args.scenario == "cluster":  # its comparison (one node) is built in
         targets = ["cluster"]
+    if args.scenario == "drain":  # 3 nodes behind 2 HAProxy processes
+        targets = ["cluster"]
+        needed = args.drain_after + args.drain_window + 5
+        if args.duration < needed:
+            print(f"loadtests: drain: publishing for {needed:g} s (--drain-after + "
+                  "--drain-window + 5), so changes flow through the whole drain",
+                  file=sys.stderr)
+            args.duration = needed
+        if not args.nodes >= 2 or not args.drain_node.removeprefix("n").isdigit() or int(
+                args.drain_node.removeprefix("n")) >= args.nodes:
+            print(f"loadtests: --drain-node must be one of n0..n{args.nodes - 1} (and "
+                  "--nodes at least 2)", file=sys.stderr)
+            return 2
     if args.url and args.compare:
         print("loadtests: --url measures one running server; drop --compare", file=sys.stderr)
         return 2
@@ -90,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
                 connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
                 grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
                 server_workers=args.server_workers, stalled=stalled, nodes=args.nodes,
+                drain_node=args.drain_node, drain_after=args.drain_after,
+                drain_window=args.drain_window,
                 progress=not args.no_progress, workdir=args.workdir,
             )
             round_ = f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""

@@ -58,6 +58,23 @@ ROWS: list[tuple[str, str, str]] = [
     ("one node: p99", "one_node.latency_ms.p99", " ms"),
     ("one node: p99.9", "one_node.latency_ms.p999", " ms"),
     ("one node: missing", "one_node.missing", ""),
+    ("drain: sessions on the node", "drain.sessions_at_start", ""),
+    ("drain: window", "drain.window_s", " s"),
+    ("drain: time to empty", "drain.empty_s", " s"),
+    ("drain: time to exit", "drain.exit_s", " s"),
+    ("drain: exit code", "drain.exit_code", ""),
+    ("drain: sent away/s peak", "drain.sent_away_per_s.peak", ""),
+    ("drain: sent away/s mean", "drain.sent_away_per_s.mean", ""),
+    ("drain: sent away over", "drain.sent_away_per_s.seconds", " s"),
+    ("drain: reconnects", "drain.reconnects", ""),
+    ("drain: reconnects/s peak", "drain.reconnects_per_s.peak", ""),
+    ("drain: reconnects/s mean", "drain.reconnects_per_s.mean", ""),
+    ("drain: reconnects over", "drain.reconnects_per_s.seconds", " s"),
+    ("drain: other nodes p99 before", "drain.other_nodes_latency_ms_before.p99", " ms"),
+    ("drain: other nodes p50", "drain.other_nodes_latency_ms.p50", " ms"),
+    ("drain: other nodes p99", "drain.other_nodes_latency_ms.p99", " ms"),
+    ("drain: other nodes p99.9", "drain.other_nodes_latency_ms.p999", " ms"),
+    ("drain: changes lost", "drain.lost", ""),
     ("stalled connections", "stalled.connections", ""),
     ("stalled ended by server", "stalled.ended_by_server", ""),
     ("evictions (server)", "stalled.evictions", ""),
@@ -97,6 +114,7 @@ MAIN_FIGURE = {
     "fanout": "latency_ms.p99",
     "slow-consumers": "latency_ms.p99",
     "cluster": "latency_ms.p99",
+    "drain": "drain.reconnects_per_s.peak",
     "burst": "deliveries_per_s",
     "connect-storm": "server.cpu_us_per_handshake",
     "idle": "server.rss_kb_per_connection",
@@ -199,7 +217,20 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_rate, ax_lat) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    reconnecting = any("reconnects" in p for r in results for p in r.get("timeline", []))
+    if reconnecting:  # the drain scenario: reconnects per second in a third panel
+        fig, (ax_rate, ax_lat, ax_re) = plt.subplots(3, 1, figsize=(9, 9), sharex=True)
+        for index, r in enumerate(results):
+            timeline = r.get("timeline", [])
+            t = [p["t"] for p in timeline]
+            ax_re.bar(t, [p.get("reconnects", 0) for p in timeline], width=1.0,
+                      color=f"C{index}", alpha=0.6, label=f"{r['target']} reconnects")
+            ax_re.step(t, [p.get("sent_away", 0) for p in timeline], where="mid",
+                       color="black", label="sent away (goaway)")
+        ax_re.set_ylabel("sessions / s")
+        ax_re.legend()
+    else:
+        fig, (ax_rate, ax_lat) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     for index, r in enumerate(results):
         timeline = r.get("timeline", [])
         if not timeline:

@@ -24,9 +24,9 @@ from loadtests import report
 from loadtests.targets import Target, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
-SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster")
+SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster", "drain")
 # Scenarios that publish at a steady rate and measure deliveries.
-STEADY = ("fanout", "slow-consumers", "cluster")
+STEADY = ("fanout", "slow-consumers", "cluster", "drain")
 
 
 @dataclass
@@ -52,6 +52,9 @@ class Options:
     server_workers: int = 1
     nodes: int = 3  # relay nodes of the cluster scenario
     stalled: int = 0  # connections more that never read (slow-consumers)
+    drain_node: str = "n1"  # the drain scenario: which node is drained,
+    drain_after: float = 5.0  # how long into the publishing,
+    drain_window: float = 30.0  # and over how many seconds its sessions are sent away
     read_buffer: int = 1024
     progress: bool = True
     workdir: str = ""
@@ -66,6 +69,9 @@ class Options:
                 values.pop(k)
         if self.scenario == "burst":
             values.pop("rate")
+        if self.scenario == "drain":
+            values.update(nodes=self.nodes, drain_node=self.drain_node,
+                          drain_after=self.drain_after, drain_window=self.drain_window)
         return values
 
 
@@ -93,6 +99,7 @@ class Sampler:
         self.tcp_mem_peak = self.tcp_mem_base
         self.fds_base = self.server_fds()
         self.fds_peak = self.fds_base
+        self._last_cpu: dict[int, float] = {}
         self._task: asyncio.Task[None] | None = None
 
     @staticmethod
@@ -117,7 +124,13 @@ class Sampler:
         return self._cpu(self.server)
 
     def server_cpu_by_pid(self) -> dict[int, float]:
-        return {p.pid: self._cpu([p]) for p in self.server}
+        """CPU seconds of each server process; for one that has exited (the drained node),
+        the last sample taken while it ran."""
+        for p in self.server:
+            with contextlib.suppress(psutil.Error):
+                t = p.cpu_times()
+                self._last_cpu[p.pid] = t.user + t.system
+        return {p.pid: self._last_cpu.get(p.pid, 0.0) for p in self.server}
 
     def server_cpu_split(self) -> tuple[float, float]:
         return self._cpu_split(self.server)
@@ -163,6 +176,7 @@ class Sampler:
             self.rss_peak = max(self.rss_peak, self.server_rss())
             self.tcp_mem_peak = max(self.tcp_mem_peak, self.tcp_mem())
             self.fds_peak = max(self.fds_peak, self.server_fds())
+            self.server_cpu_by_pid()
             await asyncio.sleep(0.5)
 
     def start(self) -> None:
@@ -212,6 +226,8 @@ class Workers:
                 "connect_rate": connect_rate / n if connect_rate else 0.0,
                 "read_buffer": self.opts.read_buffer,
                 "stalled": stalled_share + (1 if i < stalled_extra else 0),
+                "reconnect": self.opts.scenario == "drain",
+                "watch_node": self.opts.drain_node if self.opts.scenario == "drain" else "",
             }
             first += count
             path = self.workdir / f"worker-{i}.json"
@@ -367,15 +383,86 @@ def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
     buckets: dict[int, dict[str, Any]] = {}
     for tick in workers.ticks:
         second = int(tick["t"] - t0)
-        b = buckets.setdefault(second, {"deliveries": 0, "hists": []})
+        b = buckets.setdefault(second, {"deliveries": 0, "hists": [], "reconnects": 0,
+                                        "goaways": 0})
         b["deliveries"] += tick["deliveries"]
         b["hists"].append(tick["hist"])
+        b["reconnects"] += tick.get("reconnects", 0)
+        b["goaways"] += tick.get("goaways", 0)
     out = []
     for second in sorted(buckets):
         lat = report.latency_ms(report.merge(buckets[second]["hists"]))
-        out.append({"t": second, "deliveries": buckets[second]["deliveries"],
-                    "p50": lat["p50"], "p99": lat["p99"]})
+        point = {"t": second, "deliveries": buckets[second]["deliveries"],
+                 "p50": lat["p50"], "p99": lat["p99"]}
+        if workers.opts.scenario == "drain":
+            point["reconnects"] = buckets[second]["reconnects"]
+            point["sent_away"] = buckets[second]["goaways"]
+        out.append(point)
     return out
+
+
+async def _drain_during(target: Target, opts: Options, record: dict[str, Any]) -> None:
+    """The drain scenario's drain: `drain_after` seconds into the publishing, drain one node
+    (deadline: the window plus 30 s) and watch it until its process is gone."""
+    from loadtests.targets import ClusterTarget
+
+    assert isinstance(target, ClusterTarget)
+    record["publishing"] = time.time()
+    await asyncio.sleep(opts.drain_after)
+    node = opts.drain_node
+    record["started"] = time.time()
+    info = await target.drain(node, opts.drain_window + 30, opts.drain_window)
+    record.update(node=node, sessions_at_start=info["sessions_at_start"],
+                  window_s=info["window_s"], deadline_s=info["deadline_s"])
+    proc = target.node_procs[node]
+    while proc.poll() is None:
+        left = await target.sessions(node)
+        if left == 0 and "empty_s" not in record:
+            record["empty_s"] = round(time.time() - record["started"], 2)
+        await asyncio.sleep(0.1)
+    record["exit_s"] = round(time.time() - record["started"], 2)
+    record["exit_code"] = proc.returncode
+    record.setdefault("empty_s", record["exit_s"])
+
+
+def _drain_figures(workers: Workers, record: dict[str, Any]) -> dict[str, Any]:
+    """Per second from the drain's start: sessions sent away (goaway received: the node's
+    pacing) and reconnects (back through the load balancer: what the other nodes see), each
+    as peak and mean over the window; the other nodes' clients' latency before the drain and
+    from its start until the drained node was empty."""
+    start = record.get("started")
+    if start is None:
+        return {"error": "the drain never started"}
+    end = start + record.get("empty_s", 0.0) + 1.0
+    sent: dict[int, int] = {}
+    back: dict[int, int] = {}
+    other_hists = []
+    before = [tick.get("hist_other") for tick in workers.ticks
+              if record["publishing"] + 1.0 <= tick["t"] <= start]
+    for tick in workers.ticks:
+        if tick["t"] >= start:
+            second = int(tick["t"] - start)
+            sent[second] = sent.get(second, 0) + tick.get("goaways", 0)
+            back[second] = back.get(second, 0) + tick.get("reconnects", 0)
+        if start <= tick["t"] <= end:
+            other_hists.append(tick.get("hist_other"))
+    window = float(record.get("window_s") or 1.0)
+
+    def rate(per_second: dict[int, int]) -> dict[str, Any]:
+        busy = [s for s, n in per_second.items() if n]
+        return {"peak": max(per_second.values(), default=0),
+                "mean": round(sum(per_second.values()) / window, 1),
+                "seconds": (max(busy) - min(busy) + 1) if busy else 0}
+
+    return {
+        **{k: v for k, v in record.items() if k not in ("started", "publishing")},
+        "sent_away": sum(sent.values()),
+        "sent_away_per_s": rate(sent),
+        "reconnects": sum(back.values()),
+        "reconnects_per_s": rate(back),
+        "other_nodes_latency_ms": report.latency_ms(report.merge(other_hists)),
+        "other_nodes_latency_ms_before": report.latency_ms(report.merge(before)),
+    }
 
 
 async def run(opts: Options) -> dict[str, Any]:
@@ -438,12 +525,14 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         os.sched_setaffinity(0, client_cpus)
     if opts.scenario == "cluster":
         opts = dataclasses.replace(opts, target="cluster")
+    if opts.scenario == "drain":
+        opts = dataclasses.replace(opts, target="cluster-haproxy")
     if opts.server_workers > 1 and opts.target != "nchan":
         opts.notes.append(f"{opts.target}: --server-workers applies to nchan only; "
                           f"{opts.target} ran as one process")
     target = make_target(opts.target, workdir, server_cpus,
                          workers=(opts.server_workers if opts.target == "nchan" else
-                                  opts.nodes if opts.target == "cluster" else 1),
+                                  opts.nodes if opts.target.startswith("cluster") else 1),
                          **({"url": opts.url, "admin_url": opts.admin_url,
                              "admin_token": opts.admin_token, "pid": opts.server_pid}
                             if opts.url else {}))
@@ -507,8 +596,13 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             stop = asyncio.Event()
             watcher = asyncio.create_task(
                 _watch(progress, opts.scenario, opts.duration, workers, "rate", stop))
+            drain_record: dict[str, Any] = {}
+            drainer = (asyncio.create_task(_drain_during(target, opts, drain_record))
+                       if opts.scenario == "drain" else None)
             acked = await _publish(target, opts, env_names, expect, errors)
             publish_s = time.monotonic() - window_start
+            if drainer is not None:
+                await drainer
             stop.set()
             await watcher
         elif opts.scenario == "idle":
@@ -555,7 +649,14 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         result["resyncs"] = sum(f.get("resyncs", 0) for f in workers.finals)
         if opts.scenario == "burst" and target.kind == "nchan":
             result["out_of_order"] = None  # concurrent publishes: arrival order is the order
-        result["closed_by_server"] = {k: v for f in workers.finals for k, v in f["closed"].items()}
+        closed: dict[str, int] = {}
+        for f in workers.finals:
+            for code, count in f["closed"].items():
+                closed[code] = closed.get(code, 0) + count
+        result["closed_by_server"] = closed
+        if opts.scenario == "drain":
+            result["drain"] = _drain_figures(workers, drain_record)
+            result["drain"]["lost"] = result["missing"]
         if opts.stalled:
             outcomes = [f["stalled"] for f in workers.finals if f.get("stalled")]
             codes: dict[str, int] = {}

@@ -20,6 +20,8 @@ from typing import Any
 import aiohttp
 import msgpack
 
+from loadtests import haproxy
+
 BASELINES = Path(__file__).parent / "baselines"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
 
@@ -244,9 +246,15 @@ class ClusterTarget(RelayProtocolTarget):
 
     name = "cluster"
 
-    def __init__(self, workdir: Path, cpus: set[int] | None, nodes: int = 3) -> None:
+    def __init__(self, workdir: Path, cpus: set[int] | None, nodes: int = 3,
+                 proxies: int = 0, proxy_maxconn: int = 9000) -> None:
         super().__init__(workdir, cpus)
         self.nodes = nodes
+        self.proxies = proxies  # HAProxy processes in front (the drain scenario), or none
+        self.proxy_maxconn = proxy_maxconn
+        self.proxy_urls: list[str] = []
+        self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.drained: set[str] = set()  # admin bases of drained nodes: not published through
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: dict[int, str] = {}
         self.ws_bases: list[str] = []
@@ -278,10 +286,19 @@ class ClusterTarget(RelayProtocolTarget):
                 "--peer-token", "loadtest-peers", "--log-level", "warning"])
             self.ws_bases.append(f"ws://127.0.0.1:{port}")
             self.http_bases.append(f"http://127.0.0.1:{admin}")
+            self.node_procs[f"n{i}"] = self.procs[-1]
         for base in self.http_bases:
             await self._wait_http(base + "/healthz")
         self.ws_base, self.http_base = self.ws_bases[0], self.http_bases[0]
         await self._wait_ring()
+        servers = [(f"n{i}", port, admin) for i, (port, admin) in enumerate(ports)]
+        for k in range(self.proxies):  # one connection costs HAProxy two file descriptors
+            port = free_port()
+            proc = haproxy.start(self.workdir / f"haproxy{k}", port, servers,
+                                 maxconn=self.proxy_maxconn, preexec=_pinned(self.cpus))
+            self.procs.append(proc)
+            self.names[proc.pid] = f"haproxy{k}"
+            self.proxy_urls.append(f"ws://127.0.0.1:{port}/v1/stream")
 
     async def _wait_ring(self, timeout: float = 30) -> None:
         """Until every node's ring holds every node."""
@@ -312,12 +329,36 @@ class ClusterTarget(RelayProtocolTarget):
 
     async def setup(self, envs: list[str]) -> list[dict[str, Any]]:
         out = await super().setup(envs)
+        if self.proxy_urls:  # through the load balancers, which spread them over the nodes
+            return [{**entry, "url": url} for url in self.proxy_urls for entry in out]
         # One entry per (node, environment): connection i goes to entry i mod len, so every
         # environment has connections on every node.
         return [{**entry, "url": f"{base}/v1/stream"} for base in self.ws_bases for entry in out]
 
+    async def drain(self, node: str, deadline_s: float, window_s: float) -> dict[str, Any]:
+        assert self.session is not None
+        base = self.http_bases[int(node.removeprefix("n"))]
+        self.drained.add(base)
+        async with self.session.post(f"{base}/admin/v1/drain",
+                                     json={"deadline_s": deadline_s, "window_s": window_s}) as r:
+            if r.status != 202:
+                raise RuntimeError(f"drain {node}: {r.status} {await r.text()}")
+            return dict(await r.json())
+
+    async def sessions(self, node: str) -> int | None:
+        """A node's open connections (/readyz), or None once it no longer answers."""
+        assert self.session is not None
+        base = self.http_bases[int(node.removeprefix("n"))]
+        try:
+            async with self.session.get(f"{base}/readyz") as r:
+                return int((await r.json())["open"])
+        except (aiohttp.ClientError, OSError, KeyError, ValueError):
+            return None
+
     async def publish(self, env: str, seq: int, body: dict[str, Any]) -> int:
-        self.http_base = self.http_bases[self._turn % len(self.http_bases)]
+        """Through the nodes in turn, except one that is drained (it exits)."""
+        bases = [b for b in self.http_bases if b not in self.drained] or self.http_bases
+        self.http_base = bases[self._turn % len(bases)]
         self._turn += 1
         return await super().publish(env, seq, body)
 
@@ -341,6 +382,8 @@ def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "cluster":
         return ClusterTarget(workdir, cpus, workers)
+    if name == "cluster-haproxy":  # the drain scenario: 2 HAProxy processes in front
+        return ClusterTarget(workdir, cpus, workers, proxies=2)
     if name == "relay":
         return RelayTarget(workdir, cpus, **external)
     if name == "naive":

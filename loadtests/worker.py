@@ -36,6 +36,14 @@ def new_histogram() -> HdrHistogram:
     return HdrHistogram(*HIST_RANGE)
 
 
+def _histogram(counts: dict[int, int]) -> HdrHistogram:
+    hist = new_histogram()
+    low, high = HIST_RANGE[0], HIST_RANGE[1]
+    for us, count in counts.items():
+        hist.record_value(min(max(us, low), high), count)
+    return hist
+
+
 @dataclass
 class Spec:
     kind: str  # "relay" (hello/snap/delta protocol) or "nchan" (raw published bodies)
@@ -47,6 +55,8 @@ class Spec:
     connect_rate: float  # connections/s this worker opens; 0 = as fast as possible
     read_buffer: int
     stalled: int = 0  # connections more, that complete the handshake and then never read
+    reconnect: bool = False  # reconnect (after goaway's retry_ms, with `since`) when closed
+    watch_node: str = ""  # latency of connections on other nodes is also counted apart
 
 
 class Stats:
@@ -60,10 +70,16 @@ class Stats:
         self.closed: dict[str, int] = {}
         self.out_of_order = 0
         self.resyncs = 0  # snapshots after a connection's first: caught up by state, not deltas
+        self.reconnects = 0
+        self.total_reconnects = 0
+        self.goaways = 0
+        self.total_goaways = 0
+        self.watch_node = ""
+        self.other_counts: dict[int, int] = {}  # latency on nodes other than watch_node
         self.last_delivery_ns = 0  # wall-clock time of the last latency sample
         self.latency_counts: dict[int, int] = {}
 
-    def record(self, sent_ns: int) -> None:
+    def record(self, sent_ns: int, other: bool = False) -> None:
         """Count one latency sample, rounded to 0.1% (what the histogram keeps anyway); the
         histogram is filled once a second from the counts, off the per-delivery path."""
         now = time.time_ns()
@@ -74,13 +90,17 @@ class Stats:
             us = (us >> shift) << shift
         counts = self.latency_counts
         counts[us] = counts.get(us, 0) + 1
+        if other:
+            self.other_counts[us] = self.other_counts.get(us, 0) + 1
 
     def take_histogram(self) -> HdrHistogram:
-        hist = new_histogram()
-        low, high = HIST_RANGE[0], HIST_RANGE[1]
-        for us, count in self.latency_counts.items():
-            hist.record_value(min(max(us, low), high), count)
+        hist = _histogram(self.latency_counts)
         self.latency_counts = {}
+        return hist
+
+    def take_other_histogram(self) -> HdrHistogram:
+        hist = _histogram(self.other_counts)
+        self.other_counts = {}
         return hist
 
     def error(self, what: str) -> None:
@@ -109,14 +129,20 @@ class Conn(WSListener):
     """One subscriber. For the relay protocol, `held` is the version it holds; for nchan, the
     count and last sequence number of messages received."""
 
-    __slots__ = ("decode", "env", "held", "received", "stats", "transport")
+    __slots__ = ("decode", "env", "held", "node", "on_closed", "received", "retry_ms", "stats",
+                 "target", "transport")
 
-    def __init__(self, stats: Stats, env: str, decode: Decoder) -> None:
+    def __init__(self, stats: Stats, env: str, decode: Decoder,
+                 target: dict[str, Any] | None = None) -> None:
         self.stats = stats
         self.env = env
         self.decode = decode
         self.held = -1
         self.received = 0
+        self.node = ""
+        self.retry_ms: int | None = None  # from the last goaway
+        self.target = target
+        self.on_closed: Any = None  # called with the connection when it closes (reconnects)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -124,12 +150,17 @@ class Conn(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.stats.connected -= 1
+        if self.on_closed is not None:
+            self.on_closed(self)
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if frame.msg_type is not WSMsgType.BINARY:
             if frame.msg_type is WSMsgType.CLOSE:
-                code = str(frame.get_close_code())
-                self.stats.closed[code] = self.stats.closed.get(code, 0) + 1
+                code = frame.get_close_code()
+                self.stats.closed[str(code)] = self.stats.closed.get(str(code), 0) + 1
+                # Answer and go, as SDKs do: the server waits for this before it lets go.
+                transport.send_close(code)
+                transport.disconnect()
             return
         msg = self.decode(self.env, frame.get_payload_as_bytes())
         t = msg["t"]
@@ -143,14 +174,19 @@ class Conn(WSListener):
             stats.deliveries += covered
             put = msg["put"].get("p")
             if put is not None:
-                stats.record(put["value"]["ts"])
+                stats.record(put["value"]["ts"],
+                             stats.watch_node != "" and self.node != stats.watch_node)
         elif t == "snap":
             if self.held < 0:
                 stats.ready += 1
             else:
                 stats.resyncs += 1
             self.held = msg["v"]
+        elif t == "hello":
+            self.node = msg["node"]
         elif t == "goaway":
+            self.retry_ms = int(msg.get("retry_ms", 0))
+            stats.goaways += 1
             stats.error("goaway:" + str(msg.get("reason")))
 
 
@@ -203,29 +239,76 @@ def emit(obj: dict[str, Any]) -> None:
     sys.stdout.flush()
 
 
-async def open_all(spec: Spec, stats: Stats, conns: list[Conn],
-                   stalled: list[StalledConn]) -> None:
+def bound_socket(source_ip: str, rcvbuf: int = 0) -> socket.socket:
+    """A socket bound to this worker's loopback address, its port chosen at connect time
+    (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT from earlier runs against other server
+    ports do not run the ephemeral range dry."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    sock.bind((source_ip, 0))
+    return sock
+
+
+class Reconnector:
+    """Brings closed connections back (the drain scenario): after goaway's retry_ms, or a
+    short pause, with `since` = the version held, through the same URL (the load balancer)."""
+
+    def __init__(self, spec: Spec, stats: Stats) -> None:
+        self.spec = spec
+        self.stats = stats
+        self.stopping = False
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def closed(self, conn: Conn) -> None:
+        if self.stopping:
+            return
+        delay = conn.retry_ms / 1000 if conn.retry_ms is not None else 0.2
+        conn.retry_ms = None
+        loop = asyncio.get_running_loop()
+        loop.call_later(delay, self._start, conn)
+
+    def _start(self, conn: Conn) -> None:
+        if not self.stopping:
+            task = asyncio.get_running_loop().create_task(self._reconnect(conn))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _reconnect(self, conn: Conn) -> None:
+        assert conn.target is not None
+        url = conn.target["url"] + (f"?since={conn.held}" if conn.held >= 0 else "")
+        for attempt in range(50):
+            if self.stopping:
+                return
+            try:
+                await ws_connect(
+                    lambda: conn, url, extra_headers=conn.target["headers"],
+                    socket_factory=lambda _url: bound_socket(self.spec.source_ip),
+                    read_buffer_init_size=self.spec.read_buffer, websocket_handshake_timeout=30)
+                self.stats.reconnects += 1
+                return
+            except Exception as exc:
+                self.stats.error(f"reconnect {type(exc).__name__}")
+                await asyncio.sleep(min(2.0, 0.1 * (attempt + 1)))
+
+
+async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[StalledConn],
+                   reconnector: Reconnector | None = None) -> None:
     semaphore = asyncio.Semaphore(spec.connect_concurrency)
     decode = Decoder()
 
     def source_socket(url: Any, rcvbuf: int = 0) -> socket.socket:
-        """A socket bound to this worker's loopback address, its port chosen at connect time
-        (IP_BIND_ADDRESS_NO_PORT), so ports in TIME_WAIT from earlier runs against other
-        server ports do not run the ephemeral range dry."""
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        if rcvbuf:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        sock.setblocking(False)
-        sock.bind((spec.source_ip, 0))
-        return sock
+        return bound_socket(spec.source_ip, rcvbuf)
     interval = 1.0 / spec.connect_rate if spec.connect_rate > 0 else 0.0
     start = time.monotonic()
 
     async def one(i: int) -> None:
         target = spec.envs[i % len(spec.envs)]
         async with semaphore:
-            conn = (NchanConn if spec.kind == "nchan" else Conn)(stats, target["env"], decode)
+            conn = (NchanConn if spec.kind == "nchan" else Conn)(stats, target["env"], decode,
+                                                                  target)
             for attempt in range(5):
                 try:
                     await ws_connect(
@@ -234,6 +317,8 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn],
                         websocket_handshake_timeout=30,
                     )
                     conns.append(conn)
+                    if reconnector is not None:
+                        conn.on_closed = reconnector.closed
                     if spec.kind == "nchan":  # no snapshot in nchan: connected is ready
                         conn.held = 0
                         stats.ready += 1
@@ -322,13 +407,19 @@ async def ticker(stats: Stats, stop: asyncio.Event) -> None:
             await asyncio.wait_for(stop.wait(), 1.0)
         hist = stats.take_histogram()
         stats.total_hist.add(hist)
+        other = stats.take_other_histogram()
         emit({
             "type": "tick", "t": time.time(),
             "deliveries": stats.deliveries - stats.total_deliveries,
             "hist": hist.encode().decode() if hist.get_total_count() else None,
+            "hist_other": other.encode().decode() if other.get_total_count() else None,
+            "reconnects": stats.reconnects - stats.total_reconnects,
+            "goaways": stats.goaways - stats.total_goaways,
             "ready": stats.ready, "connected": stats.connected, "errors": stats.errors,
         })
         stats.total_deliveries = stats.deliveries
+        stats.total_reconnects = stats.reconnects
+        stats.total_goaways = stats.goaways
 
 
 async def read_command(reader: asyncio.StreamReader) -> dict[str, Any]:
@@ -343,9 +434,11 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
     conns: list[Conn] = []
     stalled: list[StalledConn] = []
     stop = asyncio.Event()
+    stats.watch_node = spec.watch_node
+    reconnector = Reconnector(spec, stats) if spec.reconnect else None
     tick_task = asyncio.create_task(ticker(stats, stop))
     t0 = time.monotonic()
-    await open_all(spec, stats, conns, stalled)
+    await open_all(spec, stats, conns, stalled, reconnector)
     await all_ready(stats, conns)
     emit({"type": "opened", "connections": len(conns), "stalled": len(stalled),
           "seconds": time.monotonic() - t0, "errors": stats.errors})
@@ -365,6 +458,8 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
             else:
                 missing += max(0, expect.get(c.env, 0) - c.received)
         stop.set()
+        if reconnector is not None:
+            reconnector.stopping = True
         await tick_task
         hist = stats.total_hist
         outcome = await stalled_outcome(stalled) if stalled else None
@@ -372,6 +467,7 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
             "stalled": outcome,
             "type": "final", "connections": len(conns), "deliveries": stats.deliveries,
             "missing": missing, "out_of_order": stats.out_of_order, "resyncs": stats.resyncs,
+            "reconnects": stats.reconnects,
             "errors": stats.errors,
             "closed": stats.closed, "last_delivery": stats.last_delivery_ns / 1e9,
             "hist": hist.encode().decode() if hist.get_total_count() else None,

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shutil
 import socket
 import subprocess
-import time
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from loadtests import haproxy
 from relay.client import RelayClient
 from tests.helpers import Admin, RelayProcess, start_relay
 
@@ -119,34 +118,12 @@ async def all_exact(clients: Mapping[str, RelayClient] | Iterable[tuple[str, Rel
 
 
 class HAProxy:
-    """haproxy (scripts/install-test-deps.sh installs it) in front of the nodes' SDK ports,
-    each health-checked on its internal port's /readyz, as docs/operations.md recommends."""
+    """A real haproxy in front of the cluster's nodes (loadtests/haproxy.py has its config)."""
 
-    def __init__(self, directory: Path, cluster: Cluster, check_interval_ms: int = 200) -> None:
-        binary = shutil.which("haproxy")
-        if binary is None:
-            raise AssertionError("haproxy is not installed: run scripts/install-test-deps.sh")
+    def __init__(self, directory: Path, cluster: Cluster) -> None:
         self.port = _free_port()
-        directory.mkdir(parents=True, exist_ok=True)
-        servers = "\n".join(
-            f"    server n{i} 127.0.0.1:{port} check port {admin}"
-            for i, (port, admin) in enumerate(cluster.ports))
-        self.config = directory / "haproxy.cfg"
-        self.config.write_text(HAPROXY_CONFIG.format(
-            port=self.port, inter=check_interval_ms, servers=servers))
-        self.log = open(directory / "haproxy.log", "wb")  # noqa: SIM115 - lives with proc
-        self.proc = subprocess.Popen([binary, "-f", str(self.config), "-db"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("haproxy did not start: "
-                                         + (directory / "haproxy.log").read_text()) from None
-                time.sleep(0.05)
+        self.proc = haproxy.start(directory, self.port, [
+            (f"n{i}", port, admin) for i, (port, admin) in enumerate(cluster.ports)])
 
     @property
     def ws_url(self) -> str:
@@ -160,34 +137,3 @@ class HAProxy:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
-        self.log.close()
-
-
-# Long tunnel timeouts (WebSockets live for hours); a node is out once /readyz fails (a drain),
-# and an upgrade that meets a node's 503 in the moment before that is retried on another.
-HAPROXY_CONFIG = """\
-global
-    maxconn 4000
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 30s
-    timeout server 30s
-    timeout tunnel 1h
-    timeout client-fin 5s
-    option redispatch
-    retries 3
-    retry-on conn-failure empty-response 503
-
-frontend sdk
-    bind 127.0.0.1:{port}
-    default_backend relays
-
-backend relays
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter {inter}ms fall 1 rise 2
-{servers}
-"""

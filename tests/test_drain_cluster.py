@@ -96,6 +96,7 @@ async def test_draining_a_node_under_changes_moves_its_clients_evenly_and_loses_
         for client in on_n1:
             assert client.stats.goaway_reasons == ["drain"]
             assert client.stats.close_codes == [1012]
+            assert client.stats.snaps == 1  # it came back with `since`: a delta, no snapshot
         reconnects = [c.stats.connected_at[-1] for c in on_n1]
         assert all(t >= started for t in reconnects)
         mean = len(on_n1) / window

@@ -142,3 +142,28 @@ def test_tiny_cluster_run_compares_three_nodes_with_one(tmp_path: Path) -> None:
     assert set(data["server"]["cpu_s_by_process"]) == {"n0", "n1", "n2", "redis"}
     assert set(data["one_node"]["server"]["cpu_s_by_process"]) == {"n0", "redis"}
     assert "one node: p99" in result.stdout
+
+
+def test_tiny_drain_run_moves_a_nodes_connections_through_haproxy(tmp_path: Path) -> None:
+    """3 nodes behind 2 HAProxy processes; n1 is drained while changes flow, the generator's
+    connections come back through HAProxy with `since`, and nothing is lost."""
+    out = tmp_path / "drain.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "drain", "--connections", "90", "--envs", "3",
+         "--rate", "20", "--drain-after", "1", "--drain-window", "2", "--out", str(out),
+         "--no-progress", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    drain = data["drain"]
+    assert drain["node"] == "n1" and drain["exit_code"] == 0
+    assert 0 < drain["sessions_at_start"] < 90  # HAProxy spread them over the nodes
+    assert drain["reconnects"] == drain["sessions_at_start"]
+    assert data["closed_by_server"] == {"1012": drain["sessions_at_start"]}
+    assert drain["lost"] == 0 and data["missing"] == 0 and data["out_of_order"] == 0
+    assert data["publishes"]["errors"] == 0  # none through the drained node
+    assert sum(p["reconnects"] for p in data["timeline"]) == drain["reconnects"]
+    assert "drain: reconnects/s peak" in result.stdout
+    assert set(data["server"]["cpu_s_by_process"]) == {"n0", "n1", "n2", "redis", "haproxy0",
+                                                       "haproxy1"}
