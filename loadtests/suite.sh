@@ -31,3 +31,11 @@ RELAY_SOCKET_SEND_BUFFER=65536 RELAY_SLOW_CONSUMER_TIMEOUT=10 run slow-consumers
 # The cluster (issue 5): 3 nodes and Redis (AOF, fsync always) against one node on the same
 # Redis, 100 environments, 10,000 connections spread over the nodes, 500 changes/s.
 run cluster       cluster --connections 10000 --envs 100 --rate 500 --duration 30
+# Drain (issue 6): 10,000 sessions over 3 nodes behind 2 HAProxy processes (one holds ~9,000
+# under the open-files limit), 200 changes/s, n1 drained 5 s in over a 30 s window. With 100
+# environments (20,000 deliveries/s) the one server core is saturated before the drain, so
+# the run is repeated with the servers allowed both cores, and with 1,000 environments
+# (2,000 deliveries/s) on one.
+run drain         drain --connections 10000 --envs 100 --rate 200 --drain-after 5 --drain-window 30
+run drain-2cpus   drain --connections 10000 --envs 100 --rate 200 --drain-after 5 --drain-window 30 --server-cpus 0,1
+run drain-1000envs drain --connections 10000 --envs 1000 --rate 200 --drain-after 5 --drain-window 30

@@ -207,14 +207,19 @@ class AdminApi:
         _unknown_fields(body, {"deadline_s", "window_s"})
         config = self.node.config
         deadline = body.get("deadline_s", config.drain_deadline)
+        # The configured window goes with the configured deadline; with another deadline it
+        # is kept only where it fits (else half the deadline, as for no window at all).
         window = body.get("window_s", config.drain_window)
         for name, value in (("deadline_s", deadline), ("window_s", window)):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise BadRequest(f"'{name}' must be a number of seconds")
+        if "window_s" not in body and window > deadline:
+            window = 0
         try:
             plan = DrainPlan.make(float(deadline), float(window))
-        except DrainError as exc:
-            raise BadRequest(str(exc)) from None
+        except (DrainError, OverflowError) as exc:
+            raise BadRequest(f"{exc}" if isinstance(exc, DrainError)
+                             else "'deadline_s' and 'window_s' are seconds") from None
         try:
             info = self.node.drain(plan)
         except DrainRefused as exc:
@@ -234,7 +239,9 @@ class AdminApi:
         return web.json_response(
             {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
              "connections": self.node.hub.session_count(),
-             "open": len(self.node.sdk.connections)},
+             "open": len(self.node.sdk.connections),
+             **({"drain": self.node.drain_info()} if state in ("draining", "stopped")
+                and self.node.drain_time_left() is not None else {})},
             status=200 if state == "ready" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:

@@ -23,7 +23,7 @@ from typing import Any, NoReturn
 
 from relay import __version__
 from relay import config as config_mod
-from relay.drain import DrainPlan
+from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
 from relay.store import describe as describe_store
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
@@ -84,14 +84,22 @@ async def _serve(cfg: config_mod.Config) -> None:
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
+    sigterms = 0
+
     def on_sigterm() -> None:
-        """The first SIGTERM drains (as POST /admin/v1/drain with the configured deadline);
-        one during a drain stops at once."""
-        if node.state == "ready":
-            log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",
-                        cfg.drain_deadline)
+        """The first SIGTERM drains (as POST /admin/v1/drain with the configured deadline;
+        a drain already under way goes on); the second stops at once."""
+        nonlocal sigterms
+        sigterms += 1
+        if sigterms > 1 or node.state not in ("ready", "draining"):
+            stop.set()
+            return
+        log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",
+                    cfg.drain_deadline)
+        try:
             node.drain(DrainPlan.make(cfg.drain_deadline, cfg.drain_window))
-        else:
+        except Exception:  # (a signal handler must not raise into the loop)
+            log.exception("cannot drain; stopping")
             stop.set()
 
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -104,8 +112,9 @@ async def _serve(cfg: config_mod.Config) -> None:
     if stop.is_set():
         log.info("stopping: sessions get goaway (shutdown)")
         await node.stop(linger_s=min(1.0, cfg.close_timeout))
-    else:
-        await node.stop()
+    else:  # drained, or at the drain's deadline: what is left may only take until then
+        left = node.drain_time_left()
+        await node.stop(linger_s=max(1.0, min(cfg.close_timeout + 1, left or 0.0)))
 
 
 def _run_async(coro: Any) -> Any:
@@ -244,6 +253,11 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"up {status['uptime_s']}s, store {status['store']}")
     print(f"  connections: {status['connections']}   environments: {status['envs']}   "
           f"loaded here: {len(status['loaded_envs'])}")
+    drain = status.get("drain")
+    if drain:
+        left = max(0.0, float(drain["deadline_at"]) - time.time())
+        print(f"  draining: {drain['sessions']} of {drain['sessions_at_start']} session(s) left, "
+              f"sent away over {drain['window_s']:g}s, deadline in {left:.0f}s")
     print("  ring:")
     for member in status["ring"]:
         ring = "" if member.get("in_ring", True) else "  (not in the ring)"
@@ -300,43 +314,51 @@ def _progress(left: int, total: int, seconds_left: float, tty: bool) -> str:
 
 
 def cmd_drain(args: argparse.Namespace) -> int:
-    base = _node_base(args)
     body: dict[str, Any] = {}
     if args.deadline is not None:
         body["deadline_s"] = args.deadline
     if args.window is not None:
         body["window_s"] = args.window
+    if args.deadline is not None or args.window is not None:
+        try:  # the node checks too; this says it without a round trip, and catches nan
+            DrainPlan.make(MAX_DEADLINE_S if args.deadline is None else args.deadline,
+                           args.window)
+        except DrainError as exc:
+            raise UserError(f"--deadline / --window: {exc}") from None
+    base = _node_base(args)
     info = admin_call(args, "POST", "/admin/v1/drain", body, base=base)
-    if args.json and not args.wait:
+    if args.json:
         _print_json(info)
-        return 0
-    total = int(info.get("sessions_at_start", info.get("sessions", 0)))
-    deadline = time.monotonic() + float(info["deadline_at"]) - time.time()
-    print(f"node {info['node']} draining: {info['sessions']} session(s) left, sent away "
-          f"over {info['window_s']:g}s, deadline {info['deadline_s']:g}s", flush=True)
+    else:
+        print(f"node {info['node']} draining: {info['sessions']} session(s) left, sent away "
+              f"over {info['window_s']:g}s, deadline {info['deadline_s']:g}s", flush=True)
     if not args.wait:
         return 0
+    total = int(info.get("sessions_at_start", info.get("sessions", 0)))
+    deadline = time.monotonic() + float(info.get("deadline_in_s", info["deadline_s"]))
     tty = sys.stderr.isatty()
-    left, last_line = total, 0.0
+    left, outcome, last_line = total, None, 0.0
     while True:
         answer = _readyz(base, args.timeout)
         now = time.monotonic()
         if answer is None:  # the process is gone: it exits when drained or at its deadline
             break
         left = int(answer.get("open", answer.get("connections", left)))
+        outcome = (answer.get("drain") or {}).get("outcome") or outcome
         if tty or now - last_line >= 5:
             print(_progress(left, total, deadline - now, tty), end="" if tty else "\n",
                   file=sys.stderr, flush=True)
             last_line = now
         if now > deadline + 30:
             raise UserError(f"node {info['node']} still answers 30s after its drain deadline")
-        time.sleep(0.5)
+        time.sleep(0.25)
     if tty:
         print(file=sys.stderr)
-    if left and time.monotonic() >= deadline:
-        raise UserError(f"node {info['node']} stopped at its deadline with {left} session(s) "
-                        "left (they were sent away with goaway: shutdown)")
-    print(f"node {info['node']} drained and stopped", flush=True)
+    if outcome == "deadline" or (outcome is None and left and time.monotonic() >= deadline):
+        raise UserError(f"node {info['node']} stopped at its deadline with session(s) left "
+                        "(they were sent away with goaway: shutdown)")
+    if not args.json:
+        print(f"node {info['node']} drained and stopped", flush=True)
     return 0
 
 

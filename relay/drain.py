@@ -51,12 +51,11 @@ class DrainPlan:
 
 class DrainPacer:
     """How many sessions should have been sent away `elapsed` seconds into the window: a
-    straight line from 0 to all of them. Sessions that appear later (an upgrade or an
-    authentication that was under way when the drain began) are sent away as they are seen,
-    at the latest when the window ends."""
+    straight line from none to all of them, all being those sent plus those remaining, so
+    that sessions that appear later (an upgrade or an authentication under way when the drain
+    began) join the line, and those that leave by themselves leave it."""
 
-    def __init__(self, sessions: int, window_s: float) -> None:
-        self.total = sessions
+    def __init__(self, window_s: float) -> None:
         self.window_s = window_s
         self.sent = 0
 
@@ -65,7 +64,8 @@ class DrainPacer:
         if elapsed >= self.window_s:
             n = remaining
         else:
-            n = max(0, math.ceil(self.total * elapsed / self.window_s) - self.sent)
+            total = self.sent + remaining
+            n = max(0, math.ceil(total * elapsed / self.window_s) - self.sent)
         n = min(n, remaining)
         self.sent += n
         return n

@@ -59,6 +59,7 @@ class Node:
         self._set_state("starting")
         self.drained = asyncio.Event()  # set when a drain is over: the process should stop
         self._drain: dict[str, Any] | None = None
+        self._drain_ends = 0.0  # monotonic time of the drain's deadline
         self._drain_task: asyncio.Task[None] | None = None
         self.store: Store = store or make_store(config)
         self.admin_token = config.admin_token
@@ -166,24 +167,35 @@ class Node:
         self._set_state("draining")
         self.sdk.accepting = False
         sessions = len(self.sdk.open_connections())
+        self._drain_ends = time.monotonic() + plan.deadline_s
         self._drain = {"deadline_s": plan.deadline_s, "window_s": plan.window_s,
                        "deadline_at": round(time.time() + plan.deadline_s, 3),
-                       "sessions_at_start": sessions}
+                       "sessions_at_start": sessions, "outcome": None}
         log.warning("draining: %d session(s) over %.1f s, deadline %.1f s", sessions,
                     plan.window_s, plan.deadline_s)
-        if self.membership is not None:
-            self.membership.changed()  # out of this node's ring now; peers at their next look
         self._drain_task = asyncio.get_running_loop().create_task(self._run_drain(plan))
+        if self.membership is not None:
+            try:
+                self.membership.changed()  # out of this node's ring now; peers at their next look
+            except Exception:  # the drain goes on; peers see the state at their next probe
+                log.exception("the membership did not take the drain")
         return self.drain_info()
 
     def drain_info(self) -> dict[str, Any]:
-        return {"node": self.config.node_id, "state": self.state,
+        info = {"node": self.config.node_id, "state": self.state,
                 "sessions": len(self.sdk.connections), **(self._drain or {})}
+        if self._drain is not None:  # what clocks on other hosts can use
+            info["deadline_in_s"] = round(max(0.0, self._drain_ends - time.monotonic()), 3)
+        return info
+
+    def drain_time_left(self) -> float | None:
+        """Seconds to a drain's deadline, or None when not draining."""
+        return None if self._drain is None else max(0.0, self._drain_ends - time.monotonic())
 
     async def _run_drain(self, plan: DrainPlan) -> None:
         loop = asyncio.get_running_loop()
         start = loop.time()
-        pacer = DrainPacer(len(self.sdk.open_connections()), plan.window_s)
+        pacer = DrainPacer(plan.window_s)
         # Peers following environments this node owned move them once they see it draining
         # (their next probe or heartbeat): give them that long before the links close.
         handoff = min(plan.deadline_s, 3 * self.config.membership_interval)
@@ -197,13 +209,20 @@ class Node:
                 self.metrics.drain_sessions_left.set(left)
                 if elapsed >= plan.deadline_s:
                     log.warning("drain deadline passed with %d session(s) left", left)
+                    self._drain_outcome("deadline", left)
                     break
                 if not left and (self.hub.follower_count() == 0 or elapsed >= handoff):
                     log.warning("drained in %.1f s", elapsed)
+                    self._drain_outcome("drained", 0)
                     break
                 await asyncio.sleep(_DRAIN_TICK_S)
         finally:
             self.drained.set()
+
+    def _drain_outcome(self, outcome: str, left: int) -> None:
+        assert self._drain is not None
+        self._drain["outcome"] = outcome
+        self._drain["left_at_end"] = left
 
     async def stop(self, linger_s: float | None = None) -> None:
         """Stop: sessions still here get goaway (shutdown) and close 1001; then the peer links,
@@ -220,13 +239,13 @@ class Node:
         await self._close_parts()
 
     async def _close_parts(self) -> None:
-        await self.hub.close()  # first: closing links must not start reads from the store
+        if self.peer_server is not None:  # the edges' links into this node, refusing new ones
+            await self.peer_server.close()
+        await self.hub.close()  # before our links: closing them must not start store reads
         if self.cluster is not None:
             await self.cluster.stop()
         if self.membership is not None:
             await self.membership.stop()
-        if self.peer_server is not None:
-            await self.peer_server.close()
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()
@@ -269,4 +288,5 @@ class Node:
             "envs": len(envs),
             "connections": self.hub.session_count(),
             "loaded_envs": self.hub.env_summary(),
+            **({"drain": self.drain_info()} if self._drain is not None else {}),
         }

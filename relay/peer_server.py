@@ -60,15 +60,20 @@ class PeerServer:
     def __init__(self, hub: Hub, token: str) -> None:
         self.hub = hub
         self.token = token.encode()
-        self.edges = 0
         self._sockets: set[web.WebSocketResponse] = set()
+        self._closing = False
 
-    async def close(self) -> None:
-        """Close every edge's link (1001): they take their environments from the store, or
-        from the new owners, until they see the ring without this node."""
-        for ws in list(self._sockets):
-            with contextlib.suppress(ConnectionError, RuntimeError):
-                await ws.close(code=1001, message=b"node stopping")
+    async def close(self, timeout: float = 2.0) -> None:
+        """Close every edge's link (1001), refusing new ones: the edges take their
+        environments from the store, or from the new owners, until they see the ring without
+        this node. An edge that does not answer its close in `timeout` is dropped."""
+        self._closing = True
+
+        async def close_one(ws: web.WebSocketResponse) -> None:
+            with contextlib.suppress(ConnectionError, RuntimeError, TimeoutError):
+                await asyncio.wait_for(ws.close(code=1001, message=b"node stopping"), timeout)
+
+        await asyncio.gather(*(close_one(ws) for ws in list(self._sockets)))
 
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get(peer_protocol.PATH, self.handle)
@@ -79,13 +84,14 @@ class PeerServer:
             given.strip().encode("utf-8", "surrogateescape"), self.token
         ):
             return web.json_response({"error": "bad or missing peer token"}, status=401)
+        if self._closing:
+            return web.json_response({"error": "this node is stopping"}, status=503)
         ws = web.WebSocketResponse(compress=False, max_msg_size=64 << 20, heartbeat=10)
         await ws.prepare(request)
         follower = _EdgeFollower(ws)
         self._sockets.add(ws)
         writer = asyncio.get_running_loop().create_task(follower.run())
         envs: set[str] = set()
-        self.edges += 1
         try:
             async for msg in ws:
                 if msg.type != WSMsgType.BINARY:
@@ -105,7 +111,6 @@ class PeerServer:
                     envs.discard(message.env)
                     self.hub.remove_follower(message.env, follower)
         finally:
-            self.edges -= 1
             self._sockets.discard(ws)
             follower.closed = True
             follower.wake.set()

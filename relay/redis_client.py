@@ -22,6 +22,7 @@ async def connect(url: str) -> tuple[aioredis.Redis, RedisCluster | None]:
     pool = aioredis.BlockingConnectionPool.from_url(
         url, max_connections=POOL_SIZE, timeout=POOL_WAIT_S, health_check_interval=10, **OPTIONS)
     plain = aioredis.Redis.from_pool(pool)  # owns the pool: aclose() closes it
+    cluster: RedisCluster | None = None
     try:
         info: Any = await plain.info("cluster")
         if not info.get("cluster_enabled"):
@@ -30,5 +31,7 @@ async def connect(url: str) -> tuple[aioredis.Redis, RedisCluster | None]:
         await cluster.initialize()
         return plain, cluster
     except BaseException:
+        if cluster is not None:
+            await cluster.aclose()
         await plain.aclose()
         raise

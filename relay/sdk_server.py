@@ -474,8 +474,7 @@ class SdkServer:
                 conn.transport.write(PING_FRAME)
         self._pinger = self.loop.call_later(interval / PING_SLICES, self._keepalive)
 
-    async def stop(self, retry_ms: tuple[int, int] = (500, 5000),
-                   linger_s: float | None = None) -> None:
+    async def stop(self, linger_s: float | None = None) -> None:
         """Tell every session to go (goaway: shutdown), close all with 1001, stop listening;
         wait up to `linger_s` (default: the close timeout) for their close handshakes."""
         if self._server is None:
@@ -485,7 +484,7 @@ class SdkServer:
         if self._pinger is not None:
             self._pinger.cancel()
         for conn in list(self.connections):
-            conn.send_away("shutdown", random.randint(*retry_ms), protocol.CLOSE_GOING_AWAY,
+            conn.send_away("shutdown", random.randint(*self.retry_ms), protocol.CLOSE_GOING_AWAY,
                            "server shutting down")
             if conn.proto.state is State.CONNECTING and conn.transport is not None:
                 conn.transport.abort()

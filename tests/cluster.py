@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-import subprocess
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from loadtests import haproxy
 from relay.client import RelayClient
-from tests.helpers import Admin, RelayProcess, start_relay
+from tests.helpers import Admin, RelayProcess, start_relay, terminate
 
 TOKEN = "cluster-admin-token"
 
@@ -130,10 +129,4 @@ class HAProxy:
         return f"ws://127.0.0.1:{self.port}/v1/stream"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)

@@ -243,6 +243,17 @@ def server_frames(data: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
     return frames, data
 
 
+def terminate(proc: subprocess.Popen[Any], wait: float = 10) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within `wait` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
 @dataclass
 class RedisServer:
     """A real redis-server on a free loopback port, in a directory of its own."""
@@ -257,13 +268,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        terminate(self.proc)
 
     def kill9(self) -> None:
         self.proc.kill()

@@ -48,20 +48,30 @@ def test_plans() -> None:
 )
 def test_the_pacer_sends_sessions_away_evenly(total: int, window: float,
                                               steps: list[float]) -> None:
-    """Never more than the straight line allows (plus one for rounding), and everyone once
-    the window is over."""
-    pacer = DrainPacer(total, window)
+    """On the straight line from none to all over the window (rounded up), and everyone
+    once the window is over."""
+    pacer = DrainPacer(window)
     remaining, elapsed = total, 0.0
     for dt in steps:
         elapsed += dt
         n = pacer.due(elapsed, remaining)
         assert 0 <= n <= remaining
-        if elapsed < window:
-            assert total - remaining + n <= math.ceil(total * elapsed / window)
-        else:
-            assert n == remaining
         remaining -= n
+        sent = total - remaining
+        if elapsed < window:
+            line = total * elapsed / window
+            assert math.floor(line) <= sent <= math.ceil(line)
+        else:
+            assert remaining == 0
     assert pacer.due(window, remaining) == remaining
+
+
+def test_late_sessions_join_the_line() -> None:
+    pacer = DrainPacer(10.0)
+    assert pacer.due(1.0, 0) == 0  # nobody at the start
+    assert pacer.due(5.0, 100) == 50  # 100 arrived (authentications under way): half now
+    assert pacer.due(6.0, 50) == 10
+    assert pacer.due(10.0, 40) == 40
 
 
 # --- the admin route, in-process ----------------------------------------------------------------
@@ -79,8 +89,15 @@ async def test_a_drain_sends_sessions_away_evenly_then_the_node_is_drained(
         for ws in clients:
             assert (await recv_frame(ws))["t"] == "hello"
             assert (await recv_frame(ws))["t"] == "snap"
+        async def sent_away(ws: object) -> tuple[float, dict[str, object], int | None]:
+            frame = await recv_frame(ws, timeout=10)  # type: ignore[arg-type]
+            at = time.monotonic()
+            code, _ = await close_code(ws)  # type: ignore[arg-type]
+            return at, frame, code
+
         status, info = await admin.call("POST", "/admin/v1/drain",
                                         {"deadline_s": 20, "window_s": 1.5})
+        readers = asyncio.gather(*(sent_away(ws) for ws in clients))  # from now on
         assert status == 202, info
         assert info["state"] == "draining" and info["sessions_at_start"] == 30
         assert (info["deadline_s"], info["window_s"]) == (20, 1.5)
@@ -92,17 +109,12 @@ async def test_a_drain_sends_sessions_away_evenly_then_the_node_is_drained(
         assert refused.value.response.status_code == 503
         _, metrics = await admin.call("GET", "/metrics")
         assert 'relay_node_state{state="draining"} 1.0' in metrics
+        _, status = await admin.call("GET", "/admin/v1/status")
+        assert status["state"] == "draining" and status["drain"]["sessions_at_start"] == 30
         # Asked again: the drain under way, unchanged.
         status, again = await admin.call("POST", "/admin/v1/drain", {"deadline_s": 5})
         assert status == 202 and again["deadline_at"] == info["deadline_at"]
-
-        async def sent_away(ws: object) -> tuple[float, dict[str, object], int | None]:
-            frame = await recv_frame(ws, timeout=10)  # type: ignore[arg-type]
-            at = time.monotonic()
-            code, _ = await close_code(ws)  # type: ignore[arg-type]
-            return at, frame, code
-
-        results = await asyncio.gather(*(sent_away(ws) for ws in clients))
+        results = await readers
         for _, frame, code in results:
             assert frame["t"] == "goaway" and frame["reason"] == "drain"
             assert RETRY_MS[0] <= frame["retry_ms"] <= RETRY_MS[1]  # type: ignore[operator]
@@ -124,6 +136,7 @@ async def test_a_drain_sends_sessions_away_evenly_then_the_node_is_drained(
     ({"deadline_s": 10, "window_s": 20}, "window"),
     ({"deadline_s": 10, "window_s": -1}, "window"),
     ({"deadline": 10}, "unknown field"),
+    ({"deadline_s": 10 ** 400}, "seconds"),
     ([], "object"),
 ])
 async def test_bad_drain_requests_are_refused(tmp_path: Path, body: object, message: str) -> None:
@@ -135,6 +148,19 @@ async def test_bad_drain_requests_are_refused(tmp_path: Path, body: object, mess
         status, answer = await admin.call("POST", "/admin/v1/drain", token="")
         assert status == 401
         assert node.state == "ready"
+    finally:
+        await admin.close()
+        await node.stop()
+
+
+async def test_a_deadline_shorter_than_the_configured_window_gets_half_of_it(
+    tmp_path: Path,
+) -> None:
+    node = await started_node(tmp_path, drain_deadline=60.0, drain_window=30.0)
+    admin = Admin(node.admin_url)
+    try:
+        status, info = await admin.call("POST", "/admin/v1/drain", {"deadline_s": 10})
+        assert status == 202 and (info["deadline_s"], info["window_s"]) == (10, 5)
     finally:
         await admin.close()
         await node.stop()
@@ -210,6 +236,10 @@ async def test_sigterm_drains_and_a_second_sigterm_stops_at_once(tmp_path: Path)
         while _readyz(node.admin_url) != 503:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
+        shown = await asyncio.to_thread(
+            _relay_cli, "status", "--admin-url", node.admin_url, "--admin-token", TOKEN)
+        assert "(draining)" in shown.stdout, shown.stdout + shown.stderr
+        assert "session(s) left, sent away over 150s, deadline in" in shown.stdout
         started = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(node.proc.wait, 10) == 0
@@ -260,14 +290,16 @@ async def test_relay_drain_wait_blocks_until_the_node_is_gone(tmp_path: Path) ->
 async def test_relay_drain_reports_a_deadline_cut_short(tmp_path: Path) -> None:
     """A window longer than the deadline allows is refused; a deadline that passes with
     sessions left is an error of `relay drain --wait`."""
-    node = start_relay(tmp_path / "n", "--admin-token", TOKEN)
+    node = start_relay(tmp_path / "n", "--admin-token", TOKEN, "--close-timeout", "30")
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])
-        result = await asyncio.to_thread(
-            _relay_cli, "drain", node.admin_url, "--deadline", "5", "--window", "9",
-            "--admin-token", TOKEN)
-        assert result.returncode == 1 and "window" in result.stderr
+        for bad in (["--deadline", "5", "--window", "9"], ["--deadline", "nan"],
+                    ["--window", "-1"]):
+            result = await asyncio.to_thread(
+                _relay_cli, "drain", node.admin_url, *bad, "--admin-token", TOKEN)
+            assert result.returncode == 1 and "--deadline / --window" in result.stderr, bad
+            assert "Traceback" not in result.stderr and _readyz(node.admin_url) == 200
         assert "Traceback" not in result.stderr
         # A client that never answers the close holds on until the deadline.
         reader, writer = await asyncio.open_connection("127.0.0.1", int(
@@ -283,7 +315,7 @@ async def test_relay_drain_reports_a_deadline_cut_short(tmp_path: Path) -> None:
             "--window", "0.5", "--wait", "--admin-token", TOKEN)
         assert await asyncio.to_thread(node.proc.wait, 10) == 0
         assert result.returncode == 1, result.stdout
-        assert "deadline with 1 session(s) left" in result.stderr, result.stderr
+        assert "stopped at its deadline with session(s) left" in result.stderr, result.stderr
         writer.close()
     finally:
         await admin.close()

@@ -47,7 +47,7 @@ class RedisMembership:
         self._grace_until: float | None = None
         self._failing = False
         self._last_sent: str | None = None  # the state in our last heartbeat
-        self._beat: asyncio.Task[None] | None = None
+        self._beats: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         plain, cluster = await redis_client.connect(self.url)
@@ -59,10 +59,11 @@ class RedisMembership:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        for task in [self._task, *self._beats]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 node_id = self._local().node_id
@@ -91,7 +92,9 @@ class RedisMembership:
         async def beat() -> None:
             with contextlib.suppress(RedisError, OSError):
                 await self._write_own()
-        self._beat = asyncio.get_running_loop().create_task(beat())  # (kept: not collected)
+        task = asyncio.get_running_loop().create_task(beat())
+        self._beats.add(task)  # kept until done, and cancelled by stop()
+        task.add_done_callback(self._beats.discard)
 
     async def _run(self) -> None:
         while True:

@@ -51,6 +51,7 @@ T = TypeVar("T")
 CHANGES_CHANNEL = b"relay:changes"
 KEYS_CHANNEL = b"relay:keys"
 _RECONNECT_S = (0.1, 2.0)  # first and longest pause between subscription attempts
+_CATCH_UP_PASSES = 35  # about a minute of retries, at the longest pause
 
 # KEYS: v, flags, log. ARGV: env, ts, retention, n_put, (key, packed value) * n_put,
 # packed put map, n_del, del keys. Returns {version, committed (0/1), packed deleted keys}.
@@ -172,6 +173,7 @@ class RedisStore:
         self._publish_script: Any = None
         self._keys_script: Any = None
         self._subscriber: asyncio.Task[None] | None = None
+        self._catch_up_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
         # Per environment, the newest version told to listeners (or, before any, the first
         # one loaded): what a lost subscription is caught up from.
@@ -186,10 +188,6 @@ class RedisStore:
         if self._redis is None:
             raise StoreUnavailable("store is not open")
         return self._cluster if self._cluster is not None else self._redis
-
-    @property
-    def _commands(self) -> Any:
-        return self._r
 
     @property
     def cluster_mode(self) -> bool:
@@ -213,7 +211,7 @@ class RedisStore:
             self._redis, self._cluster = await redis_client.connect(self.url)
         except (RedisError, OSError) as exc:
             raise StoreUnavailable(f"cannot reach Redis at {self.url}: {exc}") from exc
-        commands = self._commands
+        commands = self._r
         self._publish_script = commands.register_script(_PUBLISH)
         self._keys_script = commands.register_script(_PUT_KEYS)
         self._load_script = commands.register_script(_LOAD)
@@ -224,14 +222,15 @@ class RedisStore:
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     async def close(self) -> None:
+        for task in (self._subscriber, self._catch_up_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._subscriber = self._catch_up_task = None
         if self._cluster is not None:
             await self._cluster.aclose()
             self._cluster = None
-        if self._subscriber is not None:
-            self._subscriber.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._subscriber
-            self._subscriber = None
         if self._redis is not None:
             await self._redis.aclose()
             self._redis = None
@@ -256,7 +255,7 @@ class RedisStore:
                 self._subscribed.set()
                 if not first:
                     log.info("Redis subscription restored; replaying what it may have missed")
-                    await self._catch_up()
+                    self._start_catch_up()
                 first, pause = False, _RECONNECT_S[0]
                 while True:
                     raise_if_cancelled()
@@ -299,15 +298,23 @@ class RedisStore:
             except Exception:  # a listener's bug must not stop the subscription
                 log.exception("change listener failed")
 
+    def _start_catch_up(self) -> None:
+        """The replay runs beside the subscription, which goes on dispatching: a listener
+        that hears a change past what the replay has told yet fills the gap itself."""
+        if self._catch_up_task is not None:
+            self._catch_up_task.cancel()
+        self._catch_up_task = asyncio.get_running_loop().create_task(self._catch_up())
+
     async def _catch_up(self) -> None:
         """After a lost subscription: tell listeners, from the streams, every change of the
         environments seen so far that came after the version last told (duplicates are
         dropped by the listeners, which go by version). An environment whose read fails (the
-        first commands after a Redis restart can meet a dead pooled connection) is read again
-        until it succeeds: skipping one would leave its followers behind until its next change."""
+        first commands after a Redis restart can meet a dead pooled connection) is read again,
+        for about a minute: skipping it would leave its followers behind until its next
+        change."""
         pending = dict(self._seen)
         pause = _RECONNECT_S[0]
-        while True:
+        for _ in range(_CATCH_UP_PASSES):
             for env, v in list(pending.items()):
                 try:
                     changes = await self.changes_since(env, v)
@@ -326,6 +333,8 @@ class RedisStore:
                 return
             await asyncio.sleep(pause)
             pause = min(_RECONNECT_S[1], pause * 2)
+        log.error("gave up replaying %d environment(s) after a lost subscription: %s; they "
+                  "catch up at their next change", len(pending), sorted(pending)[:10])
 
     # --- writes -------------------------------------------------------------------------------
 
