@@ -246,7 +246,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
     ax_rate.set_ylabel("deliveries / s")
     ax_lat.set_ylabel("publish-to-receive latency (ms)")
     ax_lat.set_yscale("log")
-    ax_lat.set_xlabel("seconds since the first connection")
+    (ax_re if reconnecting else ax_lat).set_xlabel("seconds since the first connection")
     for ax, size in ((ax_rate, None), (ax_lat, "small")):
         if ax.get_legend_handles_labels()[0]:  # idle and connect-storm deliver nothing
             ax.legend(fontsize=size)
