@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
 from relay.drain import RETRY_MS, DrainError, DrainPacer, DrainPlan, DrainRefused
@@ -191,6 +192,15 @@ async def test_only_a_ready_node_drains(tmp_path: Path) -> None:
 # --- real processes: SIGTERM and `relay drain` --------------------------------------------------
 
 
+async def _sessions(ws_url: str, count: int) -> list[ClientConnection]:
+    """`count` sessions of env prod (key k), past their hello and snapshot."""
+    clients = [await open_stream(ws_url, "k") for _ in range(count)]
+    for ws in clients:
+        await recv_frame(ws)
+        await recv_frame(ws)
+    return clients
+
+
 def _readyz(admin_url: str) -> int:
     try:
         with urllib.request.urlopen(admin_url + "/readyz", timeout=5) as resp:
@@ -206,10 +216,7 @@ async def test_sigterm_drains_and_a_second_sigterm_stops_at_once(tmp_path: Path)
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])
-        clients = [await open_stream(node.ws_url, "k") for _ in range(5)]
-        for ws in clients:
-            await recv_frame(ws)
-            await recv_frame(ws)
+        clients = await _sessions(node.ws_url, 5)
         started = time.monotonic()
         node.proc.send_signal(signal.SIGTERM)
         for ws in clients:
@@ -227,10 +234,7 @@ async def test_sigterm_drains_and_a_second_sigterm_stops_at_once(tmp_path: Path)
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])
-        clients = [await open_stream(node.ws_url, "k") for _ in range(50)]
-        for ws in clients:
-            await recv_frame(ws)
-            await recv_frame(ws)
+        clients = await _sessions(node.ws_url, 50)
         node.proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 10
         while _readyz(node.admin_url) != 503:
@@ -262,10 +266,7 @@ async def test_relay_drain_wait_blocks_until_the_node_is_gone(tmp_path: Path) ->
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])
-        clients = [await open_stream(node.ws_url, "k") for _ in range(10)]
-        for ws in clients:
-            await recv_frame(ws)
-            await recv_frame(ws)
+        clients = await _sessions(node.ws_url, 10)
         # An unknown node id: one line, no traceback; the node is not drained.
         result = await asyncio.to_thread(
             _relay_cli, "drain", "nope", "--admin-url", node.admin_url, "--admin-token", TOKEN)
