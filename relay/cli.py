@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import http.client
 import json
 import logging
@@ -130,6 +131,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = config_mod.from_args(args)
     except config_mod.ConfigError as exc:
         raise UserError(str(exc)) from None
+    if args.dry_run:  # what a container's command line and environment would run
+        for name, value in sorted(dataclasses.asdict(cfg).items()):
+            shown = "(set)" if name.endswith("token") and value else repr(value)
+            print(f"{name} = {shown}")
+        print("configuration OK (--dry-run: not started)")
+        return 0
     logging.basicConfig(
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -444,6 +451,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a relay node")
     config_mod.add_arguments(serve)
+    serve.add_argument("--dry-run", action="store_true",
+                       help="check the flags and RELAY_* variables, print the resulting "
+                            "configuration (tokens hidden) and exit without starting")
     serve.set_defaults(func=cmd_serve)
 
     env = sub.add_parser("env", help="manage environments")

@@ -1,0 +1,306 @@
+"""The Kubernetes deployment (k8s/), checked offline: every rendered document against the
+Kubernetes schemas (kubernetes-validate, strict), yamllint, the consistency checks no schema
+tool does, the alert rules and dashboard against the metrics a running node exports, and the
+Dockerfile's and the manifests' command lines against `relay serve --dry-run`."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.helpers import Admin, started_node
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+# The oldest and the newest Kubernetes versions the manifests are checked against.
+VERSIONS = ("1.29.0", "1.37.0")
+LABELS = {"app.kubernetes.io/name": "relay"}
+CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"):
+               K8S / "schemas" / "servicemonitor-monitoring.coreos.com-v1.json"}
+
+
+def render(directory: Path) -> list[dict[str, Any]]:
+    """`kubectl kustomize` (kubectl bundles kustomize): what `kubectl apply -k` applies."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        raise AssertionError("kubectl is not installed: run scripts/install-test-deps.sh")
+    out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
+                         text=True, check=True).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+@pytest.fixture(scope="module")
+def base() -> list[dict[str, Any]]:
+    return render(K8S / "base")
+
+
+@pytest.fixture(scope="module")
+def dev() -> list[dict[str, Any]]:
+    return render(K8S / "overlays" / "dev")
+
+
+def validate(doc: dict[str, Any], version: str) -> None:
+    """Strict schema validation; a kind without a schema is an error, except the CRDs whose
+    (abridged) schema the project keeps in k8s/schemas/."""
+    crd = CRD_SCHEMAS.get((doc["apiVersion"], doc["kind"]))
+    if crd is not None:
+        jsonschema.validate(doc, json.loads(crd.read_text()))
+        return
+    kubernetes_validate.validate(doc, version, strict=True)
+
+
+def one(docs: list[dict[str, Any]], kind: str, name: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_every_document_is_valid(overlay: str, version: str, request: pytest.FixtureRequest,
+                                 ) -> None:
+    docs = request.getfixturevalue(overlay)
+    assert len(docs) >= 9
+    for doc in docs:
+        validate(doc, version)
+
+
+def test_the_validation_can_fail(base: list[dict[str, Any]]) -> None:
+    """Strict mode rejects an unknown field; a kind without a schema is an error."""
+    deployment = json.loads(json.dumps(one(base, "Deployment", "relay")))
+    deployment["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(deployment, VERSIONS[-1])
+    monitor = json.loads(json.dumps(one(base, "ServiceMonitor", "relay")))
+    monitor["spec"]["endpoints"][0]["intervall"] = "15s"
+    with pytest.raises(jsonschema.ValidationError):
+        validate(monitor, VERSIONS[-1])
+    with pytest.raises(kubernetes_validate.SchemaNotFoundError):
+        validate({"apiVersion": "example.com/v1", "kind": "Widget", "metadata": {"name": "w"}},
+                 VERSIONS[-1])
+
+
+def test_yamllint_is_clean() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "yamllint", "--strict", "-c", str(ROOT / ".yamllint.yaml"),
+         str(K8S)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- consistency no schema checks -----------------------------------------------------------
+
+
+def _container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    spec = one(docs, "Deployment", "relay")["spec"]["template"]["spec"]
+    assert [c["name"] for c in spec["containers"]] == ["relay"]
+    return dict(spec["containers"][0])
+
+
+def _matches(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_selectors_match_the_pods(overlay: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(overlay)
+    deployment = one(docs, "Deployment", "relay")
+    pod_labels = deployment["spec"]["template"]["metadata"]["labels"]
+    assert _matches(deployment["spec"]["selector"]["matchLabels"], pod_labels)
+    for name in ("relay", "relay-peers"):
+        assert _matches(one(docs, "Service", name)["spec"]["selector"], pod_labels), name
+    assert _matches(one(docs, "PodDisruptionBudget", "relay")["spec"]["selector"]["matchLabels"],
+                    pod_labels)
+    policy = one(docs, "NetworkPolicy", "relay")["spec"]
+    assert _matches(policy["podSelector"]["matchLabels"], pod_labels)
+    for constraint in deployment["spec"]["template"]["spec"]["topologySpreadConstraints"]:
+        assert _matches(constraint["labelSelector"]["matchLabels"], pod_labels)
+    target = one(docs, "HorizontalPodAutoscaler", "relay")["spec"]["scaleTargetRef"]
+    assert (target["apiVersion"], target["kind"], target["name"]) == (
+        "apps/v1", "Deployment", deployment["metadata"]["name"])
+    monitor = one(docs, "ServiceMonitor", "relay")["spec"]
+    peers = one(docs, "Service", "relay-peers")
+    assert _matches(monitor["selector"]["matchLabels"], peers["metadata"]["labels"])
+    assert not _matches(monitor["selector"]["matchLabels"],
+                        one(docs, "Service", "relay")["metadata"]["labels"])
+    assert [e["port"] for e in monitor["endpoints"]] == ["internal"]
+
+
+def _flag(args: list[str], name: str) -> str:
+    for i, arg in enumerate(args):
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+        if arg == name:
+            return args[i + 1]
+    raise AssertionError(f"{name} not in {args}")
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_ports_probes_and_flags_agree(overlay: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(overlay)
+    container = _container(docs)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    args = container["args"]
+    assert ports == {"sdk": int(_flag(args, "--port")),
+                     "internal": int(_flag(args, "--admin-port"))}
+    assert _flag(args, "--host") == "0.0.0.0"  # the admin port follows --host
+    for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
+                        ("startupProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert (get["path"], get["port"]) == (path, "internal"), probe
+    public = one(docs, "Service", "relay")["spec"]
+    assert public["type"] == "LoadBalancer" and public["sessionAffinity"] == "None"
+    assert [p["targetPort"] for p in public["ports"]] == ["sdk"]  # only the SDK port
+    peers = one(docs, "Service", "relay-peers")["spec"]
+    assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
+    assert [p["targetPort"] for p in peers["ports"]] == ["internal"]
+    config = one(docs, "ConfigMap", "relay-config")["data"]
+    service, _, port = config["RELAY_DISCOVERY"].removeprefix("dns:").rpartition(":")
+    assert service == "relay-peers" and int(port) == ports["internal"]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["RELAY_ADVERTISE"]["value"] == f"$(POD_IP):{ports['internal']}"
+    assert env["RELAY_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
+    for name, key in (("RELAY_ADMIN_TOKEN", "admin-token"), ("RELAY_PEER_TOKEN", "peer-token")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "relay-tokens", "key": key}
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_the_drain_fits_in_the_grace_period(overlay: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(overlay)
+    pod = one(docs, "Deployment", "relay")["spec"]["template"]["spec"]
+    container = _container(docs)
+    config = one(docs, "ConfigMap", "relay-config")["data"]
+    deadline = float(config["RELAY_DRAIN_DEADLINE"])
+    assert float(config["RELAY_DRAIN_WINDOW"]) < deadline
+    assert pod["terminationGracePeriodSeconds"] > deadline + 10
+    command = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["relay", "drain"] and "--wait" in command
+    assert command[2] == f"127.0.0.1:{_flag(container['args'], '--admin-port')}"
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_security_and_network_policy(overlay: str, request: pytest.FixtureRequest) -> None:
+    docs = request.getfixturevalue(overlay)
+    pod = one(docs, "Deployment", "relay")["spec"]["template"]["spec"]
+    container = _container(docs)
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["automountServiceAccountToken"] is False
+    security = container["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False
+    assert security["readOnlyRootFilesystem"] is True
+    assert security["capabilities"]["drop"] == ["ALL"]
+    assert container["resources"]["requests"] and container["resources"]["limits"]
+    rules = one(docs, "NetworkPolicy", "relay")["spec"]["ingress"]
+    internal = [r for r in rules if any(p["port"] == "internal" for p in r["ports"])]
+    for rule in internal:  # never open to everyone
+        assert rule.get("from"), rule
+    peers = [r for r in internal
+             if any(f.get("podSelector", {}).get("matchLabels") == LABELS and
+                    "namespaceSelector" not in f for f in r["from"])]
+    assert peers, "the relay pods reach each other's internal port"
+    open_rules = [r for r in rules if not r.get("from")]
+    assert [p["port"] for r in open_rules for p in r["ports"]] == ["sdk"]
+
+
+def test_the_dev_overlay_runs_its_own_redis(dev: list[dict[str, Any]]) -> None:
+    config = one(dev, "ConfigMap", "relay-config")["data"]
+    redis = one(dev, "Service", "relay-redis")
+    host, port = config["RELAY_STORE"].removeprefix("redis://").split("/")[0].split(":")
+    assert host == redis["metadata"]["name"] and int(port) == redis["spec"]["ports"][0]["port"]
+    args = one(dev, "Deployment", "relay-redis")["spec"]["template"]["spec"]["containers"][0]
+    assert "--appendfsync" in args["args"]
+    assert {d["metadata"].get("namespace") for d in dev if d["kind"] != "Namespace"} == {
+        "relay-dev"}
+    secret = one(dev, "Secret", "relay-tokens")
+    assert set(secret["data"]) == {"admin-token", "peer-token"}
+
+
+# --- the metric names in the alerts and the dashboard -----------------------------------------
+
+_METRIC = re.compile(r"\b(relay_[a-z0-9_]+)")
+
+
+async def test_alerts_and_dashboard_use_only_exported_metrics(tmp_path: Path) -> None:
+    node = await started_node(tmp_path)
+    admin = Admin(node.admin_url)
+    try:
+        _, text = await admin.call("GET", "/metrics", token="")
+    finally:
+        await admin.close()
+        await node.stop()
+    exported: set[str] = set()
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split()
+            exported.add(name)
+            if kind == "counter":
+                exported.add(name + "_total")
+            if kind == "histogram":
+                exported |= {name + "_bucket", name + "_sum", name + "_count"}
+    rules = yaml.safe_load((K8S / "monitoring" / "relay-alerts.yaml").read_text())
+    alert_exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
+    dashboard = json.loads((K8S / "monitoring" / "relay-dashboard.json").read_text())
+    panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    for where, exprs in (("alerts", alert_exprs), ("dashboard", panel_exprs)):
+        used = {m for e in exprs for m in _METRIC.findall(e)}
+        assert used, where
+        assert used <= exported, f"{where} use metrics relay does not export: {used - exported}"
+    # Each alert says what it means and where its runbook section is.
+    runbook = (ROOT / "docs" / "runbook.md").read_text().lower()
+    for group in rules["groups"]:
+        for rule in group["rules"]:
+            anchor = rule["annotations"]["runbook"].split("#")[1]
+            assert f"### {anchor}" in runbook.replace("`", ""), anchor
+
+
+# --- the command lines ---------------------------------------------------------------------
+
+
+def _dry_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "relay", *args, "--dry-run"],
+                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+
+
+def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]]) -> None:
+    container = _container(dev)
+    env = dict(one(dev, "ConfigMap", "relay-config")["data"])
+    env.update(RELAY_NODE_ID="relay-0", RELAY_ADVERTISE="10.0.0.1:8081",
+               RELAY_ADMIN_TOKEN="t", RELAY_PEER_TOKEN="p")
+    assert set(env) >= {e["name"] for e in container["env"]} - {"POD_IP"}
+    result = _dry_run(container["args"], env)
+    assert result.returncode == 0, result.stderr
+    assert "configuration OK" in result.stdout
+    assert "discovery = 'dns:relay-peers:8081'" in result.stdout
+    assert "peer_token = (set)" in result.stdout and "'p'" not in result.stdout
+    # And one the parser refuses, to show the check can fail.
+    bad = _dry_run(container["args"], {**env, "RELAY_DRAIN_WINDOW": "600"})
+    assert bad.returncode == 1 and "--drain-window" in bad.stderr
+
+
+def test_the_dockerfile_command_line_is_accepted() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    stages = re.findall(r"^FROM\s+\S+", text, re.M)
+    assert len(stages) == 2, "a build stage and a runtime stage"
+    final = text[text.rindex("\nFROM "):]
+    assert re.search(r"^USER\s+10001", final, re.M), "the runtime stage runs as a user"
+    for tool in ("gcc", "build-essential", "apt-get install"):
+        assert tool not in final, tool
+    entrypoint = json.loads(re.search(r"^ENTRYPOINT\s+(\[.*\])$", final, re.M)[1])  # type: ignore[index]
+    cmd = json.loads(re.search(r"^CMD\s+(\[.*\])$", final, re.M)[1])  # type: ignore[index]
+    assert entrypoint == ["relay"]
+    result = _dry_run(cmd, {})
+    assert result.returncode == 0, result.stderr
+    container = _container(render(K8S / "base"))
+    assert container["args"][0] == cmd[0] == "serve"  # the manifests run the same entrypoint
