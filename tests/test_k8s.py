@@ -24,7 +24,7 @@ from tests.helpers import Admin, started_node
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
 # The oldest and the newest Kubernetes versions the manifests are checked against.
-VERSIONS = ("1.29.0", "1.37.0")
+VERSIONS = ("1.25.0", "1.37.0")
 LABELS = {"app.kubernetes.io/name": "relay"}
 CRD_SCHEMAS = {("monitoring.coreos.com/v1", "ServiceMonitor"):
                K8S / "schemas" / "servicemonitor-monitoring.coreos.com-v1.json"}
