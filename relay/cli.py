@@ -47,17 +47,21 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
     token_note = (
         f"generated, saved in {Path(cfg.data_dir) / 'admin-token'}"
         if node.token_generated
-        else ("from --admin-token" if cfg.admin_token else
+        else ("from --admin-token or RELAY_ADMIN_TOKEN" if cfg.admin_token else
               f"from {Path(cfg.data_dir) / 'admin-token'}")
     )
     admin_flags = "" if node.admin_url == DEFAULT_ADMIN_URL else f" --admin-url {node.admin_url}"
     watch_url = "" if node.ws_url == DEFAULT_WS_URL else f" --url {node.ws_url}"
-    token_env = f"export RELAY_ADMIN_TOKEN={node.admin_token}"
+    # A token given by flag or environment (a Kubernetes Secret, say) is never printed: logs
+    # are collected and kept. A generated one is printed once, for the first try on a laptop.
+    shown = node.admin_token if not cfg.admin_token else "(not printed)"
+    token_env = (f"export RELAY_ADMIN_TOKEN={node.admin_token}" if not cfg.admin_token
+                 else "export RELAY_ADMIN_TOKEN=<the token you gave>")
     return "\n".join([
         f"relay {__version__}: node {cfg.node_id} ready",
         f"  SDK WebSockets  {node.ws_url}",
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
-        f"  admin token     {node.admin_token}  ({token_note})",
+        f"  admin token     {shown}  ({token_note})",
         f"  store           {describe_store(cfg)}",
         "",
         "Try it (in another terminal):",
@@ -356,6 +360,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
             print(_progress(left, total, deadline - now, tty), end="" if tty else "\n",
                   file=sys.stderr, flush=True)
             last_line = now
+        if outcome is not None:  # empty (or cut at the deadline): the process exits now
+            break
         if now > deadline + 30:
             raise UserError(f"node {info['node']} still answers 30s after its drain deadline")
         time.sleep(0.25)
@@ -365,7 +371,7 @@ def cmd_drain(args: argparse.Namespace) -> int:
         raise UserError(f"node {info['node']} stopped at its deadline with session(s) left "
                         "(they were sent away with goaway: shutdown)")
     if not args.json:
-        print(f"node {info['node']} drained and stopped", flush=True)
+        print(f"node {info['node']} drained and stopping", flush=True)
     return 0
 
 
@@ -497,8 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds over which sessions are sent away [default: the node's "
                             "--drain-window]")
     drain.add_argument("--wait", action="store_true",
-                       help="block, with a progress bar, until the node has drained and exited "
-                            "(for a Kubernetes preStop hook)")
+                       help="block, with a progress bar, until the node is empty (its process "
+                            "exits right after); for a Kubernetes preStop hook")
     _admin_options(drain)
     drain.set_defaults(func=cmd_drain)
 

@@ -185,6 +185,9 @@ def check(config: Config) -> None:
                 "--discovery is static:ID@HOST:PORT,..., dns:NAME:PORT or redis, "
                 f"got {config.discovery!r}"
             )
+    if "$(" in config.advertise:
+        raise ConfigError(f"--advertise has an unexpanded variable: {config.advertise!r} "
+                          "(Kubernetes expands $(VAR) only for variables defined before it)")
     if config.advertise:
         host, colon, port = config.advertise.rpartition(":")
         if not colon or not host or not port.isdigit():

@@ -185,6 +185,9 @@ def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) 
             admin_url = m.group(1)
         if m := re.search(r"admin token\s+(\S+)", line):
             token = m.group(1)
+            if token == "(not":  # given by flag or environment: not printed
+                given = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--admin-token"]
+                token = given[-1] if given else {**os.environ, **(env or {})}["RELAY_ADMIN_TOKEN"]
         if ws_url and admin_url and token:
             break
     else:

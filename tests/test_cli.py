@@ -141,6 +141,21 @@ def test_serve_reads_relay_env_vars_and_admin_token_file(tmp_path: Path) -> None
         assert proc.stop() == 0
 
 
+def test_a_given_admin_token_is_never_printed(tmp_path: Path) -> None:
+    """A token from a flag or the environment (a Kubernetes Secret) stays out of the logs."""
+    for extra, env in ((["--admin-token", "s3cret-flag-token"], None),
+                       ([], {"RELAY_ADMIN_TOKEN": "s3cret-env-token"})):
+        proc = start_relay(tmp_path / f"d{len(extra)}", *extra, env=env)
+        try:
+            assert proc.token.startswith("s3cret-")
+            result = run(proc, "status")
+            assert result.returncode == 0, result.stderr
+        finally:
+            assert proc.stop() == 0
+        text = "".join(proc.output)
+        assert "s3cret" not in text and "admin token     (not printed)" in text
+
+
 def test_serve_bad_env_var_is_one_line() -> None:
     env = {**os.environ, "RELAY_PORT": "eighty"}
     result = subprocess.run([sys.executable, "-m", "relay", "serve"], capture_output=True,

@@ -279,7 +279,7 @@ async def test_relay_drain_wait_blocks_until_the_node_is_gone(tmp_path: Path) ->
             "--admin-url", node.admin_url, "--admin-token", TOKEN)
         assert result.returncode == 0, result.stderr
         assert "node edge-1 draining: 10 session(s) left" in result.stdout
-        assert "node edge-1 drained and stopped" in result.stdout
+        assert "node edge-1 drained and stopping" in result.stdout
         assert await asyncio.to_thread(node.proc.wait, 10) == 0  # not answering: exiting
         for ws in clients:
             assert (await close_code(ws))[0] == 1012

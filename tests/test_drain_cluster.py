@@ -138,7 +138,7 @@ async def test_a_rolling_restart_loses_nothing(
              "--wait", "--admin-url", cluster.nodes[2].admin_url, "--admin-token", TOKEN],
             capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-        assert "node n0 drained and stopped" in result.stdout
+        assert "node n0 drained and stopping" in result.stdout
         assert await _wait_exit(cluster, 0, 10) == 0
         cluster.start(0)
         await cluster.wait_ring({0, 1, 2})

@@ -16,9 +16,11 @@ from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import promql_parser
 import pytest
 import yaml
 
+from relay.config import Config
 from tests.helpers import Admin, started_node
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -128,12 +130,14 @@ def test_selectors_match_the_pods(overlay: str, request: pytest.FixtureRequest) 
     target = one(docs, "HorizontalPodAutoscaler", "relay")["spec"]["scaleTargetRef"]
     assert (target["apiVersion"], target["kind"], target["name"]) == (
         "apps/v1", "Deployment", deployment["metadata"]["name"])
-    monitor = one(docs, "ServiceMonitor", "relay")["spec"]
-    peers = one(docs, "Service", "relay-peers")
-    assert _matches(monitor["selector"]["matchLabels"], peers["metadata"]["labels"])
-    assert not _matches(monitor["selector"]["matchLabels"],
-                        one(docs, "Service", "relay")["metadata"]["labels"])
-    assert [e["port"] for e in monitor["endpoints"]] == ["internal"]
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert len(monitors) == (1 if overlay == "base" else 0)  # dev deletes it (no operator)
+    for monitor in monitors:
+        peers = one(docs, "Service", "relay-peers")
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        assert _matches(selector, peers["metadata"]["labels"])
+        assert not _matches(selector, one(docs, "Service", "relay")["metadata"]["labels"])
+        assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["internal"]
 
 
 def _flag(args: list[str], name: str) -> str:
@@ -214,6 +218,16 @@ def test_security_and_network_policy(overlay: str, request: pytest.FixtureReques
     assert [p["port"] for r in open_rules for p in r["ports"]] == ["sdk"]
 
 
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_every_setting_is_one_relay_reads(overlay: str, request: pytest.FixtureRequest) -> None:
+    """A misspelt RELAY_* key would be ignored without a word."""
+    docs = request.getfixturevalue(overlay)
+    known = {"RELAY_" + f.upper() for f in Config.__dataclass_fields__}
+    keys = set(one(docs, "ConfigMap", "relay-config")["data"])
+    keys |= {e["name"] for e in _container(docs)["env"] if e["name"].startswith("RELAY_")}
+    assert keys <= known, keys - known
+
+
 def test_the_dev_overlay_runs_its_own_redis(dev: list[dict[str, Any]]) -> None:
     config = one(dev, "ConfigMap", "relay-config")["data"]
     redis = one(dev, "Service", "relay-redis")
@@ -240,20 +254,21 @@ async def test_alerts_and_dashboard_use_only_exported_metrics(tmp_path: Path) ->
     finally:
         await admin.close()
         await node.stop()
-    exported: set[str] = set()
+    exported: set[str] = set()  # the series names each metric family has
     for line in text.splitlines():
         if line.startswith("# TYPE "):
             _, _, name, kind = line.split()
-            exported.add(name)
-            if kind == "counter":
-                exported.add(name + "_total")
-            if kind == "histogram":
-                exported |= {name + "_bucket", name + "_sum", name + "_count"}
+            total = name if name.endswith("_total") else name + "_total"
+            exported |= {"counter": {total},
+                         "histogram": {name + "_bucket", name + "_sum", name + "_count"},
+                         }.get(kind, {name})
     rules = yaml.safe_load((K8S / "monitoring" / "relay-alerts.yaml").read_text())
     alert_exprs = [r["expr"] for g in rules["groups"] for r in g["rules"]]
     dashboard = json.loads((K8S / "monitoring" / "relay-dashboard.json").read_text())
     panel_exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
     for where, exprs in (("alerts", alert_exprs), ("dashboard", panel_exprs)):
+        for expr in exprs:
+            promql_parser.parse(expr)  # raises ValueError on a syntax error
         used = {m for e in exprs for m in _METRIC.findall(e)}
         assert used, where
         assert used <= exported, f"{where} use metrics relay does not export: {used - exported}"
@@ -269,24 +284,44 @@ async def test_alerts_and_dashboard_use_only_exported_metrics(tmp_path: Path) ->
 
 
 def _dry_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
     return subprocess.run([sys.executable, "-m", "relay", *args, "--dry-run"],
-                          capture_output=True, text=True, env={**os.environ, **env}, timeout=60)
+                          capture_output=True, text=True, env={**clean, **env}, timeout=60)
+
+
+def _pod_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The container's environment as the kubelet makes it: envFrom first, then env in order,
+    `$(VAR)` expanded from the variables defined before (fields and secrets made up)."""
+    made_up = {"metadata.name": "relay-7c9-abcde", "status.podIP": "10.1.2.3"}
+    env = dict(one(docs, "ConfigMap", "relay-config")["data"])
+    for item in _container(docs)["env"]:
+        source = item.get("valueFrom", {})
+        if "fieldRef" in source:
+            value = made_up[source["fieldRef"]["fieldPath"]]
+        elif "secretKeyRef" in source:
+            value = "secret-" + source["secretKeyRef"]["key"]
+        else:
+            value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), item["value"])
+        env[item["name"]] = value
+    return env
 
 
 def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]]) -> None:
     container = _container(dev)
-    env = dict(one(dev, "ConfigMap", "relay-config")["data"])
-    env.update(RELAY_NODE_ID="relay-0", RELAY_ADVERTISE="10.0.0.1:8081",
-               RELAY_ADMIN_TOKEN="t", RELAY_PEER_TOKEN="p")
-    assert set(env) >= {e["name"] for e in container["env"]} - {"POD_IP"}
+    env = _pod_env(dev)
+    assert env["RELAY_ADVERTISE"] == "10.1.2.3:8081"
     result = _dry_run(container["args"], env)
     assert result.returncode == 0, result.stderr
     assert "configuration OK" in result.stdout
     assert "discovery = 'dns:relay-peers:8081'" in result.stdout
-    assert "peer_token = (set)" in result.stdout and "'p'" not in result.stdout
+    assert "advertise = '10.1.2.3:8081'" in result.stdout
+    assert "peer_token = (set)" in result.stdout and "secret-peer-token" not in result.stdout
     # And one the parser refuses, to show the check can fail.
     bad = _dry_run(container["args"], {**env, "RELAY_DRAIN_WINDOW": "600"})
     assert bad.returncode == 1 and "--drain-window" in bad.stderr
+    # An advertise address left unexpanded (POD_IP defined after it) is refused.
+    bad = _dry_run(container["args"], {**env, "RELAY_ADVERTISE": "$(POD_IP):8081"})
+    assert bad.returncode == 1 and "unexpanded" in bad.stderr
 
 
 def test_the_dockerfile_command_line_is_accepted() -> None:

@@ -34,8 +34,10 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
                                  "--rate", "50", "--duration", "2")
         assert data["scenario"] == "fanout" and data["target"] == "relay"
         assert data["connections"] == 50
-        assert data["publishes"] == {"acked": 100, "errors": 0, "per_s": 50.0,
-                                     "first_errors": []}
+        publishes = data["publishes"]
+        assert (publishes["acked"], publishes["errors"], publishes["first_errors"]) == (100, 0, [])
+        # 100 over the 2 s asked, or a little longer on a slow machine (seen: 49.4/s).
+        assert 30 <= publishes["per_s"] <= 50
         # 100 changes over 5 environments, 10 connections each: 1,000 deliveries.
         assert data["deliveries"] == 1000
         assert data["missing"] == 0 and data["out_of_order"] == 0
