@@ -168,8 +168,7 @@ def test_ports_probes_and_flags_agree(overlay: str, request: pytest.FixtureReque
     peers = one(docs, "Service", "relay-peers")["spec"]
     assert peers["clusterIP"] == "None" and peers["publishNotReadyAddresses"] is True
     assert [p["targetPort"] for p in peers["ports"]] == ["internal"]
-    config = one(docs, "ConfigMap", "relay-config")["data"]
-    service, _, port = config["RELAY_DISCOVERY"].removeprefix("dns:").rpartition(":")
+    service, _, port = _flag(args, "--discovery").removeprefix("dns:").rpartition(":")
     assert service == "relay-peers" and int(port) == ports["internal"]
     env = {e["name"]: e for e in container["env"]}
     assert env["RELAY_ADVERTISE"]["value"] == f"$(POD_IP):{ports['internal']}"
