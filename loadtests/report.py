@@ -195,15 +195,22 @@ def summary(results: list[dict[str, Any]]) -> str:
             lines.append(f"{r['target']}: median of {r['repeat']['runs']} runs; "
                          f"range {spread}")
     for r in results:
-        for label, key in (("CPU by process", "server.cpu_s_by_process"),
-                           ("one node: CPU by process", "one_node.server.cpu_s_by_process")):
-            by = _get(r, key)
-            if by:
-                lines.append(f"{r['target']} {label}: " + ", ".join(
-                    f"{name} {cpu:.1f} s" for name, cpu in sorted(by.items())))
+        lines += [f"{r['target']} {label}: {text}" for label, text in cpu_by_process(r)]
     notes = [n for r in results for n in r.get("notes", [])]
     lines.extend(f"note: {n}" for n in notes)
     return "\n".join(lines)
+
+
+def cpu_by_process(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The CPU seconds of each server process (a cluster's nodes, Redis, HAProxy), for the
+    run and for its one-node comparison: (label, "n0 9.7, n1 9.7, ...")."""
+    out = []
+    for label, key in (("CPU s by process", "server.cpu_s_by_process"),
+                       ("one node: CPU s by process", "one_node.server.cpu_s_by_process")):
+        by = _get(result, key)
+        if by:
+            out.append((label, ", ".join(f"{name} {cpu:.1f}" for name, cpu in sorted(by.items()))))
+    return out
 
 
 def write_json(results: list[dict[str, Any]], path: Path) -> None:

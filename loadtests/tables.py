@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.report import _get
+from loadtests.report import _get, cpu_by_process
 
 # (label, path in a result, digits after the point)
 ROWS: list[tuple[str, str, int]] = [
@@ -79,12 +79,7 @@ def table(path: Path) -> str:
             continue
         lines.append(f"| {label} | " + " | ".join(_cell(v, digits) for v in values) + " |")
     for r in results:
-        for label, key in (("CPU s by process", "server.cpu_s_by_process"),
-                           ("one node: CPU s by process", "one_node.server.cpu_s_by_process")):
-            by = _get(r, key)
-            if by:
-                lines.append(f"\n{r['target']}, {label}: " + ", ".join(
-                    f"{name} {cpu:.1f}" for name, cpu in sorted(by.items())) + ".")
+        lines += [f"\n{r['target']}, {label}: {text}." for label, text in cpu_by_process(r)]
     spreads = [(r["target"], r["repeat"]["spread"]) for r in results if "repeat" in r]
     for target, spread in spreads:
         shown = "; ".join(

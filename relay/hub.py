@@ -368,8 +368,7 @@ class Hub:
         from the store again (this node owns it now, or the owner's link is down): then
         whatever came meanwhile is read from the store."""
         channel = self._channels.get(env)
-        if (channel is None or channel.via_peer == via_peer or channel.state is None
-                or self._closed):  # (at stop, peer links close after the hub)
+        if channel is None or channel.via_peer == via_peer or channel.state is None:
             return
         if via_peer and channel.followers:
             return  # it serves edges: it follows the store itself (no cycles of edges)
@@ -588,6 +587,8 @@ class Hub:
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
+        if self._closed:  # nothing starts after close (peer links close after the hub)
+            task.cancel()
         self._tasks.add(task)
         task.add_done_callback(self._task_done)
         return task

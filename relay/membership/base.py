@@ -44,6 +44,36 @@ class Membership(Protocol):
         ...
 
 
+class MemberView:
+    """What the memberships share: this node as it stands now plus the others last seen, and
+    listeners told whenever that view (this node's own state included) changes."""
+
+    def __init__(self, local: Callable[[], Member]) -> None:
+        self._local = local
+        self._seen: dict[str, Member] = {}
+        self._last: dict[str, Member] = {}
+        self._listeners: list[Callable[[], None]] = []
+
+    def members(self) -> Mapping[str, Member]:
+        local = self._local()
+        return {**self._seen, local.node_id: local}
+
+    def add_listener(self, listener: Callable[[], None]) -> None:
+        self._listeners.append(listener)
+
+    def changed(self) -> None:
+        self._tell_if_changed()
+
+    def _tell_if_changed(self) -> bool:
+        now = dict(self.members())
+        if now == self._last:
+            return False
+        self._last = now
+        for listener in self._listeners:
+            listener()
+        return True
+
+
 def ready_ids(members: Mapping[str, Member]) -> frozenset[str]:
     """The ring's members: nodes that are ready (not starting, draining or gone)."""
     return frozenset(node_id for node_id, m in members.items() if m.state == READY)

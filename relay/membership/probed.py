@@ -7,11 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from relay.membership.base import Member
+from relay.membership.base import Member, MemberView
 from relay.tasks import raise_if_cancelled
 
 log = logging.getLogger("relay.membership")
@@ -19,18 +19,15 @@ log = logging.getLogger("relay.membership")
 Self = Callable[[], Member]  # this node as it stands now
 
 
-class ProbedMembership:
+class ProbedMembership(MemberView):
     def __init__(self, candidates: Callable[[], Awaitable[list[str]]], local: Self,
                  interval: float = 1.0, timeout: float = 1.0) -> None:
+        super().__init__(local)
         self._candidates = candidates
-        self._local = local
         self.interval = interval
         self.timeout = timeout
-        self._seen: dict[str, Member] = {}
-        self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._last: dict[str, Member] = {}
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -45,21 +42,6 @@ class ProbedMembership:
                 await self._task
         if self._session is not None:
             await self._session.close()
-
-    def members(self) -> Mapping[str, Member]:
-        local = self._local()
-        return {**self._seen, local.node_id: local}
-
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
-    def changed(self) -> None:
-        """Tell listeners if the view (this node's own state included) is not what they saw."""
-        now = dict(self.members())
-        if now != self._last:
-            self._last = now
-            for listener in self._listeners:
-                listener()
 
     async def _run(self) -> None:
         while True:

@@ -11,14 +11,13 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
 from redis.exceptions import RedisError
 
 from relay import redis_client
-from relay.membership.base import Member
+from relay.membership.base import Member, MemberView
 from relay.membership.probed import Self
 from relay.tasks import raise_if_cancelled
 
@@ -31,15 +30,12 @@ def _key(node_id: str) -> str:
     return f"{_SET}:{node_id}"
 
 
-class RedisMembership:
+class RedisMembership(MemberView):
     def __init__(self, url: str, local: Self, interval: float = 1.0) -> None:
+        super().__init__(local)
         self.url = url
-        self._local = local
         self.interval = interval
         self._redis: Any = None  # a Redis or RedisCluster client
-        self._seen: dict[str, Member] = {}
-        self._last: dict[str, Member] = {}
-        self._listeners: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
         # After Redis was unreachable, the others' heartbeat keys may have expired meanwhile
         # (or vanished with a restart): everyone already known gets a fresh TTL to heartbeat
@@ -71,22 +67,9 @@ class RedisMembership:
                 await self._redis.srem(_SET, node_id)
             await self._redis.aclose()
 
-    def members(self) -> Mapping[str, Member]:
-        local = self._local()
-        return {**self._seen, local.node_id: local}
-
-    def add_listener(self, listener: Callable[[], None]) -> None:
-        self._listeners.append(listener)
-
     def changed(self) -> None:
-        now = dict(self.members())
-        if now != self._last:
-            self._last = now
-            for listener in self._listeners:
-                listener()
-            local = self._local()
-            if self._last_sent is not None and self._last_sent != local.state:
-                self._heartbeat_now()  # peers see a drain at once, not a round later
+        if self._tell_if_changed() and self._last_sent not in (None, self._local().state):
+            self._heartbeat_now()  # peers see a drain at once, not a round later
 
     def _heartbeat_now(self) -> None:
         async def beat() -> None:
