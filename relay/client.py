@@ -7,9 +7,9 @@
             print(change.v, change.put, change.deleted)
 
 It reconnects by itself with `since` (so it gets only what it missed), with jittered
-exponential backoff, after `retry_ms` when the server says `goaway`, and resynchronises when it
-sees a version gap. Close codes that mean "stop" (bad key, protocol error) end it with
-`RelayClientError`.
+exponential backoff, after `retry_ms` when the server says `goaway` (or closes 4101 with one),
+and resynchronises when it sees a version gap. Close codes that mean "stop" (bad key, protocol
+error) end it with `RelayClientError`.
 """
 
 from __future__ import annotations
@@ -237,6 +237,11 @@ class RelayClient:
                 if code in FATAL_CLOSE_CODES and self._goaway_retry is None:
                     await self._fail(RelayClientError(code, reason))
                     return
+                if code == protocol.CLOSE_TOO_MANY and self._goaway_retry is None:
+                    # Refused before its hello: the wait is in the close reason, if given.
+                    retry_ms = protocol.close_retry_ms(reason)
+                    if retry_ms is not None:
+                        self._goaway_retry = retry_ms / 1000
                 log.info("stream closed (%s %s); reconnecting", code, reason)
             except RelayClientError as exc:
                 await self._fail(exc)

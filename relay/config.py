@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import resource
 import socket
@@ -15,14 +16,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from relay.drain import DrainError, DrainPlan
+from relay.trusted_proxies import TrustedProxies, TrustedProxiesError
+
+DEFAULT_FD_RESERVE = 256
+DEFAULT_MAX_PENDING = 1024
+
+
+def open_files_limit() -> int | None:
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return None if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _default_max_connections() -> int:
-    """What the open-files limit allows, leaving room for the store, peers and admin sockets."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY:
+    """What the open-files limit allows once pending connections and the descriptor reserve
+    (admin port, store, peers) have theirs."""
+    soft = open_files_limit()
+    if soft is None:
         return 100_000
-    return max(16, soft - 256)
+    return max(16, soft - DEFAULT_FD_RESERVE - DEFAULT_MAX_PENDING)
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
@@ -71,8 +82,51 @@ class Config:
         5.0, "seconds to wait for a client's close handshake before aborting the connection"
     )
     max_connections: int = _opt(
-        _default_max_connections(), "SDK sessions this node accepts before closing with 4101"
+        _default_max_connections(),
+        "authenticated SDK sessions this node holds; more are closed with 4101 (default: the "
+        "open-files limit less --max-pending and --fd-reserve)",
     )
+    max_pending: int = _opt(
+        DEFAULT_MAX_PENDING,
+        "connections that are not sessions (handshaking, authenticating or closing) this node "
+        "holds; more are dropped at accept",
+    )
+    max_pending_per_ip: int = _opt(
+        64, "pending connections one client address may hold (0: no cap); more get 4101"
+    )
+    max_sessions_per_ip: int = _opt(
+        1000,
+        "sessions one client address may hold (0: no cap); more get 4101. Behind a load "
+        "balancer, set --trusted-proxies, or every client counts as the balancer's address",
+    )
+    ip_connect_rate: float = _opt(
+        20.0, "new connections per second one client address may open, sustained (0: no limit)"
+    )
+    ip_connect_burst: int = _opt(200, "new connections one client address may open at once")
+    ip_auth_failure_rate: float = _opt(
+        1.0,
+        "failed authentications per second one client address may have, sustained; past the "
+        "burst its connections get 4101 without a key lookup (0: no limit)",
+    )
+    ip_auth_failure_burst: int = _opt(
+        20, "failed authentications one client address may have at once"
+    )
+    trusted_proxies: str = _opt(
+        "",
+        "comma-separated addresses and CIDR networks of load balancers whose PROXY protocol "
+        "header (v1 or v2) or X-Forwarded-For names the client address",
+    )
+    fd_reserve: int = _opt(
+        DEFAULT_FD_RESERVE,
+        "file descriptors kept from SDK connections for the admin port, the store and peers, "
+        "so health checks answer when the public port is full",
+    )
+    client_control_rate: float = _opt(
+        2.0,
+        "pings and pongs per second a client may send after auth, sustained; more get goaway "
+        "(limit) and 4101",
+    )
+    client_control_burst: int = _opt(20, "pings and pongs a client may send at once")
     max_session_buffer: int = _opt(
         1 << 20,
         "bytes a session that is behind may have unsent before it is evicted (goaway, 4100); "
@@ -88,9 +142,20 @@ class Config:
         16 << 10, "unsent bytes below which a paused session gets its catch-up delta"
     )
     socket_send_buffer: int = _opt(
-        0,
-        "SO_SNDBUF of SDK sockets in bytes, which bounds the kernel memory a stalled client "
-        "holds (0: the kernel's autotuning, up to net.ipv4.tcp_wmem's maximum)",
+        64 << 10,
+        "SO_SNDBUF of SDK sockets in bytes (the kernel doubles it), which bounds the kernel "
+        "memory a client that does not read holds (0: the kernel's autotuning, up to "
+        "net.ipv4.tcp_wmem's maximum, several MB)",
+    )
+    socket_receive_buffer: int = _opt(
+        16 << 10,
+        "SO_RCVBUF of SDK sockets in bytes (the kernel doubles it): clients send little, and "
+        "what they send while not read waits there (0: the kernel's autotuning)",
+    )
+    write_stall_timeout: float = _opt(
+        15.0,
+        "seconds a session may hold unsent data above --write-high-water without its socket "
+        "taking any, behind or not, before it is evicted (goaway, 4100)",
     )
     drain_deadline: float = _opt(
         60.0,
@@ -100,6 +165,15 @@ class Config:
     drain_window: float = _opt(
         0.0,
         "seconds over which a drain sends the sessions away, evenly (0: half the deadline)",
+    )
+    tls_cert: str = _opt(
+        "", "PEM certificate (chain) for TLS on the public and internal ports; reloaded on SIGHUP"
+    )
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_ca: str = _opt(
+        "",
+        "PEM CA bundle that peers' certificates are checked against (a private CA: host names "
+        "are not checked); empty: the system's CAs, host names checked",
     )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
@@ -165,7 +239,8 @@ def check(config: Config) -> None:
         if not 0 <= value <= 65535:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
     for name in ("history", "log_retention", "max_connections", "max_session_buffer",
-                 "write_high_water"):
+                 "write_high_water", "max_pending", "ip_connect_burst", "ip_auth_failure_burst",
+                 "client_control_burst"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
     if config.store != "sqlite" and not config.store.startswith(REDIS_SCHEMES):
@@ -192,13 +267,25 @@ def check(config: Config) -> None:
         host, colon, port = config.advertise.rpartition(":")
         if not colon or not host or not port.isdigit():
             raise ConfigError(f"--advertise is HOST:PORT, got {config.advertise!r}")
-    if config.socket_send_buffer < 0:
-        raise ConfigError("--socket-send-buffer must be 0 (the kernel's default) or positive")
+    for name in ("socket_send_buffer", "socket_receive_buffer", "max_pending_per_ip",
+                 "max_sessions_per_ip", "fd_reserve"):
+        if getattr(config, name) < 0:
+            raise ConfigError(f"{_flag(name)} must be 0 or positive")
+    for name in ("ip_connect_rate", "ip_auth_failure_rate", "client_control_rate"):
+        value = getattr(config, name)
+        if not (value >= 0 and math.isfinite(value)):
+            raise ConfigError(f"{_flag(name)} must be 0 (no limit) or a positive number")
+    try:
+        TrustedProxies.parse(config.trusted_proxies)
+    except TrustedProxiesError as exc:
+        raise ConfigError(f"--trusted-proxies: {exc}") from None
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ConfigError("--tls-cert and --tls-key go together")
     if not 0 <= config.write_low_water < config.write_high_water:
         raise ConfigError("--write-low-water must be at least 0 and below --write-high-water")
     positive = (
         "handshake_timeout", "auth_timeout", "ping_timeout", "close_timeout", "env_idle_ttl",
-        "slow_consumer_timeout", "membership_interval",
+        "slow_consumer_timeout", "membership_interval", "write_stall_timeout",
     )
     for name in positive:
         if getattr(config, name) <= 0:

@@ -37,6 +37,8 @@ class Upgrade:
     authorizations: list[str]  # every Authorization header's value
     subprotocol: str | None  # the one selected, or None when the client did not offer it
     response: bytes
+    forwarded_for: list[str]  # every X-Forwarded-For header's value (believed from trusted
+    # proxies only: relay/trusted_proxies.py)
 
 
 class _Head:
@@ -116,6 +118,8 @@ def accept_upgrade(head: bytes, path: str, subprotocol: str) -> Upgrade | None:
         return None
     if len(headers.get("origin", ())) > 1:  # RFC 6454: one at most; websockets refuses more
         return None
+    if len(headers.get("host", ())) != 1:  # RFC 7230 5.4: exactly one; the caller answers 400
+        return None
     try:
         target = request.url.decode("ascii")
     except UnicodeDecodeError:
@@ -149,4 +153,5 @@ def accept_upgrade(head: bytes, path: str, subprotocol: str) -> Upgrade | None:
         + (f"Sec-WebSocket-Protocol: {selected}\r\n" if selected else "")
         + "\r\n"
     ).encode()
-    return Upgrade(target, headers.get("authorization", []), selected, response)
+    return Upgrade(target, headers.get("authorization", []), selected, response,
+                   headers.get("x-forwarded-for", []))

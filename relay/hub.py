@@ -118,6 +118,7 @@ class Hub:
         idle_ttl: float = 60.0,
         slow_consumer_timeout: float = 30.0,
         max_session_buffer: int = 1 << 20,
+        write_stall_timeout: float = float("inf"),
     ) -> None:
         self.store = store
         self.metrics = metrics
@@ -126,6 +127,7 @@ class Hub:
         self.idle_ttl = idle_ttl
         self.slow_consumer_timeout = slow_consumer_timeout
         self.max_session_buffer = max_session_buffer
+        self.write_stall_timeout = write_stall_timeout
         self._channels: dict[str, _Channel] = {}
         self._closed = False
         # Sessions whose socket buffer is above the high-water mark: what the sweep looks at.
@@ -276,7 +278,7 @@ class Hub:
             self._pause(session, box)
 
     def _pause(self, session: SessionSink, box: Outbox) -> None:
-        box.pause()
+        box.pause(asyncio.get_running_loop().time(), session.buffered())
         self._paused[session] = box
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(
@@ -310,7 +312,7 @@ class Hub:
                 self.metrics.coalesced_changes.inc(missed)
 
     def _sweep_interval(self) -> float:
-        return min(1.0, self.slow_consumer_timeout / 4)
+        return min(1.0, self.slow_consumer_timeout / 4, self.write_stall_timeout / 4)
 
     def _sweep(self) -> None:
         """Evict the paused sessions that stayed behind too long, owe too many bytes, or missed
@@ -324,6 +326,7 @@ class Hub:
             reason = box.eviction(
                 now, timeout=self.slow_consumer_timeout, buffered=session.buffered(),
                 max_buffered=self.max_session_buffer, oldest_base=channel.state.oldest_base,
+                stall_timeout=self.write_stall_timeout,
             )
             if reason is not None:
                 session.evict(reason)  # closes it, which detaches it

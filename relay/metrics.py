@@ -23,6 +23,23 @@ class Metrics:
         self.connections_accepted = Counter(
             "relay_connections_accepted", "SDK WebSocket handshakes completed", registry=r
         )
+        self.connections_refused = Counter(
+            "relay_connections_refused",
+            "Public connections refused by admission control or a client budget, by reason "
+            "(capacity, ip_pending, ip_connect_rate, max_connections, ip_sessions, "
+            "ip_auth_failures, control_frames, proxy_header)",
+            ["reason"], registry=r,
+        )
+        self.pending_connections = Gauge(
+            "relay_pending_connections",
+            "Public connections that are not sessions: handshaking, authenticating or closing",
+            registry=r,
+        )
+        self.client_addresses = Gauge(
+            "relay_client_addresses",
+            "Client addresses admission control remembers (with connections, or recently seen)",
+            registry=r,
+        )
         self.closes = Counter(
             "relay_closes", "SDK sessions closed by the server, by close code", ["code"],
             registry=r,

@@ -16,7 +16,7 @@ from aiohttp import web
 from relay import __version__
 from relay.admin import AdminApi
 from relay.cluster import Cluster
-from relay.config import Config
+from relay.config import Config, ConfigError
 from relay.drain import DrainPacer, DrainPlan, DrainRefused, retry_ms
 from relay.hub import Hub
 from relay.membership import make_membership
@@ -27,6 +27,7 @@ from relay.protocol import CLOSE_SERVICE_RESTART
 from relay.sdk_server import SdkServer
 from relay.store import make_store
 from relay.store.base import Store
+from relay.tls import Tls, TlsError
 
 log = logging.getLogger("relay.node")
 
@@ -69,8 +70,15 @@ class Node:
             max_history=config.history, idle_ttl=config.env_idle_ttl,
             slow_consumer_timeout=config.slow_consumer_timeout,
             max_session_buffer=config.max_session_buffer,
+            write_stall_timeout=config.write_stall_timeout,
         )
-        self.sdk = SdkServer(config, self.hub, self.metrics)
+        try:
+            self.tls = Tls(config.tls_cert, config.tls_key, config.tls_ca) if config.tls_cert \
+                else None
+        except TlsError as exc:
+            raise ConfigError(str(exc)) from None
+        self.sdk = SdkServer(config, self.hub, self.metrics,
+                             tls=self.tls.server_context if self.tls else None)
         self.metrics.buffered_bytes.set_function(self.sdk.buffered_bytes)
         self.admin = AdminApi(self)
         self._runner: web.AppRunner | None = None
@@ -114,11 +122,13 @@ class Node:
 
     @property
     def ws_url(self) -> str:
-        return f"ws://{self.config.host}:{self.port}/v1/stream"
+        scheme = "wss" if self.tls else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}/v1/stream"
 
     @property
     def admin_url(self) -> str:
-        return f"http://{self.config.admin_bind}:{self.admin_port}"
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{self.config.admin_bind}:{self.admin_port}"
 
     async def start(self) -> None:
         if not self.admin_token:
@@ -133,7 +143,8 @@ class Node:
             )
             await self._runner.setup()
             self._site = web.TCPSite(
-                self._runner, self.config.admin_bind, self.config.admin_port
+                self._runner, self.config.admin_bind, self.config.admin_port,
+                ssl_context=self.tls.server_context if self.tls else None,
             )
             await self._site.start()
             await self.sdk.start()

@@ -12,6 +12,9 @@ changes, and a session that is behind costs the server a few integers.
 A session is evicted (goaway, close 4100) when it stays behind past the slow-consumer timeout,
 when the bytes buffered for it pass `--max-session-buffer`, or when the changes it misses are
 no longer in the environment's history (it then reconnects with `since` and gets a snapshot).
+A paused session whose socket takes nothing at all for `--write-stall-timeout` is evicted too,
+behind or not: a client that never reads must not pin what was written to it (a snapshot, say)
+until the keepalive notices.
 """
 
 from __future__ import annotations
@@ -20,17 +23,20 @@ from __future__ import annotations
 EVICT_TIMEOUT = "slow_consumer_timeout"
 EVICT_BUFFER = "max_session_buffer"
 EVICT_HISTORY = "history"
+EVICT_STALLED = "write_stalled"
 
 
 class Outbox:
     """One session's delivery state: the version it holds, and whether it is paused or behind."""
 
-    __slots__ = ("behind_since", "held", "paused")
+    __slots__ = ("behind_since", "held", "paused", "progress_at", "unsent")
 
     def __init__(self, held: int) -> None:
         self.held = held  # the client's version once all that was written to it has arrived
         self.paused = False  # the socket's write buffer is above the high-water mark
         self.behind_since: float | None = None  # when it first missed a change
+        self.progress_at = 0.0  # while paused: when its socket last took bytes
+        self.unsent = 0  # while paused: the unsent bytes seen then
 
     def offer(self, base: int, v: int, now: float) -> bool:
         """Frames taking clients from `base` to `v` go out to every session: True if this one
@@ -46,8 +52,10 @@ class Outbox:
         self.held = v
         return True
 
-    def pause(self) -> None:
+    def pause(self, now: float = 0.0, unsent: int = 0) -> None:
         self.paused = True
+        self.progress_at = now
+        self.unsent = unsent
 
     def resume(self) -> None:
         self.paused = False
@@ -69,9 +77,16 @@ class Outbox:
         buffered: int,
         max_buffered: int,
         oldest_base: int,
+        stall_timeout: float = float("inf"),
     ) -> str | None:
-        """Why this session must go, or None. Only a session that is behind can be evicted:
-        one that merely has a full buffer but has missed nothing owes nothing yet."""
+        """Why this paused session must go, or None. A session that is not behind is evicted
+        only when its socket took nothing for `stall_timeout`; one that merely has a full
+        buffer but drains and has missed nothing owes nothing yet."""
+        if buffered < self.unsent:
+            self.progress_at = now
+        self.unsent = buffered
+        if now - self.progress_at > stall_timeout:
+            return EVICT_STALLED
         if self.behind_since is None:
             return None
         if self.held < oldest_base:

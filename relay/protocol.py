@@ -29,7 +29,7 @@ CLOSE_AUTH_TIMEOUT: Final = 4008
 CLOSE_EVICTED: Final = 4100
 CLOSE_TOO_MANY: Final = 4101
 
-GOAWAY_REASONS: Final = frozenset({"drain", "evicted", "rebalance", "shutdown"})
+GOAWAY_REASONS: Final = frozenset({"drain", "evicted", "rebalance", "shutdown", "limit"})
 
 # A flag as sent on the wire: {"v": version it last changed at, "value": any msgpack value}.
 WireFlag = dict[str, Any]
@@ -86,6 +86,23 @@ def goaway(reason: str, retry_ms: int) -> bytes:
     if reason not in GOAWAY_REASONS:
         raise ValueError(f"unknown goaway reason {reason!r}")
     return pack({"t": "goaway", "reason": reason, "retry_ms": retry_ms})
+
+
+_RETRY_SUFFIX = "; retry_ms="
+
+
+def limit_reason(message: str, retry_ms: int) -> str:
+    """The reason of a 4101 close: what was hit, and the wait the client should honour (a
+    session past its hello also gets it in a `goaway`; one before has only this)."""
+    return f"{message}{_RETRY_SUFFIX}{retry_ms}"
+
+
+def close_retry_ms(reason: str) -> int | None:
+    """The `retry_ms` a close reason ends with (see `limit_reason`), if any."""
+    _, sep, tail = reason.rpartition(_RETRY_SUFFIX)
+    if not sep or not tail.isascii() or not tail.isdigit() or len(tail) > 9:
+        return None
+    return int(tail)
 
 
 # --- client -> server -----------------------------------------------------------------------

@@ -3,8 +3,8 @@ sans-I/O `ServerProtocol`.
 
 No task, stream or queue per connection: a connection costs its transport, this object and the
 sans-I/O parser, which is what lets one process hold tens of thousands of idle SDKs. The only
-per-connection task is a short one while the SDK key is looked up and the session attached.
-Keepalive pings are one prebuilt frame written to a slice of the connections at a time.
+per-connection task is a short one while the SDK key is looked up and the session attached (and
+the TLS handshake, with --tls-cert).
 
 A plain, valid upgrade is answered by `relay.handshake` (httptools) and the protocol starts
 OPEN; any other request goes through websockets' own handshake, which answers its errors.
@@ -12,6 +12,19 @@ OPEN; any other request goes through websockets' own handshake, which answers it
 The handshake completes for any valid upgrade to /v1/stream; every later problem is reported
 with a close code (browsers cannot read the HTTP status of a refused upgrade). After `hello`,
 the hub writes prebuilt frames with `SdkConnection.write` while the connection is OPEN.
+
+The port faces the internet and SDK keys are public, so every client is assumed hostile and
+each phase has a budget (docs/security.md):
+- admission (relay/admission.py): all public sockets, pending connections and sessions are
+  capped, globally and per client address, and each address has connect and auth-failure
+  rates; the client address comes from the peer, or from a trusted proxy's PROXY header or
+  X-Forwarded-For (relay/trusted_proxies.py);
+- the request head is collected in linear time within a size cap and a deadline;
+- what a client sends is parsed at most READ_BUDGET bytes per connection per event-loop tick
+  (reading pauses meanwhile), so no connection can hold the loop;
+- before auth: one auth message of at most MAX_CLIENT_MESSAGE bytes in at most AUTH_FRAGMENTS
+  frames, and at most CONTROL_BEFORE_AUTH pings/pongs; after auth, only pings/pongs, at
+  --client-control-rate; after the server's close, at most CLOSING_BUDGET bytes.
 """
 
 from __future__ import annotations
@@ -21,7 +34,8 @@ import contextlib
 import logging
 import random
 import socket
-from collections.abc import Sequence
+import ssl
+from collections.abc import Iterator, Sequence
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -31,20 +45,46 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from relay import handshake, protocol
-from relay.config import Config
+from relay import admission as adm
+from relay import handshake, protocol, proxy_protocol
+from relay.auth_failures import FailureLog, UnknownKeys
+from relay.config import Config, open_files_limit
 from relay.hub import Hub
+from relay.keepalive import PendingPings, PingRounds
 from relay.metrics import Metrics
+from relay.reqhead import HeadStatus, RequestHead
 from relay.store.base import StoreError, hash_key
+from relay.tls import TlsFailed, TlsStream
+from relay.trusted_proxies import TrustedProxies
 
 log = logging.getLogger("relay.sdk")
-_ws_log = logging.getLogger("websockets.server")
+# websockets' own log of SDK connections: one "connection closed" line per connection at INFO,
+# and every header and frame (SDK keys among them) at DEBUG. Neither is worth having for
+# tens of thousands of clients, and keys must never reach a log: this logger stays at WARNING
+# whatever --log-level says (websockets reads it once per connection).
+_ws_log = logging.getLogger("relay.sdk.websockets")
+_ws_log.setLevel(logging.WARNING)
 
-MAX_FRAME_BYTES = 1 << 20  # larger client messages are closed with 1009
-MAX_REQUEST_HEAD = 64 << 10  # an upgrade request longer than this is dropped
+MAX_CLIENT_MESSAGE = 4096  # an auth message; larger client messages are closed with 1009
+MAX_REQUEST_HEAD = 16 << 10  # an upgrade request longer than this is dropped
+READ_BUDGET = 1024  # bytes of client frames parsed per connection per event-loop tick
+CLOSING_BUDGET = 4096  # bytes a client may send after the server's close frame
+CONTROL_BEFORE_AUTH = 4  # pings and pongs a client may send before its auth
+AUTH_FRAGMENTS = 4  # frames the auth message may come in
 PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
 _OPEN = State.OPEN
 PING_SLICES = 20  # keepalive pings go out in this many steps per --ping-interval
+_TICK_MAX_S = 1.0  # the housekeeping timer's longest period
+
+_BARE_LF_RESPONSE = (
+    b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 35\r\n"
+    b"Connection: close\r\n\r\nlines of a request must end in CRLF\n"
+)
+
+# Why reading from a connection is paused (a bit each): its writes are backed up, or what it
+# sent is being parsed a budget at a time.
+_PAUSE_WRITE = 1
+_PAUSE_BUDGET = 2
 
 # Every connection's `proto` until its request head is complete: nothing is fed to it or sent
 # through it (it is only ever asked for its state, CONNECTING). The real one is made then.
@@ -58,80 +98,134 @@ def _select_subprotocol(
     return Subprotocol(protocol.SUBPROTOCOL) if protocol.SUBPROTOCOL in offered else None
 
 
+def _peer_ip(transport: asyncio.BaseTransport) -> str:
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and peer:
+        return str(peer[0])
+    return str(peer or "unknown")
+
+
 class SdkConnection(asyncio.Protocol):
     """One SDK connection; once authenticated it is also the hub's session (`SessionSink`)."""
 
     __slots__ = (
-        "_auth_task", "_close_armed", "_counted", "_fragments", "_greeting", "_head", "_since",
-        "_timer",
-        "attached", "env", "key_hash", "last_seen", "proto", "server", "transport",
-        "writing_paused",
+        "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
+        "_control_at", "_fragments", "_greeting", "_head", "_inbox", "_paused", "_proxy_head",
+        "_pump_armed", "_refusal", "_since", "_timer", "_tls",
+        "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip", "proto",
+        "server", "ticket", "transport", "writing_paused",
     )
 
     def __init__(self, server: SdkServer) -> None:
         self.server = server
         self.proto = _HANDSHAKING
         self.transport: asyncio.Transport | None = None
+        self.ticket: adm.Ticket | None = None  # None: refused at accept, never counted
+        self.peer_ip = ""
+        self.client_ip: str | None = None  # None until known (a trusted proxy's client)
         self.env = ""
         self.key_hash = ""
-        self.attached = False
+        self.attached = False  # joined its environment: it had its hello
         self.writing_paused = False
+        self.lost = False
         self.last_seen = 0.0
         self._timer: asyncio.TimerHandle | None = None  # handshake, auth or close timeout
         self._auth_task: asyncio.Task[None] | None = None
+        self._tls: TlsStream | None = None  # with --tls-cert
         self._fragments: list[bytes] | None = None  # None: no auth frame expected
+        self._authenticating = False  # the key is known: from now on, only pings and pongs
         self._since: int | None = None  # the query's `since`, while waiting for auth
-        self._counted = False  # counted in the server's open connections
         self._close_armed = False  # the close timeout runs (armed once, never pushed back)
-        self._head: bytes | None = b""  # the upgrade request, until its blank line
-        self._greeting = b""  # the fast path's 101, until it goes out with what follows it
+        self._closing_bytes = 0  # received after the server's close frame
+        self._head: RequestHead | None = RequestHead(MAX_REQUEST_HEAD)
+        self._proxy_head: bytes | None = None  # a trusted peer's bytes until PROXY is decided
+        self._greeting = b""  # the 101, until it goes out with what follows it
+        self._inbox = b""  # received, not parsed yet (at most one read)
+        self._pump_armed = False
+        self._paused = 0  # _PAUSE_* bits
+        self._control = 0.0  # pings/pongs before auth (a count), then the bucket's tokens
+        self._control_at = 0.0
+        self._refusal: adm.Refusal | None = None  # to report with 4101 once the handshake is done
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        config = self.server.config
+        server = self.server
+        loop = server.loop
+        if not server.admit(self):
+            self.transport.abort()
+            return
+        config = server.config
         self.transport.set_write_buffer_limits(config.write_high_water, config.write_low_water)
-        if config.socket_send_buffer:
-            sock = self.transport.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, config.socket_send_buffer)
-        self.server.connections.add(self)
-        loop = self.server.loop
         self.last_seen = loop.time()
-        self._timer = loop.call_later(
-            self.server.config.handshake_timeout, self.transport.abort
-        )
+        self.peer_ip = _peer_ip(transport)
+        if server.trusted.trusts(self.peer_ip):
+            self._proxy_head = b""  # the client's address comes from the proxy
+        elif not self._identify(self.peer_ip):
+            return
+        self._timer = loop.call_later(config.handshake_timeout, self._abort)
+        if server.tls is not None:
+            self._tls = TlsStream(server.tls)
 
     def data_received(self, data: bytes) -> None:
         self.last_seen = self.server.loop.time()
-        if self._head is not None:
-            # Hand the protocol the upgrade request alone and answer it before any frame that
-            # came in the same packet is parsed: such a frame must meet an OPEN connection.
-            head = self._head + data
-            end = head.find(b"\r\n\r\n")
-            if end < 0:
-                if len(head) > MAX_REQUEST_HEAD:
-                    self.transport.abort()  # type: ignore[union-attr]
-                else:
-                    self._head = head
-                return
-            self._head = None
-            self._handshake(head[: end + 4])
-            data = head[end + 4 :]
+        if self._proxy_head is not None:
+            data = self._proxy_header(data)
             if not data:
                 return
-        self.proto.receive_data(data)
-        self._process()
+        tls = self._tls
+        if tls is not None:
+            try:
+                data = tls.receive(data)
+            except TlsFailed:
+                self._abort()
+                return
+            answer = tls.outgoing()
+            if answer:
+                self.transport.write(answer)  # type: ignore[union-attr]
+            if data:
+                self._received(data)
+            if tls.eof and not self.lost:
+                self.eof_received()
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        """Plaintext from the client."""
+        if self._head is not None:
+            self._receive_head(data)
+            return
+        if self._inbox:
+            self._inbox += data
+            return  # (reading is paused: a read already under way)
+        self._inbox = data
+        self._pump()
+
+    def _send(self, data: bytes) -> None:
+        """Write to the client (through TLS when it is on)."""
+        tls = self._tls
+        if tls is not None:
+            try:
+                data = tls.send(data)
+            except TlsFailed:
+                self._abort()
+                return
+        self.transport.write(data)  # type: ignore[union-attr]
 
     def eof_received(self) -> bool:
         if self._head is not None:  # gone before its request was complete
             self.transport.close()  # type: ignore[union-attr]
             return True
-        self.proto.receive_eof()
-        self._process()
+        if self.proto.state is not State.CLOSED:
+            self.proto.receive_eof()
+            self._process()
         return True  # we close the transport ourselves once the close handshake is done
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost:
+            return
+        self.lost = True
         self._cancel_timer()
         if self._auth_task is not None:
             self._auth_task.cancel()
@@ -146,15 +240,13 @@ class SdkConnection(asyncio.Protocol):
         closes) makes the server write (pongs): a client that sends and never reads must not
         grow its buffer either."""
         self.writing_paused = True
-        with contextlib.suppress(RuntimeError):  # closing
-            self.transport.pause_reading()  # type: ignore[union-attr]
+        self._set_read_paused(_PAUSE_WRITE, True)
         self.server.hub.session_paused(self)
 
     def resume_writing(self) -> None:
         """Below --write-low-water again: the hub sends what it missed, as one delta."""
         self.writing_paused = False
-        with contextlib.suppress(RuntimeError):
-            self.transport.resume_reading()  # type: ignore[union-attr]
+        self._set_read_paused(_PAUSE_WRITE, False)
         self.server.hub.session_resumed(self)
 
     # --- the hub's session interface ------------------------------------------------------------
@@ -163,13 +255,14 @@ class SdkConnection(asyncio.Protocol):
         """Write whole prebuilt frames while OPEN (never after a close frame). What a client
         that stops reading can cost is bounded by the hub, which stops writing to a session
         above --write-high-water and evicts those that stay behind (relay/outbound.py)."""
-        if self.proto.state is not _OPEN:
+        if self.proto.state is not _OPEN or self.lost:
             return False
-        self.transport.write(data)  # type: ignore[union-attr]
+        self._send(data)
         return True
 
     def buffered(self) -> int:
-        return self.transport.get_write_buffer_size() if self.transport is not None else 0
+        transport = self.transport
+        return transport.get_write_buffer_size() if transport is not None and not self.lost else 0
 
     def evict(self, why: str) -> None:
         """Slow consumer: goaway (evicted, jittered retry_ms) and close 4100."""
@@ -181,24 +274,159 @@ class SdkConnection(asyncio.Protocol):
 
     def send_away(self, reason: str, retry_ms: int, code: int, message: str) -> None:
         """`goaway` (to a session past its hello; others cannot read it) and close `code`."""
-        if self.proto.state is not _OPEN:
+        if self.proto.state is not _OPEN or self.lost:
             return
         if self.attached:
-            self.transport.write(  # type: ignore[union-attr]
-                protocol.ws_binary_frame(protocol.goaway(reason, retry_ms))
-            )
+            self._send(protocol.ws_binary_frame(protocol.goaway(reason, retry_ms)))
         self.close(code, message)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with `code`; no frame is written after it."""
-        if self.proto.state is not _OPEN:
+        if self.proto.state is not _OPEN or self.lost:
             return
         self.server.metrics.closes.labels(str(code)).inc()
         if self.attached:
             self.attached = False
             self.server.hub.detach(self)
+        self._fragments = None
         self.proto.send_close(code, reason)
         self._flush()
+
+    def ping(self) -> bool:
+        """The shared keepalive ping, if the connection is open; True if it was written."""
+        if self.proto.state is not _OPEN or self.lost:
+            return False
+        try:
+            self._send(PING_FRAME)
+        except RuntimeError:  # closed under us (a reset): connection_lost is on its way
+            return False
+        return True
+
+    # --- admission ------------------------------------------------------------------------------
+
+    def _identify(self, ip: str) -> bool:
+        """The client's address is known: count it there. False if it was dropped at once."""
+        self.client_ip = ip
+        server = self.server
+        assert self.ticket is not None
+        refusal = server.admission.identify(self.ticket, ip, server.loop.time())
+        if refusal is None:
+            return True
+        server.refused(refusal.reason)
+        if refusal.hard and self._head is not None:  # not worth a handshake
+            self._abort()
+            return False
+        self._refusal = refusal  # told with 4101 right after the handshake
+        return True
+
+    def _limit(self, message: str, retry_ms: int = 0) -> None:
+        """A limit was hit: goaway (limit) to a session past its hello, and close 4101 whose
+        reason ends with `retry_ms=N`, the wait the client should honour."""
+        # Spread the retries of clients refused together over half as long again.
+        retry = (retry_ms + random.randint(0, retry_ms // 2) if retry_ms
+                 else random.randint(*self.server.retry_ms))
+        self.send_away("limit", retry, protocol.CLOSE_TOO_MANY,
+                       protocol.limit_reason(message, retry))
+
+    def _abort(self) -> None:
+        self._timer = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    # --- reading --------------------------------------------------------------------------------
+
+    def _set_read_paused(self, reason: int, paused: bool) -> None:
+        before = self._paused
+        self._paused = before | reason if paused else before & ~reason
+        transport = self.transport
+        if transport is None or self.lost or bool(before) == bool(self._paused):
+            return
+        with contextlib.suppress(RuntimeError):  # closing
+            if self._paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def _proxy_header(self, data: bytes) -> bytes:
+        """A trusted proxy's connection: strip its PROXY header (if it sends one) and take the
+        client's address from it. Returns what follows (b"" while waiting, or if dropped)."""
+        data = self._proxy_head + data  # type: ignore[operator]
+        decided = proxy_protocol.starts_with_header(data)
+        if decided is None:
+            self._proxy_head = data
+            return b""
+        self._proxy_head = None
+        if not decided:
+            return data
+        try:
+            header = proxy_protocol.parse(data)
+        except proxy_protocol.ProxyProtocolError:
+            self.server.refused("proxy_header")
+            self._abort()
+            return b""
+        if header is None:
+            if len(data) > proxy_protocol.V2_MAX:
+                self._abort()
+            else:
+                self._proxy_head = data
+            return b""
+        if header.source is not None and not self._identify(header.source):
+            return b""
+        return data[header.length :]
+
+    def _receive_head(self, data: bytes) -> None:
+        """Collect the upgrade request."""
+        head = self._head
+        assert head is not None
+        status = head.feed(data)
+        if status is HeadStatus.INCOMPLETE:
+            return
+        self._head = None
+        if status is HeadStatus.COMPLETE:
+            self._handshake(head.head)
+            if head.rest and not self.lost:
+                self._received(head.rest)
+        elif status is HeadStatus.BARE_LF:
+            self._send(_BARE_LF_RESPONSE)
+            self.transport.close()  # type: ignore[union-attr]
+        else:  # too large
+            self._abort()
+
+    def _pump(self) -> None:
+        """Parse at most READ_BUDGET bytes of what came; the rest waits for the next tick,
+        with reading paused."""
+        data = self._inbox
+        if len(data) > READ_BUDGET:
+            chunk, self._inbox = data[:READ_BUDGET], data[READ_BUDGET:]
+        else:
+            chunk, self._inbox = data, b""
+        self._feed(chunk)
+        if self._inbox and not self.lost and not self._pump_armed:
+            self._pump_armed = True
+            self._set_read_paused(_PAUSE_BUDGET, True)
+            self.server.loop.call_soon(self._pump_next)
+
+    def _pump_next(self) -> None:
+        self._pump_armed = False
+        if self.lost:
+            return
+        if self._inbox:
+            self._pump()
+        if not self._inbox:
+            self._set_read_paused(_PAUSE_BUDGET, False)
+
+    def _feed(self, chunk: bytes) -> None:
+        proto = self.proto
+        if proto.state is State.CLOSED:
+            return
+        if self._close_armed:
+            self._closing_bytes += len(chunk)
+            if self._closing_bytes > CLOSING_BUDGET:  # it never means to close
+                self._inbox = b""
+                self._abort()
+                return
+        proto.receive_data(chunk)
+        self._process()
 
     # --- events ---------------------------------------------------------------------------------
 
@@ -207,21 +435,27 @@ class SdkConnection(asyncio.Protocol):
             if isinstance(event, Request):
                 self._on_request(event)
             elif isinstance(event, Frame):
+                if self._close_armed:
+                    break  # after our close, nothing the client says matters
                 self._on_frame(event)
         self._flush()
 
     def _flush(self) -> None:
         """Write what the sans-I/O protocol produced; arm the close timeout when due."""
         transport = self.transport
-        assert transport is not None
+        if transport is None or self.lost:
+            return
         if self._greeting:
-            transport.write(self._greeting)
+            self._send(self._greeting)
             self._greeting = b""
         try:
             for data in self.proto.data_to_send():
                 if data:
-                    transport.write(data)
-                elif transport.can_write_eof():
+                    self._send(data)
+                    continue
+                if self._tls is not None:
+                    transport.write(self._tls.close_notify())
+                if transport.can_write_eof():
                     transport.write_eof()
                 else:
                     transport.close()
@@ -231,10 +465,10 @@ class SdkConnection(asyncio.Protocol):
         if self.proto.close_expected() and not self._close_armed:
             # Armed once: a peer that keeps sending after the close cannot push it back.
             self._close_armed = True
+            self._inbox = b""
             self._cancel_timer()
-            self._timer = self.server.loop.call_later(
-                self.server.config.close_timeout, transport.abort
-            )
+            self._timer = self.server.loop.call_later(self.server.config.close_timeout,
+                                                      self._abort)
         elif self.proto.state is State.CLOSED:
             transport.close()
 
@@ -253,19 +487,21 @@ class SdkConnection(asyncio.Protocol):
         )
         if upgrade is None:
             self.proto = ServerProtocol(
-                select_subprotocol=_select_subprotocol, max_size=MAX_FRAME_BYTES, logger=_ws_log
+                select_subprotocol=_select_subprotocol, max_size=MAX_CLIENT_MESSAGE,
+                logger=_ws_log,
             )
             self.proto.receive_data(head)
             self._process()
             return
         self._cancel_timer()
-        self.proto = ServerProtocol(state=_OPEN, max_size=MAX_FRAME_BYTES, logger=_ws_log)
+        self.proto = ServerProtocol(state=_OPEN, max_size=MAX_CLIENT_MESSAGE, logger=_ws_log)
         # The 101 waits for what _opened sends first (hello and catch-up, or a close): one
         # send() for both.
         self._greeting = upgrade.response
-        self._opened(upgrade.target, upgrade.authorizations, upgrade.subprotocol)
-        if self._greeting:
-            self.transport.write(self._greeting)  # type: ignore[union-attr]
+        self._opened(upgrade.target, upgrade.authorizations, upgrade.subprotocol,
+                     upgrade.forwarded_for)
+        if self._greeting and not self.lost:
+            self._send(self._greeting)
             self._greeting = b""
 
     def _on_request(self, request: Request) -> None:
@@ -275,6 +511,8 @@ class SdkConnection(asyncio.Protocol):
             response = self.proto.reject(
                 404, f"not found; SDKs connect to {protocol.STREAM_PATH}\n"
             )
+        elif len(request.headers.get_all("Host")) != 1:
+            response = self.proto.reject(400, "a request needs exactly one Host header\n")
         elif not server.accepting:
             response = self.proto.reject(503, "this node is draining; connect to another node\n")
         else:
@@ -285,25 +523,33 @@ class SdkConnection(asyncio.Protocol):
             # As on the fast path, the 101 goes out with what _opened sends first (_flush).
             self._greeting = b"".join(self.proto.data_to_send())
             self._opened(
-                request.path, request.headers.get_all("Authorization"), self.proto.subprotocol
+                request.path, request.headers.get_all("Authorization"), self.proto.subprotocol,
+                request.headers.get_all("X-Forwarded-For"),
             )
 
-    def _opened(self, target: str, authorizations: list[str], subprotocol: str | None) -> None:
+    def _opened(self, target: str, authorizations: list[str], subprotocol: str | None,
+                forwarded_for: list[str]) -> None:
         """The handshake is done: check what the request asked for, then authenticate."""
         server = self.server
         server.metrics.connections_accepted.inc()
-        server.open_count += 1
-        self._counted = True
+        if self.client_ip is None:
+            self._identify(server.trusted.client_address(self.peer_ip, forwarded_for))
+        if self._refusal is not None:
+            self._limit("too many connections from this address", self._refusal.retry_ms)
+            return
         if subprotocol != protocol.SUBPROTOCOL:
             self.close(protocol.CLOSE_PROTOCOL_ERROR,
                        f"subprotocol {protocol.SUBPROTOCOL} required")
             return
-        if server.open_count > server.config.max_connections:
-            self.close(protocol.CLOSE_TOO_MANY, "too many connections")
-            return
         try:
-            query = parse_qs(urlsplit(target).query) if "?" in target else {}
-            since = protocol.parse_since(query["since"][-1]) if "since" in query else None
+            since = None
+            if "?" in target:
+                query = parse_qs(urlsplit(target).query, keep_blank_values=True)
+                values = query.get("since", [])
+                if len(values) > 1:
+                    raise protocol.ProtocolError("give since once")
+                if values:
+                    since = protocol.parse_since(values[0])
         except protocol.ProtocolError as exc:
             self.close(protocol.CLOSE_PROTOCOL_ERROR, str(exc))
             return
@@ -325,8 +571,11 @@ class SdkConnection(asyncio.Protocol):
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
-        if opcode is Opcode.PING or opcode is Opcode.PONG or opcode is Opcode.CLOSE:
-            return  # the sans-I/O protocol answers pings and closes
+        if opcode is Opcode.PING or opcode is Opcode.PONG:
+            self._on_control()  # (the sans-I/O protocol answers pings)
+            return
+        if opcode is Opcode.CLOSE:
+            return  # the sans-I/O protocol answers closes
         if self._fragments is None:
             # Clients send nothing after auth: any data frame is a protocol error.
             self.close(protocol.CLOSE_PROTOCOL_ERROR, "clients may send only one auth frame")
@@ -334,9 +583,12 @@ class SdkConnection(asyncio.Protocol):
         if opcode is Opcode.TEXT:
             self._auth_failed("text frames are not allowed; send binary msgpack")
             return
+        if len(self._fragments) >= AUTH_FRAGMENTS:
+            self._auth_failed(f"the auth frame may come in at most {AUTH_FRAGMENTS} fragments")
+            return
         self._fragments.append(bytes(frame.data))
         if not frame.fin:
-            return  # the protocol caps the whole message at MAX_FRAME_BYTES
+            return  # the protocol caps the whole message at MAX_CLIENT_MESSAGE
         data = b"".join(self._fragments)
         self._fragments = None
         self._cancel_timer()
@@ -347,45 +599,93 @@ class SdkConnection(asyncio.Protocol):
             return
         self._start_auth(auth.key, auth.since if auth.since is not None else self._since)
 
+    def _on_control(self) -> None:
+        """A ping or pong: a few before auth, then a token bucket."""
+        if not self._authenticating:
+            self._control += 1
+            if self._control > CONTROL_BEFORE_AUTH:
+                self.server.refused("control_frames")
+                self._limit("too many pings before auth")
+            return
+        config = self.server.config
+        now = self.server.loop.time()
+        tokens = min(float(config.client_control_burst),
+                     self._control + (now - self._control_at) * config.client_control_rate)
+        self._control_at = now
+        if tokens < 1.0:
+            self._control = tokens
+            self.server.refused("control_frames")
+            self._limit("pings too often")
+            return
+        self._control = tokens - 1.0
+
     def _auth_failed(self, message: str) -> None:
         self._fragments = None
         self._cancel_timer()
-        self.server.metrics.auth_failures.labels("protocol").inc()
+        self.server.auth_failed(self, "protocol")
         self.close(protocol.CLOSE_PROTOCOL_ERROR, message)
 
     def _auth_timeout(self) -> None:
         self._timer = None
         self._fragments = None
-        self.server.metrics.auth_failures.labels("timeout").inc()
+        self.server.auth_failed(self, "timeout")
         self.close(protocol.CLOSE_AUTH_TIMEOUT, "auth timeout")
 
     def _refuse(self, reason: str, message: str) -> None:
-        self.server.metrics.auth_failures.labels(reason).inc()
+        self.server.auth_failed(self, reason)
         self.close(protocol.CLOSE_BAD_CREDENTIALS, message)
 
+    def _session_slot(self) -> bool:
+        """A session slot (globally and for its address), or a 4101."""
+        assert self.ticket is not None
+        refusal = self.server.admission.start_session(self.ticket)
+        if refusal is None:
+            return True
+        self.server.refused(refusal.reason)
+        self._limit("too many sessions" if refusal.reason == adm.SESSIONS
+                    else "too many sessions from this address")
+        return False
+
     def _start_auth(self, key: str, since: int | None) -> None:
+        server = self.server
+        self._authenticating = True
+        self._control = float(server.config.client_control_burst)
+        self._control_at = server.loop.time()
+        assert self.ticket is not None
+        refusal = server.admission.may_authenticate(self.ticket, server.loop.time())
+        if refusal is not None:
+            server.refused(refusal.reason)
+            self._limit("too many failed authentications from this address", refusal.retry_ms)
+            return
         self.key_hash = hash_key(key)
-        hub = self.server.hub
+        if (self.key_hash, server.loop.time()) in server.unknown_keys:
+            self._refuse("unknown_key", "unknown SDK key")  # refused lately: no store lookup
+            return
+        hub = server.hub
         env = hub.cached_env(self.key_hash)
         if env is not None and self.proto.state is _OPEN:
             # A known key of a loaded environment (most of a reconnect storm): no task.
+            if not self._session_slot():
+                return
             self.env = env
             data = hub.attach_warm(self, since)
             if data is not None:
                 self.attached = True
-                self.transport.write(self._greeting + data)  # type: ignore[union-attr]
+                self._send(self._greeting + data)
                 self._greeting = b""
                 return
-        self._auth_task = self.server.loop.create_task(self._authenticate(since))
+        self._auth_task = server.loop.create_task(self._authenticate(since))
 
     async def _authenticate(self, since: int | None) -> None:
-        hub = self.server.hub
+        server = self.server
+        hub = server.hub
         try:
             env = await hub.resolve(self.key_hash)
             if env is None:
+                server.unknown_keys.add(self.key_hash, server.loop.time())
                 self._refuse("unknown_key", "unknown SDK key")
                 return
-            if self.proto.state is not _OPEN:
+            if self.proto.state is not _OPEN or not self._session_slot():
                 return
             self.env = env
             if not await hub.attach(self, since):
@@ -403,26 +703,62 @@ class SdkConnection(asyncio.Protocol):
 
 
 class SdkServer:
-    def __init__(self, config: Config, hub: Hub, metrics: Metrics) -> None:
+    def __init__(self, config: Config, hub: Hub, metrics: Metrics,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.hub = hub
         self.metrics = metrics
+        self.tls = tls
         self.accepting = True  # False while draining: new upgrades get 503
-        self.connections: set[SdkConnection] = set()
-        self.open_count = 0  # connections past the handshake, not yet lost
+        # Every public socket from accept to close, in accept order (dict: ordered, and the
+        # keepalive's rounds go through it in a stable order).
+        self.connections: dict[SdkConnection, None] = {}
+        self.admission = adm.Admission(adm.AdmissionLimits(
+            max_sessions=config.max_connections,
+            max_pending=config.max_pending,
+            max_sessions_per_ip=config.max_sessions_per_ip,
+            max_pending_per_ip=config.max_pending_per_ip,
+            connect_rate=config.ip_connect_rate,
+            connect_burst=config.ip_connect_burst,
+            auth_failure_rate=config.ip_auth_failure_rate,
+            auth_failure_burst=config.ip_auth_failure_burst,
+        ))
+        self.trusted = TrustedProxies.parse(config.trusted_proxies)
+        self.unknown_keys = UnknownKeys()
+        self.failures = FailureLog()
+        self.socket_cap = self._socket_cap(config)
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
-        self._pinger: asyncio.TimerHandle | None = None
-        self._ping_queue: list[SdkConnection] = []  # what is left to ping this interval
-        self._ping_step = 1
+        self._ticker: asyncio.TimerHandle | None = None
+        self._rounds: PingRounds[SdkConnection] = PingRounds(
+            config.ping_interval or 1.0, PING_SLICES)
+        self._pings: PendingPings[SdkConnection] = PendingPings()
         self.retry_ms = (500, 5000)  # the jitter range of goaway's retry_ms
         self._all_gone: asyncio.Event | None = None  # set while stopping
+        metrics.pending_connections.set_function(lambda: self.admission.pending)
+        metrics.client_addresses.set_function(self.admission.addresses)
+        hub.store.add_keys_listener(lambda env, keys: self.unknown_keys.clear())
+
+    @staticmethod
+    def _socket_cap(config: Config) -> int:
+        """Public sockets this process may hold: sessions and pending ones, within the
+        open-files limit less the reserve (the admin port, the store and peers)."""
+        cap = config.max_connections + config.max_pending
+        limit = open_files_limit()
+        if limit is not None:
+            cap = min(cap, max(1, limit - config.fd_reserve))
+        return cap
 
     @property
     def port(self) -> int:
         assert self._server is not None
         sock: socket.socket = self._server.sockets[0]
         return int(sock.getsockname()[1])
+
+    @property
+    def sessions(self) -> int:
+        """Authenticated sessions (what --max-connections counts)."""
+        return self.admission.sessions
 
     def buffered_bytes(self) -> int:
         """Bytes waiting in all SDK connections' buffers (the relay_buffered_bytes gauge)."""
@@ -432,11 +768,32 @@ class SdkServer:
         """Connections past the upgrade that have not started closing."""
         return [conn for conn in self.connections if conn.proto.state is _OPEN]
 
+    def admit(self, conn: SdkConnection) -> bool:
+        """A new TCP connection: False (drop it) when all public sockets or pending slots are
+        taken."""
+        ticket = self.admission.accept() if len(self.connections) < self.socket_cap else None
+        if ticket is None:
+            self.refused(adm.FULL)
+            return False
+        conn.ticket = ticket
+        self.connections[conn] = None
+        return True
+
+    def refused(self, reason: str) -> None:
+        self.metrics.connections_refused.labels(reason).inc()
+
+    def auth_failed(self, conn: SdkConnection, reason: str) -> None:
+        now = self.loop.time()
+        self.metrics.auth_failures.labels(reason).inc()
+        if conn.ticket is not None:
+            self.admission.auth_failed(conn.ticket, now)
+        self.failures.record(reason, conn.client_ip, now)
+
     def lost(self, conn: SdkConnection) -> None:
-        self.connections.discard(conn)
-        if conn._counted:
-            conn._counted = False
-            self.open_count -= 1
+        if conn.ticket is None:
+            return
+        self.admission.release(conn.ticket)
+        self.connections.pop(conn, None)
         if not self.connections and self._all_gone is not None:
             self._all_gone.set()
 
@@ -446,33 +803,45 @@ class SdkServer:
             lambda: SdkConnection(self), self.config.host, self.config.port,
             backlog=4096, reuse_address=True,
         )
+        # Accepted sockets inherit these from the listening socket.
+        for sock in self._server.sockets:
+            if self.config.socket_send_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                self.config.socket_send_buffer)
+            if self.config.socket_receive_buffer:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                self.config.socket_receive_buffer)
+        self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+
+    def _tick_s(self) -> float:
         if self.config.ping_interval:
-            self._pinger = self.loop.call_later(
-                self.config.ping_interval / PING_SLICES, self._keepalive
-            )
+            return min(_TICK_MAX_S, self._rounds.tick_s)
+        return _TICK_MAX_S
 
-    def _keepalive(self) -> None:
-        """Ping one slice of the connections with the shared ping frame; close (1011) those
-        from which nothing, not even a pong, came for ping_interval + ping_timeout.
+    def _pingable(self) -> Iterator[SdkConnection]:
+        return (conn for conn in self.connections if conn.proto.state is _OPEN)
 
-        Every connection is pinged once per ping_interval, in PING_SLICES steps: one sweep over
-        all of them (and all their pongs at once) would stall fan-out for tens of ms.
-        """
-        interval = self.config.ping_interval
-        if not self._ping_queue:
-            self._ping_queue = list(self.connections)
-            self._ping_step = max(1, -(-len(self._ping_queue) // PING_SLICES))
-        batch = self._ping_queue[-self._ping_step :]
-        del self._ping_queue[-self._ping_step :]
-        deadline = self.loop.time() - interval - self.config.ping_timeout
-        for conn in batch:
-            if conn.proto.state is not _OPEN or conn.transport is None:
-                continue  # closing or gone: its own timers deal with it
-            if conn.last_seen < deadline:
-                conn.close(protocol.CLOSE_INTERNAL, "keepalive ping timeout")
-            else:
-                conn.transport.write(PING_FRAME)
-        self._pinger = self.loop.call_later(interval / PING_SLICES, self._keepalive)
+    def _tick(self) -> None:
+        """Housekeeping, whatever happens to any connection: keepalive pings (each connection
+        once per --ping-interval, a slice at a time), closing (1011) those that did not answer
+        within --ping-timeout, and the summary of failed authentications."""
+        try:
+            now = self.loop.time()
+            if self.config.ping_interval:
+                for conn in self._rounds.due(now, self._pingable):
+                    if conn.ping():
+                        self._pings.sent(conn, now)
+                for sent_at, conn in self._pings.due(now, self.config.ping_timeout):
+                    if not conn.lost and conn.last_seen < sent_at:
+                        conn.close(protocol.CLOSE_INTERNAL, "keepalive ping timeout")
+            summary = self.failures.summary(now)
+            if summary is not None:
+                log.warning("%s", summary)
+        except Exception:  # one connection's trouble must not end the keepalive
+            log.exception("keepalive tick failed")
+        finally:
+            if self._server is not None:
+                self._ticker = self.loop.call_later(self._tick_s(), self._tick)
 
     async def stop(self, linger_s: float | None = None) -> None:
         """Tell every session to go (goaway: shutdown), close all with 1001, stop listening;
@@ -481,8 +850,8 @@ class SdkServer:
             return
         self.accepting = False
         self._server.close()
-        if self._pinger is not None:
-            self._pinger.cancel()
+        if self._ticker is not None:
+            self._ticker.cancel()
         for conn in list(self.connections):
             conn.send_away("shutdown", random.randint(*self.retry_ms), protocol.CLOSE_GOING_AWAY,
                            "server shutting down")
@@ -498,3 +867,4 @@ class SdkServer:
             if conn.transport is not None:
                 conn.transport.abort()
         await self._server.wait_closed()
+        self._server = None

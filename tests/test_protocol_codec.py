@@ -139,7 +139,7 @@ def test_goaway_known_reasons(reason: str) -> None:
 
 
 def test_goaway_reasons_are_the_protocol_ones() -> None:
-    assert {"drain", "evicted", "rebalance", "shutdown"} == protocol.GOAWAY_REASONS
+    assert {"drain", "evicted", "rebalance", "shutdown", "limit"} == protocol.GOAWAY_REASONS
 
 
 @pytest.mark.parametrize("reason", ["", "DRAIN", "bye", "evict", "drain "])

@@ -12,6 +12,7 @@ import pytest
 from websockets.exceptions import InvalidStatus
 
 from relay.node import Node
+from relay.sdk_server import MAX_CLIENT_MESSAGE
 from tests.helpers import Admin, close_code, open_stream, recv_frame
 
 NodeFactory = Callable[..., Awaitable[Node]]
@@ -202,11 +203,11 @@ async def test_auth_timeout_closes_4008(make_node: NodeFactory) -> None:
 async def test_oversized_frame_closes_1009(node: Node, admin: Admin) -> None:
     await _env(admin)
     ws = await open_stream(node.ws_url, None)
-    await ws.send(b"\x00" * ((1 << 20) + 1))
+    await ws.send(b"\x00" * (MAX_CLIENT_MESSAGE + 1))
     assert (await close_code(ws))[0] == 1009
-    # One byte under the limit is read (and rejected as a protocol error, not as too big).
+    # At the limit, it is read (and rejected as a protocol error, not as too big).
     ws = await open_stream(node.ws_url, None)
-    await ws.send(b"\x00" * (1 << 20))
+    await ws.send(b"\x00" * MAX_CLIENT_MESSAGE)
     assert (await close_code(ws))[0] == 4002
 
 
