@@ -174,29 +174,26 @@ class Admission:
         return Ticket()
 
     def identify(self, ticket: Ticket, ip: str, now: float) -> Refusal | None:
-        """The connection's client address is known: count it there, within the address's
-        connect rate and pending cap. A refused connection still holds its pending slot
-        (globally) until it is released."""
+        """The connection's client address is known: count it there. Refused past the
+        address's pending cap (at once: `hard`), or over its connect rate (the connection is
+        still counted in the address's pending slots until it is released, so refused ones
+        cannot take more of them either)."""
         if ticket.address is not None:
             return None
         limits = self.limits
         entry = self._address(address_key(ip))
-        refusal = None
+        if limits.max_pending_per_ip and entry.pending >= limits.max_pending_per_ip:
+            self._settle(entry)
+            return Refusal(IP_PENDING, 0, True)
+        entry.pending += 1
+        ticket.address = entry
         if limits.connect_rate > 0:
             if entry.connects is None:
                 entry.connects = _Bucket(limits.connect_burst, now)
             wait = entry.connects.take(now, limits.connect_rate, limits.connect_burst)
             if wait:
-                refusal = Refusal(IP_RATE, _retry_ms(wait),
-                                  entry.connects.exhausted(limits.connect_burst))
-        if (refusal is None and limits.max_pending_per_ip
-                and entry.pending >= limits.max_pending_per_ip):
-            refusal = Refusal(IP_PENDING, 0, False)
-        if refusal is not None:
-            self._settle(entry)
-            return refusal
-        entry.pending += 1
-        ticket.address = entry
+                return Refusal(IP_RATE, _retry_ms(wait),
+                               entry.connects.exhausted(limits.connect_burst))
         return None
 
     def may_authenticate(self, ticket: Ticket, now: float) -> Refusal | None:

@@ -68,7 +68,8 @@ async def test_sessions_closed_while_their_env_loads_leave_nothing_behind(
             await close_code(ws)
         await wait_until(lambda: node.hub.session_count() == 0, "sessions leaked")
         await wait_until(lambda: not node.hub.env_summary(), "channels leaked")
-        await wait_until(lambda: not node.sdk.connections and node.sdk.admission.pending == 0, "connections leaked")
+        await wait_until(lambda: not node.sdk.connections and node.sdk.admission.pending == 0,
+                         "connections leaked")
     finally:
         await admin.close()
 
@@ -99,7 +100,8 @@ async def test_a_client_that_keeps_talking_after_close_is_cut_off(make_node: Nod
         elapsed = asyncio.get_running_loop().time() - start
         assert data and elapsed < 5
         writer.close()
-        await wait_until(lambda: not node.sdk.connections and node.sdk.admission.pending == 0, "slot not freed")
+        await wait_until(lambda: not node.sdk.connections and node.sdk.admission.pending == 0,
+                         "slot not freed")
         ws = await open_stream(node.ws_url, "good")
         assert (await recv_frame(ws))["t"] == "hello"
         await ws.close()
