@@ -17,6 +17,7 @@ import json
 import statistics
 import tempfile
 import time
+from typing import Any
 
 import aiohttp
 
@@ -25,7 +26,7 @@ from relay.config import Config
 from relay.node import Node
 
 
-async def _stall_during(request: asyncio.Future[object]) -> float:
+async def _stall_during(request: asyncio.Future[Any]) -> float:
     """Seconds of the longest gap beyond the 1 ms sleep while `request` runs."""
     longest, last = 0.0, time.perf_counter()
     while not request.done():
@@ -36,10 +37,9 @@ async def _stall_during(request: asyncio.Future[object]) -> float:
 
 
 async def measure(keys: int, value_bytes: int, runs: int) -> list[float]:
-    limits = {"max_change_keys": keys, "max_change_bytes": 64 << 20}
     with tempfile.TemporaryDirectory() as data:
         config = Config(port=0, admin_port=0, data_dir=data, admin_token="t", node_id="stall",
-                        **{k: v for k, v in limits.items() if k in Config.__dataclass_fields__})
+                        max_change_keys=keys, max_change_bytes=64 << 20)
         node = Node(config)
         await node.start()
         headers = {"Authorization": "Bearer t"}
