@@ -27,7 +27,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import peer_protocol, protocol
+from relay import protocol
 from relay.drain import DrainError, DrainPlan, DrainRefused
 from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, hash_key
 
@@ -313,9 +313,11 @@ class AdminApi:
 
     @web.middleware
     async def _body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        """The whole body is read before the route runs, within --admin-request-timeout: a
-        client that sends it slowly, or stops, gets 408 and the connection closes."""
-        if request.can_read_body and request.path != peer_protocol.PATH:
+        """The whole body of an /admin/ request (authenticated by now) is read before the route
+        runs, within --admin-request-timeout: a client that sends it slowly, or stops, gets 408
+        and the connection closes. Other bodies are not kept: aiohttp reads and drops them
+        after the answer, for as long (`lingering_time`). Peer WebSockets have no body."""
+        if request.path.startswith("/admin/") and request.can_read_body:
             timeout = self.config.admin_request_timeout
             try:
                 async with asyncio.timeout(timeout):
@@ -323,23 +325,16 @@ class AdminApi:
             except TimeoutError:
                 log.info("admin request %s %s from %s: body not received within %g s; closing",
                          request.method, request.path, request.remote, timeout)
-                return await self._answer_and_close(request, _error(
-                    408, f"the body did not arrive within --admin-request-timeout ({timeout:g} s)"))
+                # Connection: close; aiohttp then reads and drops what still comes for at
+                # most `lingering_time` (so that the client sees this answer, not a reset).
+                answer = _error(408, "the body did not arrive within --admin-request-timeout "
+                                     f"({timeout:g} s)")
+                answer.force_close()
+                return answer
             except (ConnectionError, web.RequestPayloadError) as exc:
                 # Gone before the end of its body, or a body aiohttp cannot decode.
                 return _error(400, f"the request body could not be read: {exc}")
         return await handler(request)
-
-    @staticmethod
-    async def _answer_and_close(request: web.Request, answer: web.Response) -> web.Response:
-        """Send `answer`, then close the connection at once (aiohttp would otherwise go on
-        reading the rest of the body)."""
-        answer.force_close()
-        with contextlib.suppress(ConnectionError):
-            await answer.prepare(request)
-            await answer.write_eof()
-        request.protocol.force_close()
-        return answer
 
     # --- routes -------------------------------------------------------------------------------
 
