@@ -107,7 +107,7 @@ async def test_a_body_not_sent_in_time_is_closed(
         make_node: MakeNode, request_line: bytes, headers: bytes, body: bytes,
         status: int) -> None:
     node = await make_node(admin_request_timeout=TIMEOUT)
-    head = request_line + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Content-Length: 100\r\n\r\n"
+    head = request_line + b" HTTP/1.1\r\nHost: x\r\n" + headers + b"Content-Length: 100000\r\n\r\n"
     reader, writer = await _raw(node.admin_port, head + body)
     closed = asyncio.ensure_future(_read_until_closed(reader))
     while not closed.done():  # a byte now and then: slow, never done
