@@ -3,9 +3,9 @@
 Every error is JSON `{"error": "..."}` with the status PROTOCOL.md names: 400 bad body,
 401 no or bad token, 404 unknown environment or route, 408 body not sent in time, 409 key
 conflict, 413 too large, 503 store unavailable. Every answer is strict JSON (no NaN or
-Infinity), and the numbers a body may hold are those msgpack and JSON both can: 64-bit
-integers and finite floats. A request that is not HTTP at all never reaches these routes:
-aiohttp answers it 400 and `HTTP_LOG` logs it in one line.
+Infinity); bodies hold finite numbers only, and a flag value's integers are msgpack's (64-bit).
+A request that is not HTTP at all never reaches these routes: aiohttp answers it 400 and
+`HTTP_LOG` logs it in one line.
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def _no_constants(name: str) -> Any:
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
-    """A body as a JSON object; 400 (BadRequest) for anything else, for NaN and Infinity, and
-    for numbers msgpack cannot hold."""
+    """A body as a JSON object; 400 (BadRequest) for anything else, for NaN and Infinity, for
+    a number that overflows a float (1e400) and for an integer of over MAX_INT_DIGITS digits."""
     try:
         body = json.loads(raw, parse_constant=_no_constants, parse_int=_int,
                           parse_float=_float)
