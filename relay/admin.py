@@ -1,20 +1,30 @@
 """The internal admin API (aiohttp): environments, flags, status, health and metrics.
 
 Every error is JSON `{"error": "..."}` with the status PROTOCOL.md names: 400 bad body,
-401 no or bad token, 404 unknown environment or route, 409 key conflict, 413 too large,
-503 store unavailable.
+401 no or bad token, 404 unknown environment or route, 408 body not sent in time, 409 key
+conflict, 413 too large, 503 store unavailable. Every answer is strict JSON (no NaN or
+Infinity); bodies hold finite numbers only, and a flag value's integers are msgpack's (64-bit).
+A request that is not HTTP at all never reaches these routes: aiohttp answers it 400 and
+`HTTP_LOG` logs it in one line.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import hmac
 import json
 import logging
+import math
 import re
+import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeGuard
+from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
+import msgpack
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import protocol
@@ -22,24 +32,54 @@ from relay.drain import DrainError, DrainPlan, DrainRefused
 from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, hash_key
 
 if TYPE_CHECKING:
+    from relay.config import Config
     from relay.node import Node
 
 log = logging.getLogger("relay.admin")
 
-MAX_BODY_BYTES = 1 << 20
 MAX_KEYS = 100
 MAX_FLAG_KEY = 256
 ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
+# Bodies up to this size are parsed and checked on the event loop (microseconds); bigger ones
+# on a worker thread, so a big change does not hold up SDK sessions, peer links and probes.
+INLINE_BODY_BYTES = 64 << 10
+# The longest integer literal a body may hold: what int() converts by default (longer ones
+# raise ValueError, which is not a JSONDecodeError). Routes then check their own ranges (a flag
+# value: msgpack's -2**63 to 2**64-1).
+MAX_INT_DIGITS = sys.int_info.default_max_str_digits
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+T = TypeVar("T")
+
+
+def max_body_bytes(config: Config) -> int:
+    """The admin body limit (413 past it): JSON is wordier than msgpack (quotes, escapes, the
+    digits of floats), so a change of --max-change-bytes of msgpack is given twice that in
+    JSON, plus 64 KiB for the small bodies' sake. Changes written in very verbose JSON
+    (escaped non-ASCII text, long lists of `null`) can reach this limit first."""
+    return 2 * config.max_change_bytes + (64 << 10)
 
 
 class BadRequest(Exception):
     """A request body or parameter that the API rejects with 400."""
 
 
+class TooLarge(Exception):
+    """A change past --max-change-keys or --max-change-bytes: 413."""
+
+
+_dumps = functools.partial(json.dumps, allow_nan=False)
+
+
+def _json(data: Any, status: int = 200, **headers: str) -> web.Response:
+    """A strict JSON answer: a non-finite float raises ValueError instead of writing NaN or
+    Infinity, which are not JSON."""
+    return web.json_response(data, status=status, headers=headers or None, dumps=_dumps)
+
+
 def _error(status: int, message: str, **headers: str) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=headers or None)
+    return _json({"error": message}, status, **headers)
 
 
 def _env_id(request: web.Request) -> str:
@@ -52,10 +92,39 @@ def _env_id(request: web.Request) -> str:
     return env
 
 
-async def _json_object(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()  # raises 413 past client_max_size
+def _clip(text: str, limit: int = 40) -> str:
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def _int(literal: str) -> int:
+    """JSON integers, refused past MAX_INT_DIGITS digits."""
+    digits = len(literal) - literal.startswith("-")
+    if digits <= MAX_INT_DIGITS:
+        with contextlib.suppress(ValueError):  # (a lower sys.set_int_max_str_digits)
+            return int(literal)
+    raise BadRequest(f"a number is too long: an integer of {digits} digits "
+                     f"({_clip(literal)}); integers must be from -2**63 to 2**64-1")
+
+
+def _float(literal: str) -> float:
+    """JSON floats: finite ones only (1e400 would be read as infinity, which is not JSON)."""
+    value = float(literal)
+    if not math.isfinite(value):
+        raise BadRequest(f"a number is too large: {_clip(literal)} is beyond a 64-bit float; "
+                         "numbers must be finite")
+    return value
+
+
+def _no_constants(name: str) -> Any:
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def parse_object(raw: bytes) -> dict[str, Any]:
+    """A body as a JSON object; 400 (BadRequest) for anything else, for NaN and Infinity, for
+    a number that overflows a float (1e400) and for an integer of over MAX_INT_DIGITS digits."""
     try:
-        body = json.loads(raw, parse_constant=_no_constants)
+        body = json.loads(raw, parse_constant=_no_constants, parse_int=_int,
+                          parse_float=_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -65,8 +134,15 @@ async def _json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
-def _no_constants(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+async def _off_loop(raw: bytes, work: Callable[[bytes], T]) -> T:
+    """`work(raw)` at once for a small body; on a worker thread for a big one."""
+    if len(raw) <= INLINE_BODY_BYTES:
+        return work(raw)
+    return await asyncio.to_thread(work, raw)
+
+
+async def _json_object(request: web.Request) -> dict[str, Any]:
+    return await _off_loop(await request.read(), parse_object)
 
 
 def _text(value: object) -> TypeGuard[str]:
@@ -92,11 +168,86 @@ def _check_flag_key(key: object) -> str:
     return key
 
 
+def parse_change(raw: bytes, max_keys: int, max_bytes: int) -> tuple[dict[str, Any], list[str]]:
+    """A PATCH body as (put, del), checked: 400 (BadRequest) for a bad one, 413 (TooLarge)
+    past `max_keys` flags put plus deleted or `max_bytes` of msgpack (the put map's encoding
+    plus the del list's). Pure CPU work: run on a worker thread for big bodies."""
+    body = parse_object(raw)
+    _unknown_fields(body, {"put", "del"})
+    put = body.get("put", {})
+    dels = body.get("del", [])
+    if not isinstance(put, dict):
+        raise BadRequest("'put' must be an object of flag key -> value")
+    if not isinstance(dels, list):
+        raise BadRequest("'del' must be a list of flag keys")
+    if len(put) + len(dels) > max_keys:
+        raise TooLarge(f"change of {len(put) + len(dels)} flags (put plus deleted): more than "
+                       f"--max-change-keys ({max_keys})")
+    for key in [*put, *dels]:
+        _check_flag_key(key)
+    try:
+        size = len(protocol.pack(put)) + len(msgpack.packb(dels, use_bin_type=True))
+    except OverflowError:
+        raise BadRequest("a flag value cannot be encoded: integers must be from -2**63 to "
+                         "2**64-1") from None
+    except (ValueError, TypeError) as exc:
+        raise BadRequest(f"a flag value cannot be encoded: {exc}") from None
+    if size > max_bytes:
+        raise TooLarge(f"change of {size} bytes (msgpack): larger than --max-change-bytes "
+                       f"({max_bytes})")
+    both = sorted(put.keys() & set(dels))
+    if both:
+        raise BadRequest(f"flag(s) both put and deleted: {', '.join(both)}")
+    if not put and not dels:
+        raise BadRequest("nothing to change: give 'put' and/or 'del'")
+    return put, dels
+
+
+def _non_finite(value: Any) -> bool:
+    """Whether `value` holds a float that JSON cannot write (NaN, infinity)."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(_non_finite(v) for v in value)
+    return False
+
+
+# aiohttp's server logger on the internal port (AdminApi.server_options).
+HTTP_LOG = logging.getLogger("relay.admin.http")
+
+
+class _OneLineBadRequests(logging.Filter):
+    """aiohttp logs every request it cannot parse (a bad request line or header, garbage, a
+    head past its size limits, a bad chunk) with a traceback, then answers 400. That is the
+    client's doing and tells nothing about the server: one line at INFO, no traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if not isinstance(exc, HttpProcessingError):
+            return True
+        detail = " ".join(str(exc.message).split()).encode("ascii", "backslashreplace").decode()
+        detail = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in detail)
+        remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
+        record.msg = "bad request from %s, answered %s: %s"
+        record.args = (remote, exc.code, _clip(detail, 200))
+        record.exc_info = record.exc_text = None
+        if record.levelno > logging.INFO:
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+        return HTTP_LOG.isEnabledFor(record.levelno)
+
+
+HTTP_LOG.addFilter(_OneLineBadRequests())
+
+
 class AdminApi:
     def __init__(self, node: Node) -> None:
         self.node = node
+        self.config = node.config
+        self.max_body = max_body_bytes(node.config)
         self.app = web.Application(
-            client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth]
+            client_max_size=self.max_body, middlewares=[self._errors, self._auth, self._body]
         )
         r = self.app.router
         r.add_put("/admin/v1/envs/{env}", self.put_env)
@@ -107,6 +258,15 @@ class AdminApi:
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
+
+    def server_options(self) -> dict[str, Any]:
+        """Options of the internal port's aiohttp server (web.AppRunner). aiohttp closes a
+        connection whose request head is not complete `keepalive_timeout` after it opened or
+        after the previous answer (and not while a handler, such as a peer WebSocket, runs);
+        `lingering_time` bounds how long it reads and drops a body nobody read (after a 401,
+        say). The body itself is read within the same time, by `_body`."""
+        timeout = self.config.admin_request_timeout
+        return {"keepalive_timeout": timeout, "lingering_time": timeout, "logger": HTTP_LOG}
 
     # --- middlewares --------------------------------------------------------------------------
 
@@ -123,8 +283,11 @@ class AdminApi:
         except StoreUnavailable as exc:
             log.warning("store unavailable: %s", exc)
             return _error(503, f"store unavailable: {exc}", **{"Retry-After": "1"})
+        except TooLarge as exc:
+            return _error(413, str(exc))
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return _error(413, f"body larger than {self.max_body} bytes (twice "
+                               "--max-change-bytes plus 64 KiB)")
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
@@ -148,6 +311,31 @@ class AdminApi:
                 return _error(401, "bad admin token", **{"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
+    @web.middleware
+    async def _body(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """The whole body of an /admin/ request (authenticated by now) is read before the route
+        runs, within --admin-request-timeout: a client that sends it slowly, or stops, gets 408
+        and the connection closes. Other bodies are not kept: aiohttp reads and drops them
+        after the answer, for as long (`lingering_time`). Peer WebSockets have no body."""
+        if request.path.startswith("/admin/") and request.can_read_body:
+            timeout = self.config.admin_request_timeout
+            try:
+                async with asyncio.timeout(timeout):
+                    await request.read()  # kept: the route's request.read() returns it
+            except TimeoutError:
+                log.info("admin request %s %s from %s: body not received within %g s; closing",
+                         request.method, request.path, request.remote, timeout)
+                # Connection: close; aiohttp then reads and drops what still comes for at
+                # most `lingering_time` (so that the client sees this answer, not a reset).
+                answer = _error(408, "the body did not arrive within --admin-request-timeout "
+                                     f"({timeout:g} s)")
+                answer.force_close()
+                return answer
+            except (ConnectionError, web.RequestPayloadError) as exc:
+                # Gone before the end of its body, or a body aiohttp cannot decode.
+                return _error(400, f"the request body could not be read: {exc}")
+        return await handler(request)
+
     # --- routes -------------------------------------------------------------------------------
 
     async def put_env(self, request: web.Request) -> web.Response:
@@ -164,42 +352,35 @@ class AdminApi:
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"
             )
         v = await self.node.store.put_env(env, [hash_key(k) for k in keys])
-        return web.json_response({"env": env, "v": v})
+        return _json({"env": env, "v": v})
 
     async def patch_flags(self, request: web.Request) -> web.Response:
         env = _env_id(request)
-        body = await _json_object(request)
-        _unknown_fields(body, {"put", "del"})
-        put = body.get("put", {})
-        dels = body.get("del", [])
-        if not isinstance(put, dict):
-            raise BadRequest("'put' must be an object of flag key -> value")
-        if not isinstance(dels, list):
-            raise BadRequest("'del' must be a list of flag keys")
-        for key in [*put, *dels]:
-            _check_flag_key(key)
-        try:
-            protocol.pack(put)
-        except (OverflowError, ValueError, TypeError) as exc:
-            raise BadRequest(f"a flag value cannot be encoded: {exc}") from None
-        both = sorted(put.keys() & set(dels))
-        if both:
-            raise BadRequest(f"flag(s) both put and deleted: {', '.join(both)}")
-        if not put and not dels:
-            raise BadRequest("nothing to change: give 'put' and/or 'del'")
+        check = functools.partial(parse_change, max_keys=self.config.max_change_keys,
+                                  max_bytes=self.config.max_change_bytes)
+        put, dels = await _off_loop(await request.read(), check)
         try:
             change = await self.node.store.publish(env, put, dels)
         except Exception:
             self.node.metrics.publishes.labels("error").inc()
             raise
         self.node.metrics.publishes.labels("ok").inc()
-        return web.json_response({"v": change.v})
+        return _json({"v": change.v})
 
     async def get_flags(self, request: web.Request) -> web.Response:
         env = _env_id(request)
         snapshot = await self.node.store.load(env, 0)
         flags = {k: {"v": fv, "value": value} for k, (fv, value) in snapshot.flags.items()}
-        return web.json_response({"v": snapshot.v, "flags": flags})
+        try:
+            return _json({"v": snapshot.v, "flags": flags})
+        except ValueError:  # NaN or infinity, stored before the API refused them
+            bad = sorted(k for k, (_, value) in snapshot.flags.items() if _non_finite(value))
+            if not bad:
+                raise
+            shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+            log.warning("environment %s: flag(s) %s hold NaN or infinity", env, shown)
+            return _error(500, f"flag(s) {shown} hold a number JSON cannot write (NaN or "
+                               "infinity): put a new value or delete them")
 
     async def drain(self, request: web.Request) -> web.Response:
         """202 and the drain's plan; asked again while draining, the drain under way."""
@@ -224,25 +405,25 @@ class AdminApi:
             info = self.node.drain(plan)
         except DrainRefused as exc:
             return _error(409, str(exc))
-        return web.json_response(info, status=202)
+        return _json(info, 202)
 
     async def status(self, request: web.Request) -> web.Response:
-        return web.json_response(await self.node.status())
+        return _json(await self.node.status())
 
     async def healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"ok": True})
+        return _json({"ok": True})
 
     async def readyz(self, request: web.Request) -> web.Response:
         """Also what peers' membership probes read: the node's id and connections (sessions);
         `open` counts connections not yet closed, those a drain waits for."""
         state = self.node.state
-        return web.json_response(
+        return _json(
             {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
              "connections": self.node.hub.session_count(),
              "open": len(self.node.sdk.connections),
              **({"drain": self.node.drain_info()} if state in ("draining", "stopped")
                 and self.node.drain_time_left() is not None else {})},
-            status=200 if state == "ready" else 503)
+            200 if state == "ready" else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.node.metrics.registry)

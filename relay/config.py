@@ -47,8 +47,25 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
 class Config:
     host: str = _opt("127.0.0.1", "address of the public SDK port")
     port: int = _opt(8080, "public SDK WebSocket port (0 picks a free port)")
-    admin_host: str = _opt("", "address of the internal admin port (default: --host)")
+    admin_host: str = _opt(
+        "127.0.0.1",
+        "address of the internal port (admin API, metrics, probes, peer links); not --host's: "
+        "0.0.0.0 where probes and peers come from other hosts (a pod)",
+    )
     admin_port: int = _opt(8081, "internal admin/metrics port (0 picks a free port)")
+    admin_request_timeout: float = _opt(
+        10.0,
+        "seconds a client of the internal port has to send a request's head (from connecting, "
+        "or from the previous answer) and then its body; peer WebSockets are not cut by it",
+    )
+    max_change_keys: int = _opt(
+        10_000, "flags one admin change may put plus delete (more: 413)"
+    )
+    max_change_bytes: int = _opt(
+        1 << 20,
+        "msgpack bytes of one admin change's put map plus its deleted keys (more: 413); the "
+        "admin body limit is twice this plus 64 KiB",
+    )
     data_dir: str = _opt("./relay-data", "directory of the embedded SQLite store")
     discovery: str = _opt(
         "",
@@ -180,7 +197,8 @@ class Config:
 
     @property
     def admin_bind(self) -> str:
-        return self.admin_host or self.host
+        """The internal port's address: --admin-host alone (it does not follow --host)."""
+        return self.admin_host
 
 
 def _flag(name: str) -> str:
@@ -296,5 +314,13 @@ def check(config: Config) -> None:
         raise ConfigError(f"--drain-deadline / --drain-window: {exc}") from None
     if config.ping_interval < 0:
         raise ConfigError("--ping-interval must be 0 (off) or positive")
+    if not config.admin_host.strip():
+        raise ConfigError("--admin-host must be an address: 127.0.0.1 (the default), or "
+                          "0.0.0.0 for every interface")
+    if not 0 < config.admin_request_timeout < float("inf"):  # (NaN too)
+        raise ConfigError("--admin-request-timeout must be a positive number of seconds")
+    for name in ("max_change_keys", "max_change_bytes"):
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{_flag(name)} must be at least 1")
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("--log-level must be debug, info, warning or error")

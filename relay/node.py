@@ -140,6 +140,7 @@ class Node:
             self._runner = web.AppRunner(
                 self.admin.app, access_log=None,
                 shutdown_timeout=5.0,  # what an admin or peer request may still take at exit
+                **self.admin.server_options(),  # deadlines, and one-line logs of bad requests
             )
             await self._runner.setup()
             self._site = web.TCPSite(

@@ -157,7 +157,9 @@ def test_ports_probes_and_flags_agree(overlay: str, request: pytest.FixtureReque
     args = container["args"]
     assert ports == {"sdk": int(_flag(args, "--port")),
                      "internal": int(_flag(args, "--admin-port"))}
-    assert _flag(args, "--host") == "0.0.0.0"  # the admin port follows --host
+    assert _flag(args, "--host") == "0.0.0.0"
+    # The internal port binds 127.0.0.1 unless told: probes and peers come to the pod IP.
+    assert _flag(args, "--admin-host") == "0.0.0.0"
     for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz"),
                         ("startupProbe", "/healthz")):
         get = container[probe]["httpGet"]
@@ -314,6 +316,7 @@ def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]]) -> No
     assert "configuration OK" in result.stdout
     assert "discovery = 'dns:relay-peers:8081'" in result.stdout
     assert "advertise = '10.1.2.3:8081'" in result.stdout
+    assert "admin_host = '0.0.0.0'" in result.stdout
     assert "peer_token = (set)" in result.stdout and "secret-peer-token" not in result.stdout
     # And one the parser refuses, to show the check can fail.
     bad = _dry_run(container["args"], {**env, "RELAY_DRAIN_WINDOW": "600"})
@@ -336,5 +339,6 @@ def test_the_dockerfile_command_line_is_accepted() -> None:
     assert entrypoint == ["relay"]
     result = _dry_run(cmd, {})
     assert result.returncode == 0, result.stderr
+    assert "admin_host = '0.0.0.0'" in result.stdout  # probes and peers come from outside
     container = _container(render(K8S / "base"))
     assert container["args"][0] == cmd[0] == "serve"  # the manifests run the same entrypoint
