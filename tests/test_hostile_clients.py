@@ -187,3 +187,46 @@ async def test_frames_sent_with_the_upgrade_meet_an_open_connection(
     hello = msgpack.unpackb(await reader.readexactly(first[1]))
     assert hello["t"] == "hello" and hello["env"] == "prod"
     writer.close()
+
+
+async def test_what_a_client_sends_is_parsed_a_budget_at_a_time(make_node: NodeFactory) -> None:
+    """However much one read brings, the frame parser gets at most READ_BUDGET bytes per
+    event-loop tick (reading paused meanwhile): no connection can hold the loop."""
+    from relay.sdk_server import READ_BUDGET
+
+    node = await make_node(client_control_rate=1e9, client_control_burst=10**9)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+        writer.write(_upgrade("/v1/stream", "Authorization: Bearer k"))
+        await reader.readuntil(b"\r\n\r\n")
+        await wait_until(lambda: node.hub.session_count() == 1, "not attached")
+        conn = next(iter(node.sdk.connections))
+        ticks = 0
+        fed: list[tuple[int, int]] = []  # (bytes, tick)
+        parse = conn.proto.receive_data
+
+        def spy(data: bytes) -> None:
+            fed.append((len(data), ticks))
+            parse(data)
+
+        conn.proto.receive_data = spy  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        ticking = True
+
+        def tick() -> None:
+            nonlocal ticks
+            ticks += 1
+            if ticking:
+                loop.call_soon(tick)
+
+        tick()
+        writer.write(_client_frame(0x9, b"p" * 10) * 4000)  # 64 KB of pings in one write
+        await wait_until(lambda: sum(n for n, _ in fed) >= 64_000, "not all parsed")
+        ticking = False
+        assert max(n for n, _ in fed) <= READ_BUDGET
+        assert len({t for _, t in fed}) >= 64_000 // READ_BUDGET // 2  # over many ticks
+        writer.close()
+    finally:
+        await admin.close()
