@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import signal
 import socket
@@ -23,6 +24,8 @@ import pytest
 import trustme
 
 from relay.client import RelayClient, RelayClientError
+from relay.membership import make_membership
+from relay.membership.base import READY, Member
 from relay.node import Node
 from relay.ring import Ring
 from relay.tls import Tls, TlsError, TlsStream, fingerprint
@@ -463,6 +466,27 @@ def test_drain_by_address_over_https(tmp_path: Path, pki: Pki) -> None:
 
 
 # --- a cluster over TLS ---------------------------------------------------------------------
+
+
+async def test_a_tls_node_says_why_a_plain_peer_is_not_a_member(
+        make_node: MakeNode, pki: Pki, caplog: pytest.LogCaptureFixture) -> None:
+    """A cluster is all-TLS or all-plain: a TLS node's probe of a node without TLS fails its
+    handshake, and the log says so once."""
+    plain = await make_node()
+    me = Member("me", "127.0.0.1:1", READY)
+    address = f"127.0.0.1:{plain.admin_port}"
+    membership = make_membership(f"static:plain@{address}", lambda: me, "", 0.05,
+                                 ssl_context=pki.client())
+    caplog.set_level(logging.WARNING, logger="relay.membership")
+    await membership.start()
+    try:
+        await asyncio.sleep(0.5)  # ten rounds
+        assert set(membership.members()) == {"me"}
+    finally:
+        await membership.stop()
+    [record] = [r for r in caplog.records if address in r.getMessage()]
+    assert "TLS handshake failed" in record.getMessage()
+    assert "a cluster is all-TLS or all-plain" in record.getMessage()
 
 
 def _tls_flags(pki: Pki, name: str, ca: Path | None = None) -> list[str]:
