@@ -169,7 +169,7 @@ class Config:
     tls_cert: str = _opt(
         "", "PEM certificate (chain) for TLS on the public and internal ports; reloaded on SIGHUP"
     )
-    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (without a pass phrase)")
     tls_ca: str = _opt(
         "",
         "PEM CA bundle that peers' certificates are checked against (a private CA: host names "
