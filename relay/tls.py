@@ -56,12 +56,15 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
+_MEMFD = hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir()
+
+
 @contextlib.contextmanager
-def _snapshot(cert: bytes, key: bytes) -> Iterator[tuple[str, str]]:
+def snapshot(cert: bytes, key: bytes, in_memory: bool = _MEMFD) -> Iterator[tuple[str, str]]:
     """Paths holding these bytes, for `load_cert_chain` (which only takes paths): both loads
     of a reload read the same pair even if the files change meanwhile. In memory (memfd)
     where the platform has it, else in a private temporary directory."""
-    if hasattr(os, "memfd_create") and Path("/proc/self/fd").is_dir():
+    if in_memory:
         fds = [os.memfd_create("relay-tls", os.MFD_CLOEXEC) for _ in range(2)]
         try:
             for fd, data in zip(fds, (cert, key), strict=True):
@@ -122,7 +125,7 @@ class Tls:
                 ssl.create_default_context(cadata=ca)
             except ssl.SSLError as exc:
                 raise TlsError(f"cannot load --tls-ca {self.ca}: {exc}") from None
-        with _snapshot(cert, key) as (cert_path, key_path):
+        with snapshot(cert, key) as (cert_path, key_path):
             try:
                 # Into a scratch context first: a bad pair must not half-replace the live one
                 # (OpenSSL drops the old key when a certificate that does not match it loads).

@@ -28,7 +28,7 @@ from relay.membership import make_membership
 from relay.membership.base import READY, Member
 from relay.node import Node
 from relay.ring import Ring
-from relay.tls import Tls, TlsError, TlsStream, fingerprint
+from relay.tls import Tls, TlsError, TlsStream, fingerprint, snapshot
 from tests.cluster import Cluster
 from tests.helpers import Admin, RelayProcess, start_relay
 
@@ -226,6 +226,18 @@ def test_a_reload_reads_each_file_once(pki: Pki) -> None:
         with open(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK), "rb"):
             pass  # lets a writer blocked in open() go
         thread.join(5)
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_a_snapshot_holds_the_bytes_read_and_nothing_after(in_memory: bool) -> None:
+    """Where a reload's pair is loaded from: in memory (Linux) or a private directory."""
+    with snapshot(b"certificate", b"key", in_memory=in_memory) as (cert, key):
+        assert (Path(cert).read_bytes(), Path(key).read_bytes()) == (b"certificate", b"key")
+        if not in_memory:
+            assert Path(key).stat().st_mode & 0o077 == 0
+            assert Path(key).parent.stat().st_mode & 0o077 == 0
+    if not in_memory:
+        assert not Path(key).exists() and not Path(key).parent.exists()
 
 
 def test_a_failed_reload_keeps_the_pair_and_says_why(pki: Pki) -> None:
