@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 import time
 import urllib.error
@@ -107,8 +108,25 @@ async def _serve(cfg: config_mod.Config) -> None:
             log.exception("cannot drain; stopping")
             stop.set()
 
+    def on_sighup() -> None:
+        """Load --tls-cert and --tls-key (and --tls-ca) again: new handshakes use them, open
+        connections keep theirs; files that cannot be used leave the old ones in place."""
+        from relay.tls import TlsError
+
+        if node.tls is None:
+            log.warning("SIGHUP ignored: TLS is off (no --tls-cert)")
+            return
+        try:
+            node.tls.reload()
+        except TlsError as exc:
+            log.error("SIGHUP: %s; still serving the previous certificate", exc)
+            return
+        log.warning("SIGHUP: reloaded --tls-cert %s (SHA-256 %s)", cfg.tls_cert,
+                    node.tls.fingerprint)
+
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGTERM, on_sigterm)
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     stopped = asyncio.ensure_future(stop.wait())
     drained = asyncio.ensure_future(node.drained.wait())
     await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
@@ -177,6 +195,30 @@ def _admin_base(args: argparse.Namespace) -> str:
     return str(args.admin_url or os.environ.get("RELAY_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
 
 
+def _admin_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """For https:// admin URLs: --admin-ca (a private CA, host names not checked, as between
+    peers), or None (the system's CAs, host names checked)."""
+    from relay.tls import TlsError, client_context
+
+    ca = args.admin_ca or os.environ.get("RELAY_ADMIN_CA")
+    if not ca:
+        return None
+    try:
+        return client_context(ca, "--admin-ca")
+    except TlsError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _tls_hint(reason: object, url: str, ca_flag: str) -> str:
+    """What a TLS failure means, in words, with what to try."""
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return (f"its TLS certificate is not trusted ({reason.verify_message}); pass "
+                f"{ca_flag} with the CA that signed it")
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS failed ({reason.reason or reason}); is {url} an http:// port?"
+    return str(reason)
+
+
 def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
                base: str | None = None) -> Any:
     """One admin API request; returns the decoded JSON answer or raises UserError."""
@@ -191,8 +233,9 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
             "Content-Type": "application/json",
         },
     )
+    context = _admin_ssl(args)
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
             return json.loads(response.read() or b"null")
     except urllib.error.HTTPError as exc:
         try:
@@ -201,7 +244,14 @@ def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = Non
             message = exc.reason
         raise UserError(f"{method} {path}: {exc.code} {message}") from None
     except urllib.error.URLError as exc:
-        raise UserError(f"cannot reach the admin API at {base}: {exc.reason}") from None
+        raise UserError(f"cannot reach the admin API at {base}: "
+                        f"{_tls_hint(exc.reason, base, '--admin-ca')}") from None
+    except ssl.SSLError as exc:  # (during the exchange rather than the connect)
+        raise UserError(f"cannot reach the admin API at {base}: "
+                        f"{_tls_hint(exc, base, '--admin-ca')}") from None
+    except http.client.RemoteDisconnected as exc:
+        https = " (an https:// port?)" if base.startswith("http://") else ""
+        raise UserError(f"cannot reach the admin API at {base}: {exc!r}{https}") from None
     except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
         raise UserError(f"cannot reach the admin API at {base}: {exc!r}") from None
     except ValueError as exc:
@@ -289,23 +339,26 @@ def _node_base(args: argparse.Namespace) -> str:
     node: str = args.node
     if node.startswith(("http://", "https://")):
         return node.rstrip("/")
+    scheme = _admin_base(args).partition("://")[0]  # a cluster is all-TLS or all-plain
     if ":" in node:
-        return "http://" + node.rstrip("/")
+        return f"{scheme}://" + node.rstrip("/")
     status = admin_call(args, "GET", "/admin/v1/status")
     if status.get("node") == node:
         return _admin_base(args)
     for member in status.get("ring", []):
         if member.get("node") == node:
-            return "http://" + str(member["address"])
+            return f"{scheme}://" + str(member["address"])
     names = ", ".join(sorted(str(m.get("node")) for m in status.get("ring", [])))
     raise UserError(f"no node {node!r} in the cluster as {_admin_base(args)} sees it "
                     f"(members: {names})")
 
 
-def _readyz(base: str, timeout: float) -> dict[str, Any] | None:
+def _readyz(base: str, timeout: float, context: ssl.SSLContext | None = None
+            ) -> dict[str, Any] | None:
     """The node's /readyz answer (200 or 503), or None once it no longer answers."""
     try:
-        with urllib.request.urlopen(base + "/readyz", timeout=timeout) as response:
+        with urllib.request.urlopen(base + "/readyz", timeout=timeout,
+                                    context=context) as response:
             return dict(json.loads(response.read()))
     except urllib.error.HTTPError as exc:
         with contextlib.suppress(ValueError):
@@ -349,8 +402,9 @@ def cmd_drain(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + float(info.get("deadline_in_s", info["deadline_s"]))
     tty = sys.stderr.isatty()
     left, outcome, last_line = total, None, 0.0
+    context = _admin_ssl(args)
     while True:
-        answer = _readyz(base, args.timeout)
+        answer = _readyz(base, args.timeout, context)
         now = time.monotonic()
         if answer is None:  # the process is gone: it exits when drained or at its deadline
             break
@@ -378,7 +432,8 @@ def cmd_drain(args: argparse.Namespace) -> int:
 # --- relay watch --------------------------------------------------------------------------------
 
 
-async def _watch(url: str, key: str, since: int | None) -> None:
+async def _watch(url: str, key: str, since: int | None,
+                 context: ssl.SSLContext | None = None) -> None:
     from relay.client import ChangeEvent, RelayClient, RelayClientError
 
     def show(event: ChangeEvent) -> None:
@@ -397,7 +452,7 @@ async def _watch(url: str, key: str, since: int | None) -> None:
         """`relay watch | head`: the reader went away; stop quietly, like any Unix filter."""
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-    client = RelayClient(url, key, since=since, on_change=show, backoff_max=10.0)
+    client = RelayClient(url, key, since=since, on_change=show, backoff_max=10.0, ssl=context)
     async with client:
         try:
             await client.wait_ready()
@@ -411,6 +466,9 @@ async def _watch(url: str, key: str, since: int | None) -> None:
             if isinstance(exc.__cause__, BrokenPipeError):  # a print in the change callback
                 reader_gone()
                 return
+            if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
+                raise UserError(f"cannot connect to {url}: "
+                                f"{_tls_hint(exc.__cause__, url, '--ca')}") from None
             if exc.code is None:
                 raise UserError(exc.reason) from None
             reason = {
@@ -428,9 +486,20 @@ def cmd_watch(args: argparse.Namespace) -> int:
     url = args.url or os.environ.get("RELAY_URL") or DEFAULT_WS_URL
     if not url.startswith(("ws://", "wss://")):
         raise UserError(f"--url must be a ws:// or wss:// URL, got {url!r}")
+    context = None
+    ca = args.ca or os.environ.get("RELAY_CA")
+    if ca:
+        from relay.tls import TlsError, client_context
+
+        if not url.startswith("wss://"):
+            raise UserError(f"--ca is for wss:// URLs, got {url!r}")
+        try:
+            context = client_context(ca, "--ca")
+        except TlsError as exc:
+            raise UserError(str(exc)) from None
     logging.basicConfig(level=logging.WARNING, format="relay watch: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        _run_async(_watch(url, key, args.since))
+        _run_async(_watch(url, key, args.since, context))
     return 0
 
 
@@ -442,6 +511,11 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--admin-token",
         help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]",
+    )
+    parser.add_argument(
+        "--admin-ca", metavar="FILE",
+        help="PEM CA bundle that an https:// admin URL's certificate must chain to (a private "
+             "CA: host names are not checked) [RELAY_ADMIN_CA; default: the system's CAs]",
     )
     parser.add_argument("--data-dir", help="where to find the admin token file [./relay-data]")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
@@ -512,6 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--url", help=f"[RELAY_URL; default {DEFAULT_WS_URL}]")
     watch.add_argument("--key", help="the SDK key [RELAY_SDK_KEY]")
     watch.add_argument("--since", type=int, help="the version already held")
+    watch.add_argument(
+        "--ca", metavar="FILE",
+        help="PEM CA bundle that a wss:// server's certificate must chain to (a private CA: "
+             "host names are not checked) [RELAY_CA; default: the system's CAs]",
+    )
     watch.set_defaults(func=cmd_watch)
     return parser
 

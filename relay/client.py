@@ -9,7 +9,9 @@
 It reconnects by itself with `since` (so it gets only what it missed), with jittered
 exponential backoff, after `retry_ms` when the server says `goaway` (or closes 4101 with one),
 and resynchronises when it sees a version gap. Close codes that mean "stop" (bad key, protocol
-error) end it with `RelayClientError`.
+error) end it with `RelayClientError`, and so does a server certificate that fails
+verification (`wss://`; `ssl=` takes an `ssl.SSLContext`, e.g. one trusting a private CA):
+retrying cannot fix a missing CA, and an interceptor must not be retried into.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -94,8 +97,12 @@ class RelayClient:
         backoff_base: float = 0.2,
         backoff_max: float = 30.0,
         open_timeout: float = 10.0,
+        ssl: ssl.SSLContext | None = None,
     ) -> None:
+        if ssl is not None and not url.startswith("wss://"):
+            raise ValueError(f"ssl= is for wss:// URLs, not {url!r}")
         self.url = url
+        self.ssl = ssl  # for wss:// (None: the system's CAs, host names checked)
         self.key = key
         self.auth_in_frame = auth_in_frame
         self.on_change = on_change
@@ -252,6 +259,12 @@ class RelayClient:
                     await self._fail(RelayClientError(None, f"HTTP {status} from {self.url}"))
                     return
                 log.info("handshake refused with HTTP %d; retrying", status)
+            except ssl.SSLCertVerificationError as exc:
+                error = RelayClientError(
+                    None, f"the server's TLS certificate is not trusted: {exc.verify_message}")
+                error.__cause__ = exc
+                await self._fail(error)
+                return
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 log.info("cannot connect to %s (%s); retrying", self.url, exc)
             except _Resync:
@@ -275,6 +288,7 @@ class RelayClient:
     async def _session(self) -> None:
         """One connection, until it closes (raises ConnectionClosed with the server's code)."""
         headers = {} if self.auth_in_frame else {"Authorization": f"Bearer {self.key}"}
+        tls: dict[str, Any] = {} if self.ssl is None else {"ssl": self.ssl}
         async with connect(
             self._stream_url(),
             subprotocols=[Subprotocol(protocol.SUBPROTOCOL)],
@@ -282,6 +296,7 @@ class RelayClient:
             compression=None,
             open_timeout=self.open_timeout,
             max_size=None,
+            **tls,
         ) as ws:
             self._ws = ws
             self.stats.connects += 1

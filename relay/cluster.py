@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 
 from relay.hub import Hub
 from relay.membership.base import Membership, ready_ids
@@ -28,8 +29,9 @@ class Cluster:
     """The hub's `Upstream` in a cluster."""
 
     def __init__(self, node_id: str, peer_token: str, membership: Membership, hub: Hub,
-                 metrics: Metrics) -> None:
+                 metrics: Metrics, ssl_context: ssl.SSLContext | None = None) -> None:
         self.node_id = node_id
+        self.ssl_context = ssl_context  # with TLS on: the peer links are wss://
         self.peer_token = peer_token
         self.membership = membership
         self.hub = hub
@@ -114,7 +116,8 @@ class Cluster:
                 return None
             link = PeerLink(node_id, member.address, self.peer_token,
                             on_message=self.hub.on_upstream, since_of=self.hub.version,
-                            on_up=self._link_up, on_down=self._link_down)
+                            on_up=self._link_up, on_down=self._link_down,
+                            ssl_context=self.ssl_context)
             self.links[node_id] = link
             link.start()
         return link

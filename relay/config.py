@@ -186,7 +186,7 @@ class Config:
     tls_cert: str = _opt(
         "", "PEM certificate (chain) for TLS on the public and internal ports; reloaded on SIGHUP"
     )
-    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_key: str = _opt("", "PEM private key of --tls-cert (without a pass phrase)")
     tls_ca: str = _opt(
         "",
         "PEM CA bundle that peers' certificates are checked against (a private CA: host names "
@@ -299,6 +299,8 @@ def check(config: Config) -> None:
         raise ConfigError(f"--trusted-proxies: {exc}") from None
     if bool(config.tls_cert) != bool(config.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
+    if config.tls_ca and not config.tls_cert:
+        raise ConfigError("--tls-ca is for a node with TLS: give --tls-cert and --tls-key too")
     if not 0 <= config.write_low_water < config.write_high_water:
         raise ConfigError("--write-low-water must be at least 0 and below --write-high-water")
     positive = (

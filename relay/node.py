@@ -89,11 +89,14 @@ class Node:
         if config.discovery:
             self.peer_server = PeerServer(self.hub, config.peer_token)
             self.peer_server.add_routes(self.admin.app)
+            # A cluster is all-TLS or all-plain: with TLS on, probes and links are TLS too.
+            peer_ssl = self.tls.client_context() if self.tls else None
             self.membership = make_membership(
-                config.discovery, self.member, config.store, config.membership_interval
+                config.discovery, self.member, config.store, config.membership_interval,
+                ssl_context=peer_ssl,
             )
             self.cluster = Cluster(config.node_id, config.peer_token, self.membership,
-                                   self.hub, self.metrics)
+                                   self.hub, self.metrics, ssl_context=peer_ssl)
             self.hub.upstream = self.cluster
 
     @property

@@ -4,6 +4,10 @@ carrying the subscriptions of every environment this node follows through it.
 It reconnects by itself with backoff; on every (re)connection it subscribes again to each of
 its environments with the version the hub holds then, so the owner sends exactly what is
 missing. While it is down, the cluster takes those environments from the store instead.
+
+With TLS on (`ssl_context`, the node's client context) the link is wss://, verified as
+relay/tls.py says; a TLS failure (an untrusted certificate, a peer without TLS) is logged once
+as a warning, not at every retry, until the link comes up or the reason changes.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -19,6 +24,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from relay import peer_protocol
 from relay.tasks import raise_if_cancelled
+from relay.tls import peer_failure
 
 log = logging.getLogger("relay.peer")
 
@@ -36,10 +42,14 @@ class PeerLink:
         since_of: Callable[[str], int | None],
         on_up: Callable[[PeerLink], None],
         on_down: Callable[[PeerLink], None],
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.node_id = node_id
         self.address = address
         self.token = token
+        self.ssl_context = ssl_context
+        self._scheme = "wss" if ssl_context is not None else "ws"
+        self._tls_failure = ""  # the TLS failure last logged
         self.envs: set[str] = set()
         self.up = False
         self._on_message = on_message
@@ -75,15 +85,23 @@ class PeerLink:
         while True:
             try:
                 async with connect(
-                    f"ws://{self.address}{peer_protocol.PATH}",
+                    f"{self._scheme}://{self.address}{peer_protocol.PATH}",
+                    ssl=self.ssl_context,
                     additional_headers={"Authorization": f"Bearer {self.token}"},
                     compression=None, max_size=None, open_timeout=5,
                     ping_interval=10, ping_timeout=10,
                 ) as ws:
                     pause = _BACKOFF[0]
+                    self._tls_failure = ""
                     await self._session(ws)
             except asyncio.CancelledError:
                 raise
+            except ssl.SSLError as exc:
+                raise_if_cancelled()
+                reason = peer_failure(exc)
+                if reason != self._tls_failure:
+                    self._tls_failure = reason
+                    log.warning("peer link to %s (%s): %s", self.node_id, self.address, reason)
             except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
                 raise_if_cancelled()
                 log.info("peer link to %s (%s): %s", self.node_id, self.address, exc)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import ssl
 import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -28,8 +29,9 @@ class Cluster:
     """Up to N nodes n0, n1, ... with fixed ports, all listed in each one's static discovery."""
 
     def __init__(self, tmp: Path, redis_url: str, size: int, discovery: str = "static",
-                 extra: Sequence[str] = ()) -> None:
+                 extra: Sequence[str] = (), ssl_context: ssl.SSLContext | None = None) -> None:
         self.extra = list(extra)  # more `relay serve` flags for every node
+        self.ssl = ssl_context  # to reach nodes that serve TLS
         self.tmp = tmp
         self.redis_url = redis_url
         self.ports = [(_free_port(), _free_port()) for _ in range(size)]
@@ -37,28 +39,30 @@ class Cluster:
             f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(self.ports))
         self.nodes: dict[int, RelayProcess] = {}
 
-    def start(self, i: int) -> RelayProcess:
+    def start(self, i: int, *extra: str) -> RelayProcess:
+        """Node i, with the cluster's flags and `extra` ones."""
         port, admin = self.ports[i]
         node = start_relay(
             self.tmp / f"n{i}", "--port", str(port), "--admin-port", str(admin),
             "--node-id", f"n{i}", "--store", self.redis_url, "--discovery", self.discovery,
             "--peer-token", "peer-secret", "--admin-token", TOKEN,
-            "--membership-interval", "0.2", "--log-level", "warning", *self.extra,
+            "--membership-interval", "0.2", "--log-level", "warning", *self.extra, *extra,
         )
         self.nodes[i] = node
         return node
 
     def admin(self, i: int) -> Admin:
-        return Admin(self.nodes[i].admin_url, TOKEN)
+        return Admin(self.nodes[i].admin_url, TOKEN, ssl=self.ssl)
 
     def status(self, i: int) -> dict[str, Any]:
         request = urllib.request.Request(f"{self.nodes[i].admin_url}/admin/v1/status",
                                          headers={"Authorization": f"Bearer {TOKEN}"})
-        with urllib.request.urlopen(request, timeout=5) as resp:
+        with urllib.request.urlopen(request, timeout=5, context=self.ssl) as resp:
             return dict(json.load(resp))
 
     def metric(self, i: int, name: str) -> float:
-        with urllib.request.urlopen(f"{self.nodes[i].admin_url}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"{self.nodes[i].admin_url}/metrics", timeout=5,
+                                    context=self.ssl) as resp:
             for line in resp.read().decode().splitlines():
                 if line.startswith(name + " "):
                     return float(line.split()[1])

@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import ssl
 import subprocess
 import sys
 import time
@@ -37,10 +38,11 @@ def node_config(tmp: Path, **overrides: Any) -> Config:
 class Admin:
     """A tiny admin API client over a real aiohttp session."""
 
-    def __init__(self, url: str, token: str = TOKEN) -> None:
+    def __init__(self, url: str, token: str = TOKEN, ssl: ssl.SSLContext | None = None) -> None:
         self.url = url
         self.token = token
-        self.session = aiohttp.ClientSession()
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(ssl=ssl if ssl is not None else True))
 
     async def call(
         self, method: str, path: str, body: Any = None, *, token: str | None = None,

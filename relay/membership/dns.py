@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 
 from relay.membership.probed import ProbedMembership, Self
 from relay.membership.static import DiscoveryError
@@ -20,7 +21,8 @@ def parse(spec: str) -> tuple[str, int]:
     return name, int(port)
 
 
-def dns_membership(spec: str, local: Self, interval: float) -> ProbedMembership:
+def dns_membership(spec: str, local: Self, interval: float,
+                   ssl_context: ssl.SSLContext | None = None) -> ProbedMembership:
     name, port = parse(spec)
 
     async def candidates() -> list[str]:
@@ -32,4 +34,4 @@ def dns_membership(spec: str, local: Self, interval: float) -> ProbedMembership:
             return []
         return sorted({f"{info[4][0]}:{port}" for info in infos})
 
-    return ProbedMembership(candidates, local, interval)
+    return ProbedMembership(candidates, local, interval, ssl_context=ssl_context)

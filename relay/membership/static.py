@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 from relay.config import ConfigError
 from relay.membership.probed import ProbedMembership, Self
 
@@ -24,10 +26,11 @@ def parse(spec: str) -> dict[str, str]:
     return peers
 
 
-def static_membership(spec: str, local: Self, interval: float) -> ProbedMembership:
+def static_membership(spec: str, local: Self, interval: float,
+                      ssl_context: ssl.SSLContext | None = None) -> ProbedMembership:
     peers = parse(spec)
 
     async def candidates() -> list[str]:
         return list(peers.values())
 
-    return ProbedMembership(candidates, local, interval)
+    return ProbedMembership(candidates, local, interval, ssl_context=ssl_context)
