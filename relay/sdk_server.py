@@ -35,7 +35,7 @@ from relay import handshake, protocol
 from relay.config import Config
 from relay.hub import Hub
 from relay.metrics import Metrics
-from relay.store.base import StoreError, hash_key
+from relay.store.base import StoreError
 
 log = logging.getLogger("relay.sdk")
 _ws_log = logging.getLogger("websockets.server")
@@ -364,7 +364,7 @@ class SdkConnection(asyncio.Protocol):
         self.close(protocol.CLOSE_BAD_CREDENTIALS, message)
 
     def _start_auth(self, key: str, since: int | None) -> None:
-        self.key_hash = hash_key(key)
+        self.key_hash = self.server.hub.hash_key(key)
         hub = self.server.hub
         env = hub.cached_env(self.key_hash)
         if env is not None and self.proto.state is _OPEN:

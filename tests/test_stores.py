@@ -23,11 +23,13 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
     hash_key,
+    legacy_hash_key,
 )
 from relay.store.redis import RedisStore
 from relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
-H1, H2, H3 = hash_key("sdk-1"), hash_key("sdk-2"), hash_key("sdk-3")
+SECRET = b"test-sdk-key-secret"
+H1, H2, H3 = (hash_key(k, SECRET) for k in ("sdk-1", "sdk-2", "sdk-3"))
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -72,8 +74,12 @@ async def _open(path: Path, **kwargs: Any) -> SQLiteStore:
 # --- environments and keys --------------------------------------------------------------------
 
 
-def test_hash_key_is_sha256_hex() -> None:
-    assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+def test_hash_key_is_hmac_sha256_hex_and_the_legacy_hash_sha256() -> None:
+    # RFC 4231, test case 2; then FIPS 180-2's "abc".
+    assert hash_key("what do ya want for nothing?", b"Jefe") == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    assert legacy_hash_key("abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
 async def test_put_env_creates_with_version_zero(store: Store) -> None:
