@@ -128,6 +128,33 @@ async def test_put_env_key_conflict(store: Store) -> None:
     assert await store.envs() == {"a": 0, "b": 0}
 
 
+async def test_legacy_hashes_conflict_migrate_and_revoke(store: Store) -> None:
+    """A key stored under its legacy (SHA-256) hash, as before HMAC hashing: it still
+    conflicts with the same key given to another environment; migrate_key moves it to its
+    HMAC hash atomically (again: a no-op; a hash not there: nothing); a PUT replaces both."""
+    l1, l2 = legacy_hash_key("sdk-1"), legacy_hash_key("sdk-2")
+    await store.put_env("old", [l1, l2])  # (what a store written before holds)
+    with pytest.raises(KeyConflict) as err:
+        await store.put_env("new", [H1], [l1])
+    assert err.value.other_env == "old" and await store.envs() == {"old": 0}
+    assert await store.migrate_key(l1, H1, False) == "old"
+    assert (await store.env_for_key(l1), await store.env_for_key(H1)) == (None, "old")
+    assert await store.migrate_key(l1, H1, False) == "old"
+    assert await store.migrate_key(legacy_hash_key("sdk-3"), H3, False) is None
+    assert await store.env_for_key(H3) is None
+    await store.put_env("old", [H3])  # revokes sdk-1 (migrated) and sdk-2 (not yet)
+    for gone in (H1, l2):
+        assert await store.env_for_key(gone) is None
+    assert await store.migrate_key(l2, H2, False) is None
+    assert await store.env_for_key(H2) is None
+    assert await store.drop_kept_legacy_hashes() == 0
+
+
+async def test_the_key_secret_check_is_recorded_once(store: Store) -> None:
+    assert await store.key_secret_check("first") == "first"
+    assert await store.key_secret_check("second") == "first"
+
+
 async def test_keys_listener_fires_on_the_loop(store: Store) -> None:
     calls: list[tuple[str, frozenset[str], int]] = []
     store.add_keys_listener(lambda env, hashes: calls.append((env, hashes, threading.get_ident())))
