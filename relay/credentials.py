@@ -37,8 +37,9 @@ class GivenSecrets:
 
 def _given(config: Config, name: str, what: str) -> str:
     path: str = getattr(config, name + "_file")
-    return read_secret_file(path, f"--{name.replace('_', '-')}-file: the {what} file") if path \
-        else str(getattr(config, name))
+    if not path:
+        return str(getattr(config, name))
+    return read_secret_file(path, f"--{name.replace('_', '-')}-file: the {what} file")
 
 
 def given_secrets(config: Config) -> GivenSecrets:
