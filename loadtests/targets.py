@@ -283,7 +283,8 @@ class ClusterTarget(RelayProtocolTarget):
                 sys.executable, "-m", "relay", "serve", "--port", str(port),
                 "--admin-port", str(admin), "--data-dir", str(data), "--node-id", f"n{i}",
                 "--admin-token", self.token, "--store", store, "--discovery", discovery,
-                "--peer-token", "loadtest-peers", "--log-level", "warning"])
+                "--peer-token", "loadtest-peers", "--log-level", "warning",
+                "--sdk-key-secret", "loadtest-sdk-key-secret"])
             self.ws_bases.append(f"ws://127.0.0.1:{port}")
             self.http_bases.append(f"http://127.0.0.1:{admin}")
             self.node_procs[f"n{i}"] = self.procs[-1]

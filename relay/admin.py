@@ -29,7 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from relay import protocol
 from relay.drain import DrainError, DrainPlan, DrainRefused
-from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, hash_key
+from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, legacy_hash_key
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -351,7 +351,8 @@ class AdminApi:
             raise BadRequest(
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"
             )
-        v = await self.node.store.put_env(env, [hash_key(k) for k in keys])
+        v = await self.node.store.put_env(  # HMAC hashes; legacy ones checked for conflicts
+            env, [self.node.keys.hash(k) for k in keys], [legacy_hash_key(k) for k in keys])
         return _json({"env": env, "v": v})
 
     async def patch_flags(self, request: web.Request) -> web.Response:

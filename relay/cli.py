@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-from relay import __version__
+from relay import __version__, credentials, redact
 from relay import config as config_mod
 from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
+from relay.private_files import read_secret_file
 from relay.store import describe as describe_store
 
 DEFAULT_ADMIN_URL = "http://127.0.0.1:8081"
@@ -37,33 +38,35 @@ class UserError(Exception):
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
-    print(f"relay: {message}", file=sys.stderr)
+    print(f"relay: {redact.text(message)}", file=sys.stderr)
     raise SystemExit(code)
 
 
 # --- relay serve --------------------------------------------------------------------------------
 
 
+def _token_note(node: Any, cfg: config_mod.Config) -> tuple[str, str]:
+    """Where the admin token is (it is never printed: logs are collected and kept), and the
+    line that hands it to the CLI in another terminal."""
+    if cfg.admin_token:
+        return ("from --admin-token or RELAY_ADMIN_TOKEN",
+                "export RELAY_ADMIN_TOKEN=<the token you gave>")
+    path = Path(cfg.admin_token_file or Path(cfg.data_dir) / credentials.ADMIN_TOKEN_FILE)
+    where = (f"from --admin-token-file {path}" if cfg.admin_token_file else
+             f"generated into {path}" if node.token_generated else f"in {path}")
+    return where, f"export RELAY_ADMIN_TOKEN_FILE={path.absolute()}"
+
+
 def _banner(node: Any, cfg: config_mod.Config) -> str:
-    token_note = (
-        f"generated, saved in {Path(cfg.data_dir) / 'admin-token'}"
-        if node.token_generated
-        else ("from --admin-token or RELAY_ADMIN_TOKEN" if cfg.admin_token else
-              f"from {Path(cfg.data_dir) / 'admin-token'}")
-    )
+    where, token_env = _token_note(node, cfg)
     admin_flags = "" if node.admin_url == DEFAULT_ADMIN_URL else f" --admin-url {node.admin_url}"
     watch_url = "" if node.ws_url == DEFAULT_WS_URL else f" --url {node.ws_url}"
-    # A token given by flag or environment (a Kubernetes Secret, say) is never printed: logs
-    # are collected and kept. A generated one is printed once, for the first try on a laptop.
-    shown = node.admin_token if not cfg.admin_token else "(not printed)"
-    token_env = (f"export RELAY_ADMIN_TOKEN={node.admin_token}" if not cfg.admin_token
-                 else "export RELAY_ADMIN_TOKEN=<the token you gave>")
     return "\n".join([
         f"relay {__version__}: node {cfg.node_id} ready",
         f"  SDK WebSockets  {node.ws_url}",
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
-        f"  admin token     {shown}  ({token_note})",
-        f"  store           {describe_store(cfg)}",
+        f"  admin token     {where} (not printed)",
+        f"  store           {redact.text(describe_store(cfg))}",
         "",
         "Try it (in another terminal):",
         f"  {token_env}",
@@ -83,6 +86,8 @@ async def _serve(cfg: config_mod.Config) -> None:
         raise UserError(str(exc)) from None
     try:
         await node.start()
+    except config_mod.ConfigError as exc:  # a secret file, the store's SDK-key secret check
+        raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot start: {exc.strerror or exc}") from None
     print(_banner(node, cfg), flush=True)
@@ -154,8 +159,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except config_mod.ConfigError as exc:
         raise UserError(str(exc)) from None
     if args.dry_run:  # what a container's command line and environment would run
+        from relay.credentials import given_secrets
+
+        try:
+            given_secrets(cfg)  # the secret files exist, are safe and hold a secret
+        except config_mod.ConfigError as exc:
+            raise UserError(str(exc)) from None
+        secret = config_mod.secret_fields()
         for name, value in sorted(dataclasses.asdict(cfg).items()):
-            shown = "(set)" if name.endswith("token") and value else repr(value)
+            if name in secret and value:
+                shown = "(set)"
+            else:  # (a password in the store's URL is hidden too)
+                shown = repr(redact.text(value) if isinstance(value, str) else value)
             print(f"{name} = {shown}")
         print("configuration OK (--dry-run: not started)")
         return 0
@@ -163,6 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         level=cfg.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    redact.install(logging.getLogger().level)
     from relay.store.base import StoreUnavailable
 
     try:
@@ -178,16 +194,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _admin_token(args: argparse.Namespace) -> str:
+    """--admin-token or --admin-token-file (or their variables; one of them), else the token
+    file in --data-dir (what `relay serve` generates there)."""
     token: str | None = args.admin_token or os.environ.get("RELAY_ADMIN_TOKEN")
-    if token:
-        return token
-    data_dir = Path(args.data_dir or os.environ.get("RELAY_DATA_DIR") or "./relay-data")
-    path = data_dir / "admin-token"
-    with contextlib.suppress(OSError):
-        return path.read_text().strip()
+    path: str | None = args.admin_token_file or os.environ.get("RELAY_ADMIN_TOKEN_FILE")
+    if token and path:
+        raise UserError("give --admin-token (RELAY_ADMIN_TOKEN) or --admin-token-file "
+                        "(RELAY_ADMIN_TOKEN_FILE), not both")
+    try:
+        if path:
+            return read_secret_file(path, "--admin-token-file: the admin token file")
+        if token:
+            return token
+        data_dir = Path(args.data_dir or os.environ.get("RELAY_DATA_DIR") or "./relay-data")
+        default = data_dir / credentials.ADMIN_TOKEN_FILE
+        if os.path.lexists(default):
+            return read_secret_file(default, "the admin token file")
+    except config_mod.ConfigError as exc:
+        raise UserError(str(exc)) from None
     raise UserError(
-        "no admin token: pass --admin-token, set RELAY_ADMIN_TOKEN, or run where "
-        f"{path} exists"
+        "no admin token: pass --admin-token or --admin-token-file, set RELAY_ADMIN_TOKEN or "
+        f"RELAY_ADMIN_TOKEN_FILE, or run where {default} exists"
     )
 
 
@@ -513,6 +540,11 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
         help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]",
     )
     parser.add_argument(
+        "--admin-token-file",
+        help="a file holding the admin token, which keeps it out of `ps` "
+             "[RELAY_ADMIN_TOKEN_FILE]",
+    )
+    parser.add_argument(
         "--admin-ca", metavar="FILE",
         help="PEM CA bundle that an https:// admin URL's certificate must chain to (a private "
              "CA: host names are not checked) [RELAY_ADMIN_CA; default: the system's CAs]",
@@ -533,7 +565,8 @@ def build_parser() -> argparse.ArgumentParser:
     config_mod.add_arguments(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check the flags and RELAY_* variables, print the resulting "
-                            "configuration (tokens hidden) and exit without starting")
+                            "configuration (secrets hidden; secret files read and checked) "
+                            "and exit without starting")
     serve.set_defaults(func=cmd_serve)
 
     env = sub.add_parser("env", help="manage environments")

@@ -37,6 +37,7 @@ def _default_max_connections() -> int:
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MIN_SDK_KEY_SECRET = 16  # characters: a short secret makes the stored hashes guessable again
 
 
 def _opt(default: Any, help: str, **kw: Any) -> Any:
@@ -76,7 +77,12 @@ class Config:
     advertise: str = _opt(
         "", "HOST:PORT at which peers reach this node's internal port (default: the one bound)"
     )
-    peer_token: str = _opt("", "bearer token of the internal peer links (needed with --discovery)")
+    peer_token: str = _opt(
+        "", "bearer token of the internal peer links (needed with --discovery)", secret=True
+    )
+    peer_token_file: str = _opt(
+        "", "a file holding --peer-token (one line), so the token stays out of `ps`"
+    )
     membership_interval: float = _opt(1.0, "seconds between membership probes or heartbeats")
     store: str = _opt(
         "sqlite",
@@ -84,7 +90,27 @@ class Config:
         "(shared by the nodes of a cluster)",
     )
     admin_token: str = _opt(
-        "", "bearer token of the admin API (default: generated once, kept in the data dir)"
+        "", "bearer token of the admin API (default: generated once into the data dir's "
+        "admin-token file, never printed)", secret=True,
+    )
+    admin_token_file: str = _opt(
+        "", "a file holding --admin-token (one line), so the token stays out of `ps`"
+    )
+    sdk_key_secret: str = _opt(
+        "",
+        "secret key of the HMAC-SHA256 under which SDK keys are stored (at least "
+        f"{MIN_SDK_KEY_SECRET} characters; the same on every node of a cluster, and needed "
+        "with a Redis store; default with SQLite: generated once into the data dir's "
+        "sdk-key-secret file)",
+        secret=True,
+    )
+    sdk_key_secret_file: str = _opt("", "a file holding --sdk-key-secret (one line)")
+    sdk_key_legacy_hashes: str = _opt(
+        "migrate",
+        "an SDK key found under its plain SHA-256 hash (stores written by relay before "
+        "HMAC hashing): migrate (store it under its HMAC hash, drop the SHA-256 one) or keep "
+        "(add the HMAC hash beside it, for older nodes still running during a cluster's "
+        "rolling upgrade; nodes started with migrate drop those later)",
     )
     node_id: str = _opt(socket.gethostname(), "this node's name in status and hello frames")
     history: int = _opt(1000, "changes per environment kept in memory to answer `since`")
@@ -201,6 +227,11 @@ class Config:
         return self.admin_host
 
 
+def secret_fields() -> frozenset[str]:
+    """The fields whose values are secrets: never printed, never logged."""
+    return frozenset(f.name for f in dataclasses.fields(Config) if f.metadata.get("secret"))
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -265,19 +296,40 @@ def check(config: Config) -> None:
         raise ConfigError(
             f"--store must be sqlite or a redis:// (rediss://, unix://) URL, got {config.store!r}"
         )
+    for name in ("admin_token", "peer_token", "sdk_key_secret"):
+        if getattr(config, name) and getattr(config, name + "_file"):
+            raise ConfigError(
+                f"give {_flag(name)} ({_env_var(name)}) or {_flag(name + '_file')} "
+                f"({_env_var(name + '_file')}), not both"
+            )
     if config.discovery:
         if config.store == "sqlite":
             raise ConfigError(
                 "a cluster needs a shared store: --discovery needs --store redis://... "
                 "(the embedded SQLite store serves one node)"
             )
-        if not config.peer_token:
-            raise ConfigError("--discovery needs --peer-token, the secret peers share")
+        if not config.peer_token and not config.peer_token_file:
+            raise ConfigError("--discovery needs --peer-token or --peer-token-file, the secret "
+                              "peers share")
         if not config.discovery.startswith(("static:", "dns:")) and config.discovery != "redis":
             raise ConfigError(
                 "--discovery is static:ID@HOST:PORT,..., dns:NAME:PORT or redis, "
                 f"got {config.discovery!r}"
             )
+    if config.store != "sqlite" and not config.sdk_key_secret and not config.sdk_key_secret_file:
+        raise ConfigError(
+            "a Redis store needs --sdk-key-secret-file or --sdk-key-secret "
+            "(RELAY_SDK_KEY_SECRET_FILE, RELAY_SDK_KEY_SECRET): the same secret on every node, "
+            "under which SDK keys are stored hashed (make one: openssl rand -hex 32)"
+        )
+    if config.sdk_key_secret and len(config.sdk_key_secret) < MIN_SDK_KEY_SECRET:
+        raise ConfigError(f"--sdk-key-secret must be at least {MIN_SDK_KEY_SECRET} characters")
+    if config.sdk_key_legacy_hashes not in ("migrate", "keep"):
+        raise ConfigError("--sdk-key-legacy-hashes must be migrate or keep, "
+                          f"got {config.sdk_key_legacy_hashes!r}")
+    if config.sdk_key_legacy_hashes == "keep" and config.store == "sqlite":
+        raise ConfigError("--sdk-key-legacy-hashes keep is for a cluster's rolling upgrade "
+                          "(a Redis store); the SQLite store serves one node and migrates")
     if "$(" in config.advertise:
         raise ConfigError(f"--advertise has an unexpanded variable: {config.advertise!r} "
                           "(Kubernetes expands $(VAR) only for variables defined before it)")

@@ -30,7 +30,7 @@ from relay.changes import Change
 from relay.envstate import Applied, EnvState, change_frame, delta_frame
 from relay.metrics import Metrics
 from relay.outbound import EVICT_HISTORY, Outbox
-from relay.store.base import Store
+from relay.store.base import KeyHasher, Store, legacy_hash_key
 
 log = logging.getLogger("relay.hub")
 
@@ -136,6 +136,9 @@ class Hub:
         metrics.sessions_behind.set_function(self.sessions_behind)
         self._dirty: dict[str, _Channel] = {}
         self._key_cache: dict[str, str] = {}
+        self.keys: KeyHasher | None = None  # set by the node once its SDK-key secret is known
+        # HMAC hash -> legacy SHA-256 hash of keys not in the cache, until their lookup is done.
+        self._legacy: dict[str, str] = {}
         # Keys of environments whose keys changed while this node ran: a session that was
         # attaching when its key was revoked is refused once the load completes.
         self._env_keys: dict[str, frozenset[str]] = {}
@@ -146,11 +149,31 @@ class Hub:
 
     # --- SDK keys -----------------------------------------------------------------------------
 
+    def hash_key(self, sdk_key: str) -> str:
+        """The HMAC hash a session's key is known by (in the cache, the store, `on_keys`). For a
+        key not in the cache, its legacy hash is noted for `resolve`, which tries it when the
+        store has no HMAC hash of the key yet (and migrates it)."""
+        assert self.keys is not None, "the node sets hub.keys before serving"
+        key_hash = self.keys.hash(sdk_key)
+        if key_hash not in self._key_cache:
+            if len(self._legacy) >= _KEY_CACHE_MAX:
+                self._legacy.clear()
+            self._legacy[key_hash] = legacy_hash_key(sdk_key)
+        return key_hash
+
     async def resolve(self, key_hash: str) -> str | None:
-        """The environment a hashed SDK key reads; cached so reconnect storms skip the store."""
+        """The environment a hashed SDK key reads; cached so reconnect storms skip the store.
+        A key the store holds only under its legacy hash is migrated to its HMAC hash."""
         env = self._key_cache.get(key_hash)
         if env is None:
+            legacy = self._legacy.get(key_hash)
             env = await self.store.env_for_key(key_hash)
+            if env is None and legacy is not None:
+                assert self.keys is not None
+                env = await self.store.migrate_key(legacy, key_hash, self.keys.keep_legacy)
+            # (Kept after a store error: a lookup of the same key that started meanwhile may
+            # still need it.)
+            self._legacy.pop(key_hash, None)
             if env is not None and self.key_valid(key_hash, env):
                 if len(self._key_cache) >= _KEY_CACHE_MAX:
                     self._key_cache.clear()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 import socket
 import time
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from relay import __version__
+from relay import __version__, credentials
 from relay.admin import AdminApi
 from relay.cluster import Cluster
 from relay.config import Config, ConfigError
@@ -26,27 +25,15 @@ from relay.peer_server import PeerServer
 from relay.protocol import CLOSE_SERVICE_RESTART
 from relay.sdk_server import SdkServer
 from relay.store import make_store
-from relay.store.base import Store
+from relay.store.base import KeyHasher, Store, secret_check
 from relay.tls import Tls, TlsError
 
 log = logging.getLogger("relay.node")
 
-TOKEN_FILE = "admin-token"
+TOKEN_FILE = credentials.ADMIN_TOKEN_FILE
 
 STATES = ("starting", "ready", "draining", "stopped")
 _DRAIN_TICK_S = 0.05
-
-
-def load_or_create_admin_token(data_dir: Path) -> tuple[str, bool]:
-    """The admin token kept in the data dir (created 0600 on first start); True if new."""
-    path = data_dir / TOKEN_FILE
-    if path.exists():
-        return path.read_text().strip(), False
-    data_dir.mkdir(parents=True, exist_ok=True)
-    token = secrets.token_urlsafe(24)
-    path.touch(mode=0o600)
-    path.write_text(token + "\n")
-    return token, True
 
 
 class Node:
@@ -63,8 +50,11 @@ class Node:
         self._drain_ends = 0.0  # monotonic time of the drain's deadline
         self._drain_task: asyncio.Task[None] | None = None
         self.store: Store = store or make_store(config)
-        self.admin_token = config.admin_token
+        # Given secrets now (a bad file is a configuration error); generated ones at start.
+        self.secrets = credentials.given_secrets(config)
+        self.admin_token = self.secrets.admin_token
         self.token_generated = False
+        self.keys: KeyHasher  # set by start(), once the SDK-key secret is known
         self.hub = Hub(
             self.store, self.metrics, config.node_id,
             max_history=config.history, idle_ttl=config.env_idle_ttl,
@@ -87,7 +77,7 @@ class Node:
         self.cluster: Cluster | None = None
         self.peer_server: PeerServer | None = None
         if config.discovery:
-            self.peer_server = PeerServer(self.hub, config.peer_token)
+            self.peer_server = PeerServer(self.hub, self.secrets.peer_token)
             self.peer_server.add_routes(self.admin.app)
             # A cluster is all-TLS or all-plain: with TLS on, probes and links are TLS too.
             peer_ssl = self.tls.client_context() if self.tls else None
@@ -95,7 +85,7 @@ class Node:
                 config.discovery, self.member, config.store, config.membership_interval,
                 ssl_context=peer_ssl,
             )
-            self.cluster = Cluster(config.node_id, config.peer_token, self.membership,
+            self.cluster = Cluster(config.node_id, self.secrets.peer_token, self.membership,
                                    self.hub, self.metrics, ssl_context=peer_ssl)
             self.hub.upstream = self.cluster
 
@@ -134,12 +124,21 @@ class Node:
         return f"{scheme}://{self.config.admin_bind}:{self.admin_port}"
 
     async def start(self) -> None:
+        data_dir = Path(self.config.data_dir)
         if not self.admin_token:
-            self.admin_token, self.token_generated = load_or_create_admin_token(
-                Path(self.config.data_dir)
-            )
+            self.admin_token, self.token_generated = credentials.load_or_create_admin_token(
+                data_dir)
+        secret = self.secrets.sdk_key_secret
+        if not secret:
+            if self.config.store != "sqlite":  # (config.check says so first)
+                raise ConfigError("a Redis store needs --sdk-key-secret or --sdk-key-secret-file")
+            secret = credentials.load_or_create_sdk_key_secret(data_dir)
+        self.keys = KeyHasher(secret.encode(),
+                              keep_legacy=self.config.sdk_key_legacy_hashes == "keep")
+        self.hub.keys = self.keys
         await self.store.open()
         try:
+            await self._check_key_secret()
             self._runner = web.AppRunner(
                 self.admin.app, access_log=None,
                 shutdown_timeout=5.0,  # what an admin or peer request may still take at exit
@@ -161,6 +160,24 @@ class Node:
         if self.cluster is not None:
             self.cluster.on_members()  # into the ring, as this node sees it
         log.info("node %s ready", self.config.node_id)
+
+    async def _check_key_secret(self) -> None:
+        """Refuse to serve with another SDK-key secret than the store's keys were hashed
+        under (a lost sdk-key-secret file, a node configured apart from its cluster): every
+        SDK key would be refused with 4001, which tells SDKs to stop for good. Then drop the
+        legacy hashes kept during a rolling upgrade, unless still keeping them."""
+        found = await self.store.key_secret_check(secret_check(self.keys.secret))
+        if found != secret_check(self.keys.secret):
+            where = ("--sdk-key-secret (or its file)" if self.secrets.sdk_key_secret
+                     else str(Path(self.config.data_dir) / credentials.SDK_KEY_SECRET_FILE))
+            raise ConfigError(
+                f"the store's SDK keys were hashed under another secret than {where}: "
+                "every SDK key would be refused. Give the secret the store was used with "
+                "(the same on every node); see docs/runbook.md to change it")
+        if not self.keys.keep_legacy:
+            dropped = await self.store.drop_kept_legacy_hashes()
+            if dropped:
+                log.info("dropped %d legacy SDK-key hash(es) kept during an upgrade", dropped)
 
     def _set_state(self, state: str) -> None:
         self.state = state

@@ -53,7 +53,7 @@ from relay.hub import Hub
 from relay.keepalive import PendingPings, PingRounds
 from relay.metrics import Metrics
 from relay.reqhead import HeadStatus, RequestHead
-from relay.store.base import StoreError, hash_key
+from relay.store.base import StoreError
 from relay.tls import TlsFailed, TlsStream
 from relay.trusted_proxies import TrustedProxies
 
@@ -657,7 +657,7 @@ class SdkConnection(asyncio.Protocol):
             server.refused(refusal.reason)
             self._limit("too many failed authentications from this address", refusal.retry_ms)
             return
-        self.key_hash = hash_key(key)
+        self.key_hash = server.hub.hash_key(key)
         if (self.key_hash, server.loop.time()) in server.unknown_keys:
             self._refuse("unknown_key", "unknown SDK key")  # refused lately: no store lookup
             return

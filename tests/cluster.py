@@ -14,9 +14,10 @@ from typing import Any
 
 from loadtests import haproxy
 from relay.client import RelayClient
-from tests.helpers import Admin, RelayProcess, start_relay, terminate
+from tests.helpers import SDK_KEY_SECRET, Admin, RelayProcess, start_relay, terminate
 
 TOKEN = "cluster-admin-token"
+PEER_TOKEN = "peer-secret"
 
 
 def _free_port() -> int:
@@ -42,11 +43,16 @@ class Cluster:
     def start(self, i: int, *extra: str) -> RelayProcess:
         """Node i, with the cluster's flags and `extra` ones."""
         port, admin = self.ports[i]
+        secrets: list[str] = []  # unless `extra` gives them (by value or by file)
+        for flag, value in (("--peer-token", PEER_TOKEN), ("--admin-token", TOKEN),
+                            ("--sdk-key-secret", SDK_KEY_SECRET)):
+            if not {flag, flag + "-file"} & {a.split("=")[0] for a in self.extra}:
+                secrets += [flag, value]
         node = start_relay(
             self.tmp / f"n{i}", "--port", str(port), "--admin-port", str(admin),
             "--node-id", f"n{i}", "--store", self.redis_url, "--discovery", self.discovery,
-            "--peer-token", "peer-secret", "--admin-token", TOKEN,
-            "--membership-interval", "0.2", "--log-level", "warning", *self.extra, *extra,
+            *secrets, "--membership-interval", "0.2", "--log-level", "warning", *self.extra,
+            *extra,
         )
         self.nodes[i] = node
         return node

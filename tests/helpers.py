@@ -24,6 +24,7 @@ from relay.config import Config
 from relay.node import Node
 
 TOKEN = "test-admin-token"
+SDK_KEY_SECRET = "test-sdk-key-secret-0123456789"  # what a Redis store needs (every node)
 
 
 def node_config(tmp: Path, **overrides: Any) -> Config:
@@ -32,6 +33,8 @@ def node_config(tmp: Path, **overrides: Any) -> Config:
         "node_id": "test-node",
     }
     values.update(overrides)
+    if values.get("store", "sqlite") != "sqlite" and not values.get("sdk_key_secret_file"):
+        values.setdefault("sdk_key_secret", SDK_KEY_SECRET)
     return Config(**values)
 
 
@@ -165,12 +168,20 @@ class RelayProcess:
         return self.proc.returncode
 
 
-def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) -> RelayProcess:
+def _flag_value(extra: Sequence[str], flag: str) -> str | None:
+    given = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == flag]
+    given += [a.split("=", 1)[1] for a in extra if a.startswith(flag + "=")]
+    return given[-1] if given else None
+
+
+def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
+                umask: int = -1) -> RelayProcess:
     cmd = [sys.executable, "-m", "relay", "serve", "--port", "0", "--admin-port", "0",
            "--data-dir", str(data_dir), *extra]
+    full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, **(env or {})},
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env,
+        umask=umask,
     )
     assert proc.stdout is not None
     lines: list[str] = []
@@ -185,12 +196,12 @@ def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None) 
             ws_url = m.group(1)
         if m := re.search(r"admin API\s+(\S+)", line):
             admin_url = m.group(1)
-        if m := re.search(r"admin token\s+(\S+)", line):
-            token = m.group(1)
-            if token == "(not":  # given by flag or environment: not printed
-                given = [extra[i + 1] for i, a in enumerate(extra[:-1]) if a == "--admin-token"]
-                token = given[-1] if given else {**os.environ, **(env or {})}["RELAY_ADMIN_TOKEN"]
-        if ws_url and admin_url and token:
+        if "admin token " in line:  # where it is: the token itself is never printed
+            given = _flag_value(extra, "--admin-token") or full_env.get("RELAY_ADMIN_TOKEN")
+            path = (_flag_value(extra, "--admin-token-file")
+                    or full_env.get("RELAY_ADMIN_TOKEN_FILE") or str(data_dir / "admin-token"))
+            token = given or Path(path).read_text().strip()
+        if ws_url and admin_url and token and "relay watch --key" in line:  # the banner's end
             break
     else:
         proc.kill()

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import SDK_KEY_SECRET as SECRET
 from tests.helpers import RelayProcess, start_relay
 
 
@@ -115,37 +116,97 @@ def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
     assert "--discovery is static:ID@HOST:PORT" in one_line_error(bad_discovery)
     bad_peer = run(None, "serve", "--discovery", "static:nohost", "--peer-token", "t",
                    "--store", "redis://127.0.0.1:9", "--port", "0", "--admin-port", "0",
-                   "--data-dir", str(tmp_path / "p"))
+                   "--data-dir", str(tmp_path / "p"), "--sdk-key-secret", SECRET)
     assert "static peers are ID@HOST:PORT" in one_line_error(bad_peer)
     bad_store = run(None, "serve", "--store", "mysql://db")
     assert "--store must be sqlite or a redis://" in one_line_error(bad_store)
     no_redis = run(None, "serve", "--port", "0", "--admin-port", "0", "--data-dir",
-                   str(tmp_path / "d"), "--store", "redis://127.0.0.1:9/0")
+                   str(tmp_path / "d"), "--store", "redis://127.0.0.1:9/0",
+                   "--sdk-key-secret", SECRET)
     assert "cannot open the store: cannot reach Redis at redis://127.0.0.1:9/0" in (
         one_line_error(no_redis))
+    # A password in the store's URL is not printed either.
+    no_redis = run(None, "serve", "--port", "0", "--admin-port", "0", "--data-dir",
+                   str(tmp_path / "d"), "--store", "redis://:hunter2-pw@127.0.0.1:9/0",
+                   "--sdk-key-secret", SECRET)
+    line = one_line_error(no_redis)
+    assert "cannot reach Redis at redis://:<redacted>@127.0.0.1:9/0" in line
+    assert "hunter2" not in line
+
+
+def test_secret_settings_are_checked(tmp_path: Path) -> None:
+    """A Redis store needs the SDK-key secret; a value and a file of the same secret are one
+    too many; a short secret and unknown legacy-hash modes are refused."""
+    no_secret = run(None, "serve", "--store", "redis://127.0.0.1:9/0")
+    assert "a Redis store needs --sdk-key-secret-file or --sdk-key-secret" in (
+        one_line_error(no_secret))
+    for flag in ("--admin-token", "--peer-token", "--sdk-key-secret"):
+        both = run(None, "serve", flag, SECRET, flag + "-file", str(tmp_path / "x"))
+        assert f"give {flag} " in one_line_error(both) and "not both" in both.stderr
+    env = {**os.environ, "RELAY_ADMIN_TOKEN": "t", "RELAY_ADMIN_TOKEN_FILE": "/x"}
+    mixed = subprocess.run([sys.executable, "-m", "relay", "serve"], capture_output=True,
+                           text=True, env=env, timeout=60)
+    assert "not both" in one_line_error(mixed)
+    short = run(None, "serve", "--sdk-key-secret", "short")
+    assert "--sdk-key-secret must be at least 16 characters" in one_line_error(short)
+    mode = run(None, "serve", "--sdk-key-legacy-hashes", "drop")
+    assert "--sdk-key-legacy-hashes must be migrate or keep" in one_line_error(mode)
+    keep = run(None, "serve", "--sdk-key-legacy-hashes", "keep")
+    assert "for a cluster's rolling upgrade" in one_line_error(keep)
 
 
 def test_serve_reads_relay_env_vars_and_admin_token_file(tmp_path: Path) -> None:
-    """RELAY_* variables configure serve; the CLI finds the generated token in ./relay-data."""
+    """RELAY_* variables configure serve; a generated admin token is written to its file
+    (0600) and never printed; the banner says where it is, and the CLI finds it in
+    ./relay-data, or through the line the banner shows."""
     env = {"RELAY_NODE_ID": "from-env"}
     proc = start_relay(tmp_path / "relay-data", env=env)
     try:
         assert any("node from-env ready" in line for line in proc.output)
         token_file = tmp_path / "relay-data" / "admin-token"
-        assert token_file.read_text().strip() == proc.token
-        assert token_file.stat().st_mode & 0o077 == 0
+        assert token_file.read_text() == proc.token + "\n" and len(proc.token) >= 32
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        banner = "".join(proc.output)
+        assert proc.token not in banner
+        assert f"admin token     generated into {token_file} (not printed)" in banner
+        export = f"export RELAY_ADMIN_TOKEN_FILE={token_file}"
+        assert export in banner
         # Run from the directory that holds ./relay-data: no token flag needed.
         result = run(None, "status", "--admin-url", proc.admin_url, cwd=tmp_path)
         assert result.returncode == 0 and "node from-env (ready)" in result.stdout
+        # Anywhere else, with the banner's line.
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        result = subprocess.run(
+            ["sh", "-c", f"{export} && {sys.executable} -m relay status --admin-url "
+                         f"{proc.admin_url}"],
+            capture_output=True, text=True, cwd=other, timeout=60,
+            env={k: v for k, v in os.environ.items() if not k.startswith("RELAY_")})
+        assert result.returncode == 0 and "node from-env (ready)" in result.stdout, result.stderr
     finally:
         assert proc.stop() == 0
+    # The next start reads it: the same token, not printed, the banner says where.
+    again = start_relay(tmp_path / "relay-data")
+    try:
+        assert again.token == proc.token
+        banner = "".join(again.output)
+        assert proc.token not in banner and f"admin token     in {token_file}" in banner
+    finally:
+        assert again.stop() == 0
 
 
 def test_a_given_admin_token_is_never_printed(tmp_path: Path) -> None:
-    """A token from a flag or the environment (a Kubernetes Secret) stays out of the logs."""
-    for extra, env in ((["--admin-token", "s3cret-flag-token"], None),
-                       ([], {"RELAY_ADMIN_TOKEN": "s3cret-env-token"})):
-        proc = start_relay(tmp_path / f"d{len(extra)}", *extra, env=env)
+    """A token from a flag, the environment or a file (a Kubernetes Secret) stays out of the
+    logs."""
+    token_file = tmp_path / "admin-token-given"
+    token_file.write_text("s3cret-file-token\n")
+    for i, (extra, env) in enumerate((
+        (["--admin-token", "s3cret-flag-token"], None),
+        ([], {"RELAY_ADMIN_TOKEN": "s3cret-env-token"}),
+        (["--admin-token-file", str(token_file)], None),
+        ([], {"RELAY_ADMIN_TOKEN_FILE": str(token_file)}),
+    )):
+        proc = start_relay(tmp_path / f"d{i}", *extra, env=env)
         try:
             assert proc.token.startswith("s3cret-")
             result = run(proc, "status")
@@ -153,7 +214,40 @@ def test_a_given_admin_token_is_never_printed(tmp_path: Path) -> None:
         finally:
             assert proc.stop() == 0
         text = "".join(proc.output)
-        assert "s3cret" not in text and "admin token     (not printed)" in text
+        assert "s3cret" not in text and "(not printed)" in text
+        if i >= 2:
+            assert f"admin token     from --admin-token-file {token_file}" in text
+            assert not (tmp_path / f"d{i}" / "admin-token").exists()
+
+
+def test_admin_commands_take_a_token_file(relay: RelayProcess, tmp_path: Path) -> None:
+    """relay env/flags/status/drain read --admin-token-file or RELAY_ADMIN_TOKEN_FILE (what a
+    Kubernetes preStop hook has), with the same checks as relay serve."""
+    good = tmp_path / "token"
+    good.write_text(relay.token + "\n")
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+    cmd = [sys.executable, "-m", "relay", "status", "--admin-url", relay.admin_url]
+    by_flag = subprocess.run([*cmd, "--admin-token-file", str(good)], capture_output=True,
+                             text=True, env=base, timeout=60, cwd=tmp_path)
+    assert by_flag.returncode == 0 and "(ready)" in by_flag.stdout, by_flag.stderr
+    by_env = subprocess.run(cmd, capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                            env={**base, "RELAY_ADMIN_TOKEN_FILE": str(good)})
+    assert by_env.returncode == 0 and "(ready)" in by_env.stdout, by_env.stderr
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token\n")
+    refused = subprocess.run([*cmd, "--admin-token-file", str(wrong)], capture_output=True,
+                             text=True, env=base, timeout=60, cwd=tmp_path)
+    assert "401 bad admin token" in one_line_error(refused)
+    good.chmod(0o666)
+    unsafe = subprocess.run([*cmd, "--admin-token-file", str(good)], capture_output=True,
+                            text=True, env=base, timeout=60, cwd=tmp_path)
+    assert "is writable by group and others" in one_line_error(unsafe)
+    both = subprocess.run([*cmd, "--admin-token", "t", "--admin-token-file", str(wrong)],
+                          capture_output=True, text=True, env=base, timeout=60, cwd=tmp_path)
+    assert "not both" in one_line_error(both)
+    missing = subprocess.run([*cmd, "--admin-token-file", str(tmp_path / "nope")],
+                             capture_output=True, text=True, env=base, timeout=60)
+    assert "does not exist" in one_line_error(missing)
 
 
 def test_serve_bad_env_var_is_one_line() -> None:

@@ -5,6 +5,7 @@ Dockerfile's and the manifests' command lines against `relay serve --dry-run`.""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 from relay.config import Config
-from tests.helpers import Admin, started_node
+from tests.helpers import Admin, start_relay, started_node
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -175,8 +176,41 @@ def test_ports_probes_and_flags_agree(overlay: str, request: pytest.FixtureReque
     env = {e["name"]: e for e in container["env"]}
     assert env["RELAY_ADVERTISE"]["value"] == f"$(POD_IP):{ports['internal']}"
     assert env["RELAY_NODE_ID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"
-    for name, key in (("RELAY_ADMIN_TOKEN", "admin-token"), ("RELAY_PEER_TOKEN", "peer-token")):
-        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "relay-tokens", "key": key}
+
+
+SECRET_FILES = {"RELAY_ADMIN_TOKEN_FILE": "admin-token", "RELAY_PEER_TOKEN_FILE": "peer-token",
+                "RELAY_SDK_KEY_SECRET_FILE": "sdk-key-secret"}
+
+
+def _secret_mount(docs: list[dict[str, Any]]) -> tuple[str, int]:
+    """The mount path and file mode of the relay-tokens Secret's volume."""
+    pod = one(docs, "Deployment", "relay")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = [m for m in _container(docs)["volumeMounts"]
+              if volumes[m["name"]].get("secret", {}).get("secretName") == "relay-tokens"]
+    assert len(mounts) == 1 and mounts[0]["readOnly"] is True
+    secret = volumes[mounts[0]["name"]]["secret"]
+    assert "items" not in secret  # every key of the Secret is a file
+    return mounts[0]["mountPath"], int(secret["defaultMode"])
+
+
+@pytest.mark.parametrize("overlay", ["base", "dev"])
+def test_the_secrets_are_files_of_the_secret(overlay: str, request: pytest.FixtureRequest,
+                                             ) -> None:
+    """The tokens and the SDK-key secret reach relay as files of the relay-tokens Secret,
+    readable by the pod's group (fsGroup) and by no one else, writable by no one; never as
+    values in the environment."""
+    docs = request.getfixturevalue(overlay)
+    pod = one(docs, "Deployment", "relay")["spec"]["template"]["spec"]
+    path, mode = _secret_mount(docs)
+    assert mode & 0o040 and not mode & 0o027, oct(mode)
+    assert pod["securityContext"]["fsGroup"] == pod["securityContext"]["runAsGroup"]
+    env = {e["name"]: e for e in _container(docs)["env"]}
+    for name, key in SECRET_FILES.items():
+        assert env[name]["value"] == f"{path}/{key}"
+    for name in ("RELAY_ADMIN_TOKEN", "RELAY_PEER_TOKEN", "RELAY_SDK_KEY_SECRET"):
+        assert name not in env
+    assert not any("secretKeyRef" in e.get("valueFrom", {}) for e in env.values())
 
 
 @pytest.mark.parametrize("overlay", ["base", "dev"])
@@ -239,7 +273,7 @@ def test_the_dev_overlay_runs_its_own_redis(dev: list[dict[str, Any]]) -> None:
     assert {d["metadata"].get("namespace") for d in dev if d["kind"] != "Namespace"} == {
         "relay-dev"}
     secret = one(dev, "Secret", "relay-tokens")
-    assert set(secret["data"]) == {"admin-token", "peer-token"}
+    assert set(secret["data"]) == set(SECRET_FILES.values())
 
 
 # --- the metric names in the alerts and the dashboard -----------------------------------------
@@ -290,26 +324,44 @@ def _dry_run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProces
                           capture_output=True, text=True, env={**clean, **env}, timeout=60)
 
 
-def _pod_env(docs: list[dict[str, Any]]) -> dict[str, str]:
+def _secret_volume(docs: list[dict[str, Any]], root: Path, mode: int | None = None) -> Path:
+    """The relay-tokens Secret as the kubelet mounts it, under `root`: each key a symlink
+    into `..data`, itself a symlink to a timestamped directory of files (defaultMode)."""
+    secret = one(docs, "Secret", "relay-tokens")
+    _, default_mode = _secret_mount(docs)
+    stamped = root / "..2026_01_01_00_00_00.000000000"
+    stamped.mkdir(parents=True)
+    (root / "..data").symlink_to(stamped.name)
+    for key, value in secret["data"].items():
+        (stamped / key).write_bytes(base64.b64decode(value))
+        (stamped / key).chmod(default_mode if mode is None else mode)
+        (root / key).symlink_to(f"..data/{key}")
+    return root
+
+
+def _pod_env(docs: list[dict[str, Any]], secrets: Path | None = None) -> dict[str, str]:
     """The container's environment as the kubelet makes it: envFrom first, then env in order,
-    `$(VAR)` expanded from the variables defined before (fields and secrets made up)."""
+    `$(VAR)` expanded from the variables defined before (fields made up); paths into the
+    Secret's volume lead to `secrets` (`_secret_volume`)."""
     made_up = {"metadata.name": "relay-7c9-abcde", "status.podIP": "10.1.2.3"}
+    mount, _ = _secret_mount(docs)
     env = dict(one(docs, "ConfigMap", "relay-config")["data"])
     for item in _container(docs)["env"]:
         source = item.get("valueFrom", {})
         if "fieldRef" in source:
             value = made_up[source["fieldRef"]["fieldPath"]]
-        elif "secretKeyRef" in source:
-            value = "secret-" + source["secretKeyRef"]["key"]
         else:
             value = re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), item["value"])
+            if secrets is not None and value.startswith(mount + "/"):
+                value = str(secrets / value.removeprefix(mount + "/"))
         env[item["name"]] = value
     return env
 
 
-def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]]) -> None:
+def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]], tmp_path: Path,
+                                                ) -> None:
     container = _container(dev)
-    env = _pod_env(dev)
+    env = _pod_env(dev, _secret_volume(dev, tmp_path / "tokens"))
     assert env["RELAY_ADVERTISE"] == "10.1.2.3:8081"
     result = _dry_run(container["args"], env)
     assert result.returncode == 0, result.stderr
@@ -317,13 +369,45 @@ def test_the_manifests_command_line_is_accepted(dev: list[dict[str, Any]]) -> No
     assert "discovery = 'dns:relay-peers:8081'" in result.stdout
     assert "advertise = '10.1.2.3:8081'" in result.stdout
     assert "admin_host = '0.0.0.0'" in result.stdout
-    assert "peer_token = (set)" in result.stdout and "secret-peer-token" not in result.stdout
+    assert f"sdk_key_secret_file = '{tmp_path / 'tokens' / 'sdk-key-secret'}'" in result.stdout
+    # The secret files were read (a missing or unsafe one is refused), their values not shown.
+    values = [base64.b64decode(v).decode()
+              for v in one(dev, "Secret", "relay-tokens")["data"].values()]
+    assert all(v not in result.stdout + result.stderr for v in values)
     # And one the parser refuses, to show the check can fail.
     bad = _dry_run(container["args"], {**env, "RELAY_DRAIN_WINDOW": "600"})
     assert bad.returncode == 1 and "--drain-window" in bad.stderr
     # An advertise address left unexpanded (POD_IP defined after it) is refused.
     bad = _dry_run(container["args"], {**env, "RELAY_ADVERTISE": "$(POD_IP):8081"})
     assert bad.returncode == 1 and "unexpanded" in bad.stderr
+    # A Secret volume others could write to is refused; so is one that is not there.
+    unsafe = _pod_env(dev, _secret_volume(dev, tmp_path / "unsafe", mode=0o666))
+    bad = _dry_run(container["args"], unsafe)
+    assert bad.returncode == 1 and "is writable by group and others" in bad.stderr
+    bad = _dry_run(container["args"], _pod_env(dev, tmp_path / "none"))
+    assert bad.returncode == 1 and "does not exist" in bad.stderr
+
+
+def test_the_prestop_hook_finds_the_admin_token(dev: list[dict[str, Any]], tmp_path: Path,
+                                                ) -> None:
+    """The preStop `relay drain` runs with the container's environment only: it reads the
+    admin token from RELAY_ADMIN_TOKEN_FILE, as the node does."""
+    container = _container(dev)
+    env = _pod_env(dev, _secret_volume(dev, tmp_path / "tokens"))
+    node = start_relay(tmp_path / "data",
+                       env={"RELAY_ADMIN_TOKEN_FILE": env["RELAY_ADMIN_TOKEN_FILE"]})
+    try:
+        command = list(container["lifecycle"]["preStop"]["exec"]["command"])
+        assert command[2] == "127.0.0.1:8081"
+        command[2] = node.admin_url.removeprefix("http://")
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RELAY_")}
+        result = subprocess.run([sys.executable, "-m", *command], capture_output=True,
+                                text=True, env={**clean, **env}, timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert "drained and stopping" in result.stdout
+        assert node.proc.wait(30) == 0
+    finally:
+        node.stop()
 
 
 def test_the_dockerfile_command_line_is_accepted() -> None:

@@ -27,7 +27,8 @@ from tests.helpers import (
     started_node,
 )
 
-H1, H2 = hash_key("sdk-1"), hash_key("sdk-2")
+SECRET = b"test-sdk-key-secret"
+H1, H2 = hash_key("sdk-1", SECRET), hash_key("sdk-2", SECRET)
 
 
 async def _open(url: str, **kwargs: int) -> RedisStore:
@@ -208,7 +209,7 @@ async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
         b.add_change_listener(lambda c: seen.append((c.env, c.v)))
         envs = [f"env{i}" for i in range(12)]
         for i, env in enumerate(envs):
-            await a.put_env(env, [hash_key(f"key{i}")])
+            await a.put_env(env, [hash_key(f"key{i}", SECRET)])
         slots = {redis.Redis(port=servers[0].port).execute_command("CLUSTER KEYSLOT",
                                                                    f"relay:{{{env}}}:v")
                  for env in envs}
@@ -223,7 +224,7 @@ async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
             assert (snap.v, snap.flags) == (3, {"n": (3, 2)})
             assert [c.v for c in snap.history] == [1, 2, 3]
             assert [c.v for c in await a.changes_since(env, 1) or []] == [2, 3]
-        assert await a.env_for_key(hash_key("key5")) == "env5"
+        assert await a.env_for_key(hash_key("key5", SECRET)) == "env5"
         assert await b.envs() == dict.fromkeys(envs, 3)
         # Membership by heartbeats works on the cluster too.
         m1 = RedisMembership(servers[1].url, lambda: Member("m1", "h:1", READY), 0.1)

@@ -23,11 +23,13 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
     hash_key,
+    legacy_hash_key,
 )
 from relay.store.redis import RedisStore
 from relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
 
-H1, H2, H3 = hash_key("sdk-1"), hash_key("sdk-2"), hash_key("sdk-3")
+SECRET = b"test-sdk-key-secret"
+H1, H2, H3 = (hash_key(k, SECRET) for k in ("sdk-1", "sdk-2", "sdk-3"))
 
 
 @pytest.fixture(params=["sqlite", "redis"])
@@ -72,8 +74,12 @@ async def _open(path: Path, **kwargs: Any) -> SQLiteStore:
 # --- environments and keys --------------------------------------------------------------------
 
 
-def test_hash_key_is_sha256_hex() -> None:
-    assert hash_key("abc") == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+def test_hash_key_is_hmac_sha256_hex_and_the_legacy_hash_sha256() -> None:
+    # RFC 4231, test case 2; then FIPS 180-2's "abc".
+    assert hash_key("what do ya want for nothing?", b"Jefe") == (
+        "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    assert legacy_hash_key("abc") == (
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
 
 
 async def test_put_env_creates_with_version_zero(store: Store) -> None:
@@ -120,6 +126,33 @@ async def test_put_env_key_conflict(store: Store) -> None:
     assert await store.put_env("b", [H1]) == 0
     assert await store.env_for_key(H1) == "b"
     assert await store.envs() == {"a": 0, "b": 0}
+
+
+async def test_legacy_hashes_conflict_migrate_and_revoke(store: Store) -> None:
+    """A key stored under its legacy (SHA-256) hash, as before HMAC hashing: it still
+    conflicts with the same key given to another environment; migrate_key moves it to its
+    HMAC hash atomically (again: a no-op; a hash not there: nothing); a PUT replaces both."""
+    l1, l2 = legacy_hash_key("sdk-1"), legacy_hash_key("sdk-2")
+    await store.put_env("old", [l1, l2])  # (what a store written before holds)
+    with pytest.raises(KeyConflict) as err:
+        await store.put_env("new", [H1], [l1])
+    assert err.value.other_env == "old" and await store.envs() == {"old": 0}
+    assert await store.migrate_key(l1, H1, False) == "old"
+    assert (await store.env_for_key(l1), await store.env_for_key(H1)) == (None, "old")
+    assert await store.migrate_key(l1, H1, False) == "old"
+    assert await store.migrate_key(legacy_hash_key("sdk-3"), H3, False) is None
+    assert await store.env_for_key(H3) is None
+    await store.put_env("old", [H3])  # revokes sdk-1 (migrated) and sdk-2 (not yet)
+    for gone in (H1, l2):
+        assert await store.env_for_key(gone) is None
+    assert await store.migrate_key(l2, H2, False) is None
+    assert await store.env_for_key(H2) is None
+    assert await store.drop_kept_legacy_hashes() == 0
+
+
+async def test_the_key_secret_check_is_recorded_once(store: Store) -> None:
+    assert await store.key_secret_check("first") == "first"
+    assert await store.key_secret_check("second") == "first"
 
 
 async def test_keys_listener_fires_on_the_loop(store: Store) -> None:

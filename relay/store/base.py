@@ -8,6 +8,7 @@ embedded default); a Redis store joins it for clusters.
 from __future__ import annotations
 
 import hashlib
+import hmac
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -15,9 +16,35 @@ from typing import Any, Protocol
 from relay.changes import Change
 
 
-def hash_key(sdk_key: str) -> str:
-    """SDK keys are stored and compared only as SHA-256 hex digests."""
+def hash_key(sdk_key: str, secret: bytes) -> str:
+    """SDK keys are stored and compared only as HMAC-SHA256 hex digests under a per-install
+    secret: SDK keys ship inside apps, and a leaked store must not let anyone test guesses
+    offline (a plain hash does)."""
+    return hmac.digest(secret, sdk_key.encode(), "sha256").hex()
+
+
+def legacy_hash_key(sdk_key: str) -> str:
+    """The plain SHA-256 hex digest relay stored SDK keys as before: what stores written then
+    hold until each key is migrated (the first time it authenticates)."""
     return hashlib.sha256(sdk_key.encode()).hexdigest()
+
+
+def secret_check(secret: bytes) -> str:
+    """A value that tells SDK-key secrets apart without revealing them: stores keep the one
+    their keys were hashed under, so a node with another secret (which would refuse every
+    SDK key) is refused at start instead."""
+    return hmac.digest(secret, b"relay sdk-key-secret check", "sha256").hex()[:32]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyHasher:
+    """How this install hashes SDK keys, and what it does with legacy (SHA-256) hashes."""
+
+    secret: bytes
+    keep_legacy: bool = False  # --sdk-key-legacy-hashes keep
+
+    def hash(self, sdk_key: str) -> str:
+        return hash_key(sdk_key, self.secret)
 
 
 class StoreError(Exception):
@@ -63,8 +90,31 @@ class Store(Protocol):
 
     async def close(self) -> None: ...
 
-    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
-        """Create the environment or replace its SDK keys; return its current version."""
+    async def put_env(
+        self, env: str, key_hashes: Sequence[str], legacy_hashes: Sequence[str] = ()
+    ) -> int:
+        """Create the environment or replace its SDK keys (all its hashes, of either kind);
+        return its current version. `legacy_hashes` (the same keys' SHA-256 hashes) are only
+        checked: a key still registered to another environment under its legacy hash is a
+        KeyConflict too."""
+        ...
+
+    async def migrate_key(self, legacy_hash: str, key_hash: str, keep_legacy: bool) -> str | None:
+        """A key found under its legacy hash: register it under `key_hash` (its HMAC hash) in
+        the same environment, atomically, and drop the legacy hash (unless `keep_legacy`: then
+        the pair is noted, for `drop_kept_legacy_hashes`). Nothing happens if the legacy hash
+        is gone meanwhile (the key was revoked). Returns the environment `key_hash` reads now,
+        if any."""
+        ...
+
+    async def drop_kept_legacy_hashes(self) -> int:
+        """Drop the legacy hashes `migrate_key(..., keep_legacy=True)` kept whose key is still
+        registered under its HMAC hash too; return how many."""
+        ...
+
+    async def key_secret_check(self, check: str) -> str:
+        """The store's SDK-key secret check (`secret_check`): `check` is recorded if the store
+        has none yet; the recorded one is returned."""
         ...
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:

@@ -5,7 +5,10 @@ Layout, per environment under the hash tag `{env}` (one slot, so it works on Red
 - `relay:{env}:flags`  hash: flag key -> "<version>:<msgpack value>"
 - `relay:{env}:log`    stream: one entry per version, ID `<version>-1`, fields ts, put, del
 SDK keys live under their own tag, `{relay-keys}`: `relay:{relay-keys}:owner` (key hash -> env)
-and `relay:{relay-keys}:env:<env>` (an environment's key hashes); `relay:{relay-envs}` lists the
+and `relay:{relay-keys}:env:<env>` (an environment's key hashes: HMAC-SHA256, or the SHA-256 of
+keys not migrated yet); `relay:{relay-keys}:kept` (legacy hash -> HMAC hash of keys migrated with
+--sdk-key-legacy-hashes keep) and `relay:{relay-keys}:secret-check` (what tells whether a node's
+SDK-key secret is the one the keys were hashed under); `relay:{relay-envs}` lists the
 environments.
 
 A publish is one Lua script on the environment's slot: it bumps the version, writes the flags,
@@ -82,19 +85,57 @@ redis.call('PUBLISH', 'relay:changes', cmsgpack.pack(ARGV[1], v, ARGV[2]) .. del
 return {v, 1, delblob}
 """
 
-# KEYS: owner hash, the environment's key set. ARGV: env, key hashes. Replaces the keys.
+# KEYS: owner hash, the environment's key set. ARGV: env, n, n key hashes, then legacy hashes
+# (only checked for conflicts). Replaces the environment's keys, of either hash kind.
 _PUT_KEYS = """
-for i = 2, #ARGV do
+local n = tonumber(ARGV[2])
+for i = 3, #ARGV do
   local owner = redis.call('HGET', KEYS[1], ARGV[i])
   if owner and owner ~= ARGV[1] then return redis.error_reply('KEYCONFLICT ' .. owner) end
 end
 for _, h in ipairs(redis.call('SMEMBERS', KEYS[2])) do redis.call('HDEL', KEYS[1], h) end
 redis.call('DEL', KEYS[2])
-for i = 2, #ARGV do
+for i = 3, 2 + n do
   redis.call('HSET', KEYS[1], ARGV[i], ARGV[1])
   redis.call('SADD', KEYS[2], ARGV[i])
 end
 return 1
+"""
+
+# KEYS: owner hash, the environment's key set, the kept pairs. ARGV: env, legacy hash, HMAC
+# hash, keep (0/1). Moves (or, with keep, copies) a key from its legacy hash to its HMAC hash,
+# if the legacy hash still names `env` (a PUT meanwhile may have revoked it). Returns the
+# environment the HMAC hash names afterwards, or false.
+_MIGRATE_KEY = """
+if redis.call('HGET', KEYS[1], ARGV[2]) == ARGV[1] then
+  if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[3], ARGV[2], ARGV[3])
+  else
+    redis.call('HDEL', KEYS[1], ARGV[2])
+    redis.call('SREM', KEYS[2], ARGV[2])
+  end
+  redis.call('HSETNX', KEYS[1], ARGV[3], ARGV[1])
+  if redis.call('HGET', KEYS[1], ARGV[3]) == ARGV[1] then redis.call('SADD', KEYS[2], ARGV[3]) end
+end
+return redis.call('HGET', KEYS[1], ARGV[3])
+"""
+
+# KEYS: owner hash, kept pairs, then one environment key set per pair. ARGV: (legacy hash,
+# HMAC hash, env) per pair, as read before. Drops each legacy hash whose key is still registered
+# to the same environment under its HMAC hash; forgets the pairs. Returns how many it dropped.
+_DROP_KEPT = """
+local dropped = 0
+for i = 1, #ARGV, 3 do
+  local env = ARGV[i + 2]
+  if redis.call('HGET', KEYS[1], ARGV[i]) == env and redis.call('HGET', KEYS[1], ARGV[i + 1]) == env
+  then
+    redis.call('HDEL', KEYS[1], ARGV[i])
+    redis.call('SREM', KEYS[3 + (i - 1) / 3], ARGV[i])
+    dropped = dropped + 1
+  end
+  redis.call('HDEL', KEYS[2], ARGV[i])
+end
+return dropped
 """
 
 
@@ -136,6 +177,8 @@ def _keys(env: str) -> tuple[str, str, str]:
 
 
 _OWNER = "relay:{relay-keys}:owner"
+_KEPT = "relay:{relay-keys}:kept"
+_SECRET_CHECK = "relay:{relay-keys}:secret-check"
 _ENVS = "relay:{relay-envs}"
 
 
@@ -172,6 +215,8 @@ class RedisStore:
         self._keys_listeners: list[KeysListener] = []
         self._publish_script: Any = None
         self._keys_script: Any = None
+        self._migrate_script: Any = None
+        self._drop_kept_script: Any = None
         self._subscriber: asyncio.Task[None] | None = None
         self._catch_up_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -214,6 +259,8 @@ class RedisStore:
         commands = self._r
         self._publish_script = commands.register_script(_PUBLISH)
         self._keys_script = commands.register_script(_PUT_KEYS)
+        self._migrate_script = commands.register_script(_MIGRATE_KEY)
+        self._drop_kept_script = commands.register_script(_DROP_KEPT)
         self._load_script = commands.register_script(_LOAD)
         self._since_script = commands.register_script(_SINCE)
         self._subscriber = asyncio.get_running_loop().create_task(self._subscribe())
@@ -338,14 +385,17 @@ class RedisStore:
 
     # --- writes -------------------------------------------------------------------------------
 
-    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
+    async def put_env(
+        self, env: str, key_hashes: Sequence[str], legacy_hashes: Sequence[str] = ()
+    ) -> int:
         hashes = list(dict.fromkeys(key_hashes))
         v_key, _, _ = _keys(env)
 
         async def run() -> int:
             # Keys first: a conflict refuses the whole call, before the environment exists.
             try:
-                await self._keys_script(keys=[_OWNER, _env_keys(env)], args=[env, *hashes])
+                await self._keys_script(keys=[_OWNER, _env_keys(env)],
+                                        args=[env, len(hashes), *hashes, *legacy_hashes])
             except ResponseError as exc:
                 if str(exc).startswith("KEYCONFLICT "):
                     raise KeyConflict(str(exc).removeprefix("KEYCONFLICT ")) from None
@@ -425,6 +475,41 @@ class RedisStore:
     async def env_for_key(self, key_hash: str) -> str | None:
         env: Any = await self._call(lambda: self._r.hget(_OWNER, key_hash))
         return None if env is None else str(env.decode())
+
+    async def migrate_key(self, legacy_hash: str, key_hash: str, keep_legacy: bool) -> str | None:
+        env = await self.env_for_key(legacy_hash)  # (the script checks it again, atomically)
+        if env is None:
+            return await self.env_for_key(key_hash)
+        found: Any = await self._call(lambda: self._migrate_script(
+            keys=[_OWNER, _env_keys(env), _KEPT],
+            args=[env, legacy_hash, key_hash, "1" if keep_legacy else "0"]))
+        return None if found is None else str(found.decode())
+
+    async def drop_kept_legacy_hashes(self) -> int:
+        async def run() -> int:
+            pairs: Any = await self._r.hgetall(_KEPT)
+            if not pairs:
+                return 0
+            legacy = list(pairs)
+            owners: Any = await self._r.hmget(_OWNER, legacy)
+            dropped = 0
+            batch = [(h, pairs[h], env) for h, env in zip(legacy, owners, strict=True)]
+            for start in range(0, len(batch), 500):
+                chunk = batch[start : start + 500]
+                args = [x for h, new, env in chunk for x in (h, new, env or b"")]
+                keys = [_OWNER, _KEPT, *(_env_keys((env or b"").decode()) for _, _, env in chunk)]
+                dropped += int(await self._drop_kept_script(keys=keys, args=args))
+            return dropped
+
+        return await self._call(run)
+
+    async def key_secret_check(self, check: str) -> str:
+        async def run() -> str:
+            await self._r.set(_SECRET_CHECK, check, nx=True)
+            found: Any = await self._r.get(_SECRET_CHECK)
+            return str(found.decode())
+
+        return await self._call(run)
 
     async def envs(self) -> dict[str, int]:
         async def run() -> dict[str, int]:

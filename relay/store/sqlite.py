@@ -6,6 +6,9 @@ group-committed: all changes that arrive while a commit is running go into the n
 (one fsync for all, each change in its own savepoint). A change is acknowledged only after its
 transaction commits with synchronous=FULL; listeners see committed changes in commit order,
 before the acknowledgements.
+
+Files: the data dir relay creates is 0700; relay.db, its -wal and -shm files (SQLite gives them
+the database file's mode) and the lock file are 0600, whatever the umask.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -24,6 +28,7 @@ from typing import IO, Any, TypeVar
 import msgpack
 
 from relay.changes import Change
+from relay.private_files import make_private, make_private_dir, open_private
 from relay.store.base import (
     ChangeListener,
     EnvSnapshot,
@@ -35,8 +40,11 @@ from relay.store.base import (
 
 log = logging.getLogger("relay.store")
 
-SCHEMA_VERSION = 1
+# 2: the meta table (the SDK-key secret check); key hashes are HMAC-SHA256, or SHA-256 for
+# keys not migrated yet (schema 1 held only those).
+SCHEMA_VERSION = 2
 _SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS envs (env TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS sdk_keys (
     key_hash TEXT PRIMARY KEY, env TEXT NOT NULL REFERENCES envs(env)) WITHOUT ROWID;
@@ -100,9 +108,10 @@ class SQLiteStore:
         return self._db
 
     def _open_sync(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(self.path.parent)
         # One node per data dir: a second would never see the first one's publishes.
-        lock = open(self.path.parent / "relay.lock", "a")  # noqa: SIM115 - held while open
+        lock = os.fdopen(open_private(self.path.parent / "relay.lock",
+                                      os.O_WRONLY | os.O_APPEND), "a")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -111,6 +120,11 @@ class SQLiteStore:
                 f"{self.path.parent} is in use by another relay process"
             ) from None
         self._lock_file = lock
+        # SQLite creates the database file 0644 (less the umask), and its -wal and -shm files
+        # with the database file's mode: a 0600 database keeps all three private.
+        os.close(open_private(self.path, os.O_RDWR))
+        for suffix in ("-wal", "-shm"):
+            make_private(self.path.with_name(self.path.name + suffix))
         db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # durable across power loss, not only kill -9
@@ -152,11 +166,13 @@ class SQLiteStore:
 
     # --- writes -------------------------------------------------------------------------------
 
-    def _put_env_sync(self, env: str, key_hashes: Sequence[str]) -> int:
+    def _put_env_sync(
+        self, env: str, key_hashes: Sequence[str], legacy_hashes: Sequence[str]
+    ) -> int:
         db = self._conn
         db.execute("BEGIN IMMEDIATE")
         try:
-            for key_hash in key_hashes:
+            for key_hash in (*key_hashes, *legacy_hashes):
                 row = db.execute(
                     "SELECT env FROM sdk_keys WHERE key_hash = ?", (key_hash,)
                 ).fetchone()
@@ -178,8 +194,48 @@ class SQLiteStore:
             self._notify(listener, env, hashes)
         return v
 
-    async def put_env(self, env: str, key_hashes: Sequence[str]) -> int:
-        return await self._run(self._put_env_sync, env, list(key_hashes))
+    async def put_env(
+        self, env: str, key_hashes: Sequence[str], legacy_hashes: Sequence[str] = ()
+    ) -> int:
+        return await self._run(self._put_env_sync, env, list(key_hashes), list(legacy_hashes))
+
+    def _migrate_key_sync(self, legacy_hash: str, key_hash: str) -> str | None:
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute(
+                "SELECT env FROM sdk_keys WHERE key_hash = ?", (legacy_hash,)
+            ).fetchone()
+            if row is not None:
+                db.execute("DELETE FROM sdk_keys WHERE key_hash = ?", (legacy_hash,))
+                db.execute("INSERT OR IGNORE INTO sdk_keys (key_hash, env) VALUES (?, ?)",
+                           (key_hash, row[0]))
+            found = db.execute(
+                "SELECT env FROM sdk_keys WHERE key_hash = ?", (key_hash,)
+            ).fetchone()
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return None if found is None else str(found[0])
+
+    async def migrate_key(self, legacy_hash: str, key_hash: str, keep_legacy: bool) -> str | None:
+        """(One node per SQLite store: no older node can need the legacy hash, so it is
+        always dropped.)"""
+        return await self._run(self._migrate_key_sync, legacy_hash, key_hash)
+
+    async def drop_kept_legacy_hashes(self) -> int:
+        return 0  # never kept (see migrate_key)
+
+    def _key_secret_check_sync(self, check: str) -> str:
+        db = self._conn
+        db.execute("INSERT OR IGNORE INTO meta (name, value) VALUES ('sdk_key_secret_check', ?)",
+                   (check,))
+        row = db.execute("SELECT value FROM meta WHERE name = 'sdk_key_secret_check'").fetchone()
+        return str(row[0])
+
+    async def key_secret_check(self, check: str) -> str:
+        return await self._run(self._key_secret_check_sync, check)
 
     def _apply_change(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
         """Write one change inside the open transaction: next version, flags, log entry."""
