@@ -125,10 +125,10 @@ def _create_in_place(path: Path, text: str) -> bool:
     return True
 
 
-def read_secret_file(path: str | Path, what: str) -> str:
-    """The one-line secret in `path` (symlinks followed), without its trailing newline.
-    Raises SecretFileError when the file is missing, empty, not one line, or unsafe: writable
-    by group or others, or owned by another user than this process's or root."""
+def read_private_bytes(path: str | Path, what: str) -> bytes:
+    """The bytes of a file holding a secret (symlinks followed). Raises SecretFileError when it
+    is missing or unsafe: writable by group or others, or owned by another user than this
+    process's or root (whoever could write it chose the secret)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
@@ -155,8 +155,14 @@ def read_secret_file(path: str | Path, what: str) -> str:
         raise SecretFileError(f"cannot read {what} {path}: {exc.strerror}") from None
     finally:
         os.close(fd)
+    return b"".join(chunks)
+
+
+def read_secret_file(path: str | Path, what: str) -> str:
+    """The one-line secret in `path` (checked as `read_private_bytes` does), without its
+    trailing newline. Raises SecretFileError when it is empty or not one line, too."""
     try:
-        text = b"".join(chunks).decode()
+        text = read_private_bytes(path, what).decode()
     except UnicodeDecodeError:
         raise SecretFileError(f"{what} {path} is not UTF-8 text") from None
     text = text.removesuffix("\n").removesuffix("\r")

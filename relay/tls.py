@@ -21,6 +21,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from relay.private_files import SecretFileError, read_private_bytes
+
 
 class TlsError(ValueError):
     """Certificate, key or CA files that cannot be used (the message says which and why)."""
@@ -115,11 +117,15 @@ class Tls:
         what was loaded before when anything cannot be used. Each file is read once, so a
         rotation that rewrites them meanwhile cannot mix an old and a new half."""
         try:
-            cert, key = Path(self.cert).read_bytes(), Path(self.key).read_bytes()
+            cert = Path(self.cert).read_bytes()
             ca = Path(self.ca).read_bytes().decode("ascii", "replace") if self.ca else ""
         except OSError as exc:
             raise TlsError(f"cannot load {self._flag_of(exc.filename)} {exc.filename}: "
                            f"{_reason(exc)}") from None
+        try:  # the key is a secret: a file others can write is refused, as tokens are
+            key = read_private_bytes(self.key, "--tls-key")
+        except SecretFileError as exc:
+            raise TlsError(str(exc)) from None
         if ca:
             try:
                 ssl.create_default_context(cadata=ca)

@@ -302,6 +302,12 @@ def test_bad_certificate_files_stop_serve_with_one_line(tmp_path: Path, pki: Pki
     bad_ca = one_line_error(serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(key),
                                   "--tls-ca", str(key)))
     assert f"cannot load --tls-ca {key}" in bad_ca
+    # A key file that others can write is refused, as token files are.
+    planted = pki.dir / "planted.key"
+    planted.write_bytes(key.read_bytes())
+    planted.chmod(0o666)
+    assert f"--tls-key {planted} is writable by" in one_line_error(
+        serve(tmp_path, "--tls-cert", str(cert), "--tls-key", str(planted)))
     assert "go together" in one_line_error(serve(tmp_path, "--tls-cert", str(cert)))
     assert "--tls-ca is for a node with TLS" in one_line_error(
         serve(tmp_path, "--tls-ca", str(pki.ca_file)))
