@@ -23,11 +23,21 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Mapping
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from relay import peer_protocol, protocol
 from relay.changes import Change
-from relay.envstate import Applied, EnvState, change_frame, delta_frame
+from relay.envstate import (
+    DEFAULT_HISTORY_BYTES,
+    STEP,
+    Applied,
+    EncodedChange,
+    EnvState,
+    Steps,
+    delta_frame,
+    encode_change,
+    run_steps,
+)
 from relay.metrics import Metrics
 from relay.outbound import EVICT_HISTORY, Outbox
 from relay.store.base import Store
@@ -36,6 +46,20 @@ log = logging.getLogger("relay.hub")
 
 _KEY_CACHE_MAX = 100_000
 _RESYNC_RETRY_S = 1.0
+
+T = TypeVar("T")
+
+
+async def _run_in_steps(steps: Steps[T]) -> T:
+    """Run work in steps (relay/envstate.py), letting the loop run its other callbacks and
+    I/O between two. Not a thread: msgpack holds the GIL while it encodes, so the loop would
+    wait for the interpreter's switch interval (5 ms) each time it needs to run."""
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+        await asyncio.sleep(0)
 
 
 class SessionSink(Protocol):
@@ -85,8 +109,9 @@ class Upstream(Protocol):
 
 class _Channel:
     __slots__ = (
-        "buffered", "env", "followers", "gauge", "hello", "idle_timer", "load_task", "pending",
-        "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state", "via_peer",
+        "buffered", "encode_task", "env", "followers", "gauge", "hello", "idle_timer", "load_task",
+        "pending", "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state",
+        "via_peer",
     )
 
     def __init__(self, env: str) -> None:
@@ -97,14 +122,20 @@ class _Channel:
         self.pending_ts: list[float] = []  # commit times of the changes in `pending`
         self.pending_base = 0  # `pending` takes clients from this version ...
         self.pending_v = 0  # ... to this one
-        self.buffered: list[Change] = []  # changes seen while loading or resyncing
+        self.buffered: list[Change] = []  # changes seen while loading, resyncing or encoding
         self.hello: tuple[int, bytes] = (-1, b"")
         self.load_task: asyncio.Task[None] | None = None
         self.resync_task: asyncio.Task[None] | None = None
+        self.encode_task: asyncio.Task[None] | None = None  # a big change, encoded in steps
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
         self.via_peer = False  # changes come from the owner's peer link, not from the store
         self.followers: set[Follower] = set()  # remote edges (on the owner)
+
+    @property
+    def busy(self) -> bool:
+        """Changes wait in `buffered`, in order, until a resync or an encoding is over."""
+        return self.resync_task is not None or self.encode_task is not None
 
 
 class Hub:
@@ -115,6 +146,7 @@ class Hub:
         node_id: str,
         *,
         max_history: int = 1000,
+        max_history_bytes: int = DEFAULT_HISTORY_BYTES,
         idle_ttl: float = 60.0,
         slow_consumer_timeout: float = 30.0,
         max_session_buffer: int = 1 << 20,
@@ -123,6 +155,7 @@ class Hub:
         self.metrics = metrics
         self.node_id = node_id
         self.max_history = max_history
+        self.max_history_bytes = max_history_bytes
         self.idle_ttl = idle_ttl
         self.slow_consumer_timeout = slow_consumer_timeout
         self.max_session_buffer = max_session_buffer
@@ -440,19 +473,22 @@ class Hub:
         self._take(channel, change)
 
     def _take(self, channel: _Channel, change: Change) -> None:
-        if channel.state is None or channel.resync_task is not None:
+        if channel.state is None or channel.busy:
             channel.buffered.append(change)
             return
         self._apply(channel, change)
 
     def _apply(self, channel: _Channel, change: Change) -> None:
+        """Apply the next change, or resync on a gap. A change of more than STEP flags is
+        encoded in steps by a task; the changes after it wait in `buffered` meanwhile."""
         assert channel.state is not None
-        result = channel.state.apply(change)
+        result = channel.state.admits(change)
         if result is Applied.APPLIED:
-            if channel.sessions:
-                self._enqueue(channel, change_frame(change), change.v - 1, change.v, change.ts)
-            if channel.followers:
-                self._tell_followers(channel, peer_protocol.change(change))
+            steps = encode_change(change)
+            if len(change.put) + len(change.dels) > STEP:
+                channel.encode_task = self._spawn(self._encode(channel, steps))
+            else:
+                self._applied(channel, run_steps(steps))
         elif result is Applied.GAP:
             log.warning(
                 "env %s: got v=%d while holding v=%d; resyncing from the store",
@@ -461,10 +497,31 @@ class Hub:
             channel.buffered.append(change)
             channel.resync_task = self._spawn(self._resync(channel))
 
+    async def _encode(self, channel: _Channel, steps: Steps[EncodedChange]) -> None:
+        try:
+            encoded = await _run_in_steps(steps)
+        finally:
+            channel.encode_task = None
+        self._applied(channel, encoded)
+        self._apply_buffered(channel)
+
+    def _applied(self, channel: _Channel, encoded: EncodedChange) -> None:
+        """Apply an encoded change and send its frame on. (A jump to a newer state while it
+        was encoded makes it a duplicate: dropped.)"""
+        assert channel.state is not None
+        if channel.state.apply_encoded(encoded) is not Applied.APPLIED:
+            return
+        change = encoded.change
+        if channel.sessions:
+            self._enqueue(channel, encoded.frame, change.v - 1, change.v, change.ts)
+        if channel.followers:
+            self._tell_followers(channel, peer_protocol.change(change))
+
     def _apply_all(self, channel: _Channel, changes: list[Change]) -> None:
-        """Apply changes in version order; those after a gap wait for the resync."""
+        """Apply changes in version order; those after a gap, or after a change being
+        encoded, wait."""
         for change in sorted(changes, key=lambda c: c.v):
-            if channel.resync_task is not None:
+            if channel.busy:
                 channel.buffered.append(change)
             else:
                 self._apply(channel, change)
@@ -521,14 +578,19 @@ class Hub:
 
     async def _load(self, channel: _Channel) -> None:
         try:
-            snapshot = await self.store.load(channel.env, self.max_history)
+            snapshot = await self.store.load(
+                channel.env, self.max_history, history_bytes=self.max_history_bytes
+            )
+            # In steps: an environment's flags and history are encoded once, here.
+            state = await _run_in_steps(EnvState.build(
+                snapshot.env, snapshot.v, snapshot.flags, snapshot.history, self.max_history,
+                self.max_history_bytes,
+            ))
         except BaseException:
             if self._channels.get(channel.env) is channel:
                 del self._channels[channel.env]
             raise
-        channel.state = EnvState(
-            snapshot.env, snapshot.v, snapshot.flags, snapshot.history, self.max_history
-        )
+        channel.state = state
         self.metrics.envs_loaded.set(len(self._channels))
         self._apply_buffered(channel)
         if self.upstream is not None and not channel.followers:

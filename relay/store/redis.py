@@ -100,12 +100,32 @@ return 1
 
 # Consistent reads of one environment (one slot), as scripts: a MULTI pipeline is not
 # available on every Redis Cluster client. KEYS: v, flags, log.
+# _LOAD's ARGV: history (count), history_bytes (-1: no byte bound). The log is read newest
+# first, a few entries at a time, and cut after the entry that brings the size of the put and
+# del fields read to history_bytes (store.base.stored_size): the reply never holds more than
+# that plus one change.
 _LOAD = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
+local limit = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
 local log = {}
-if tonumber(ARGV[1]) > 0 then
-  log = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])
+local size = 0
+local upto = '+'
+while #log < limit do
+  local batch = redis.call('XREVRANGE', KEYS[3], upto, '-', 'COUNT', math.min(limit - #log, 8))
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    log[#log + 1] = entry
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'put' or fields[j] == 'del' then size = size + #fields[j + 1] end
+    end
+    if budget >= 0 and size >= budget then
+      return {v, redis.call('HGETALL', KEYS[2]), log}
+    end
+    upto = '(' .. entry[1]
+  end
 end
 return {v, redis.call('HGETALL', KEYS[2]), log}
 """
@@ -383,12 +403,15 @@ class RedisStore:
 
     # --- reads --------------------------------------------------------------------------------
 
-    async def load(self, env: str, history: int) -> EnvSnapshot:
+    async def load(
+        self, env: str, history: int, *, history_bytes: int | None = None
+    ) -> EnvSnapshot:
         v_key, flags_key, log_key = _keys(env)
+        budget = -1 if history_bytes is None else max(0, history_bytes)
 
         async def run() -> EnvSnapshot:
             result = await self._load_script(keys=[v_key, flags_key, log_key],
-                                             args=[max(0, history)])
+                                             args=[max(0, history), budget])
             if not result:
                 raise UnknownEnv(env)
             v, flat, log = result

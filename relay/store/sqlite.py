@@ -31,6 +31,7 @@ from relay.store.base import (
     KeysListener,
     StoreUnavailable,
     UnknownEnv,
+    stored_size,
 )
 
 log = logging.getLogger("relay.store")
@@ -294,18 +295,33 @@ class SQLiteStore:
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _changes_sync(self, env: str, after: int, limit: int | None) -> list[Change]:
+    def _changes_sync(self, env: str, after: int) -> list[Change]:
         rows = self._conn.execute(
-            "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v DESC LIMIT ?",
-            (env, after, -1 if limit is None else limit),
+            "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v", (env, after)
         ).fetchall()
-        rows.reverse()
         return [
             Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts)
             for v, put, dels, ts in rows
         ]
 
-    def _load_sync(self, env: str, history: int) -> EnvSnapshot:
+    def _newest_sync(self, env: str, history: int, history_bytes: int | None) -> list[Change]:
+        """The newest changes within both bounds, read newest first until they are met."""
+        rows = self._conn.execute(
+            "SELECT v, put, dels, ts FROM changes WHERE env = ? ORDER BY v DESC LIMIT ?",
+            (env, history),
+        )
+        log = []
+        size = 0
+        for v, put, dels, ts in rows:
+            log.append(Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts))
+            size += stored_size(put, dels)
+            if history_bytes is not None and size >= history_bytes:
+                break
+        rows.close()
+        log.reverse()
+        return log
+
+    def _load_sync(self, env: str, history: int, history_bytes: int | None) -> EnvSnapshot:
         db = self._conn
         db.execute("BEGIN")  # one read snapshot for flags, version and log
         try:
@@ -318,13 +334,15 @@ class SQLiteStore:
                     "SELECT key, v, value FROM flags WHERE env = ?", (env,)
                 )
             }
-            log = self._changes_sync(env, -1, history) if history > 0 else []
+            log = self._newest_sync(env, history, history_bytes) if history > 0 else []
         finally:
             db.execute("COMMIT")
         return EnvSnapshot(env=env, v=int(row[0]), flags=flags, history=log)
 
-    async def load(self, env: str, history: int) -> EnvSnapshot:
-        return await self._run(self._load_sync, env, history)
+    async def load(
+        self, env: str, history: int, *, history_bytes: int | None = None
+    ) -> EnvSnapshot:
+        return await self._run(self._load_sync, env, history, history_bytes)
 
     def _changes_since_sync(self, env: str, since: int) -> list[Change] | None:
         db = self._conn
@@ -336,7 +354,7 @@ class SQLiteStore:
             current = int(row[0])
             if since >= current:
                 return []
-            log = self._changes_sync(env, since, None)
+            log = self._changes_sync(env, since)
         finally:
             db.execute("COMMIT")
         if not log or log[0].v != since + 1:
