@@ -23,7 +23,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 from relay import peer_protocol, protocol
 from relay.changes import Change
@@ -41,25 +41,12 @@ from relay.envstate import (
 from relay.metrics import Metrics
 from relay.outbound import EVICT_HISTORY, Outbox
 from relay.store.base import Store
+from relay.tasks import run_in_steps
 
 log = logging.getLogger("relay.hub")
 
 _KEY_CACHE_MAX = 100_000
 _RESYNC_RETRY_S = 1.0
-
-T = TypeVar("T")
-
-
-async def _run_in_steps(steps: Steps[T]) -> T:
-    """Run work in steps (relay/envstate.py), letting the loop run its other callbacks and
-    I/O between two. Not a thread: msgpack holds the GIL while it encodes, so the loop would
-    wait for the interpreter's switch interval (5 ms) each time it needs to run."""
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value  # type: ignore[no-any-return]
-        await asyncio.sleep(0)
 
 
 class SessionSink(Protocol):
@@ -499,7 +486,7 @@ class Hub:
 
     async def _encode(self, channel: _Channel, steps: Steps[EncodedChange]) -> None:
         try:
-            encoded = await _run_in_steps(steps)
+            encoded = await run_in_steps(steps)
         finally:
             channel.encode_task = None
         self._applied(channel, encoded)
@@ -582,7 +569,7 @@ class Hub:
                 channel.env, self.max_history, history_bytes=self.max_history_bytes
             )
             # In steps: an environment's flags and history are encoded once, here.
-            state = await _run_in_steps(EnvState.build(
+            state = await run_in_steps(EnvState.build(
                 snapshot.env, snapshot.v, snapshot.flags, snapshot.history, self.max_history,
                 self.max_history_bytes,
             ))
