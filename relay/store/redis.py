@@ -25,7 +25,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgpack
@@ -35,6 +35,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from relay import redis_client
 from relay.changes import Change
+from relay.envstate import STEP
 from relay.store.base import (
     ChangeListener,
     EnvSnapshot,
@@ -43,7 +44,7 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
 )
-from relay.tasks import raise_if_cancelled
+from relay.tasks import raise_if_cancelled, run_in_steps
 
 log = logging.getLogger("relay.store.redis")
 
@@ -52,6 +53,7 @@ CHANGES_CHANNEL = b"relay:changes"
 KEYS_CHANNEL = b"relay:keys"
 _RECONNECT_S = (0.1, 2.0)  # first and longest pause between subscription attempts
 _CATCH_UP_PASSES = 35  # about a minute of retries, at the longest pause
+_BIG = 64 << 10  # change notices above this many bytes are decoded in steps
 
 # KEYS: v, flags, log. ARGV: env, ts, retention, n_put, (key, packed value) * n_put,
 # packed put map, n_del, del keys. Returns {version, committed (0/1), packed deleted keys}.
@@ -151,6 +153,65 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+# Decoding in steps (run by relay.tasks.run_in_steps): what Redis answers is decoded on the
+# event loop, and one unpack of a 10,000-flag map holds it for ~5 ms; these yield every STEP
+# flags (relay/envstate.py) so the loop runs other work in between.
+Steps = Generator[None, None, T]
+
+
+def _unpacker(data: bytes) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data))
+    unpacker.feed(data)
+    return unpacker
+
+
+def _map_steps(unpacker: msgpack.Unpacker) -> Steps[dict[Any, Any]]:
+    """The next map of `unpacker`, one entry at a time."""
+    out = {}
+    for n in range(1, unpacker.read_map_header() + 1):
+        key = unpacker.unpack()
+        out[key] = unpacker.unpack()
+        if n % STEP == 0:
+            yield
+    return out
+
+
+def _decode_change_steps(data: bytes) -> Steps[Change]:
+    """A change notice, as `_PUBLISH` publishes it: env, v, ts, deleted keys, put map."""
+    unpacker = _unpacker(data)
+    env, v, ts, dels = (unpacker.unpack() for _ in range(4))
+    put = yield from _map_steps(unpacker)
+    return Change(env=env, v=int(v), put=put, dels=tuple(dels), ts=float(ts))
+
+
+def _changes_steps(env: str, entries: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> Steps[
+    list[Change]
+]:
+    """Log entries as changes; a step is at most about STEP flags, over several changes."""
+    changes = []
+    done = 0
+    for entry_id, fields in entries:
+        put = yield from _map_steps(_unpacker(fields[b"put"]))
+        changes.append(Change(env=env, v=int(entry_id.split(b"-")[0]), put=put,
+                              dels=tuple(_unpack(fields[b"del"])), ts=float(fields[b"ts"])))
+        done += len(put) + 1
+        if done >= STEP:
+            done = 0
+            yield
+    return changes
+
+
+def _snapshot_steps(env: str, v: bytes, flat: list[bytes], log: list[Any]) -> Steps[EnvSnapshot]:
+    """What `_LOAD` answers, as a snapshot."""
+    flags = {}
+    for n, (key, raw) in enumerate(zip(flat[::2], flat[1::2], strict=True), 1):
+        flags[key.decode()] = _flag(raw)
+        if n % STEP == 0:
+            yield
+    history = yield from _changes_steps(env, reversed(_entries(log)))
+    return EnvSnapshot(env=env, v=int(v), flags=flags, history=history)
+
+
 def _keys(env: str) -> tuple[str, str, str]:
     return f"relay:{{{env}}}:v", f"relay:{{{env}}}:flags", f"relay:{{{env}}}:log"
 
@@ -166,16 +227,6 @@ def _env_keys(env: str) -> str:
 def _flag(raw: bytes) -> tuple[int, Any]:
     v, _, value = raw.partition(b":")
     return int(v), _unpack(value)
-
-
-def _change(env: str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Change:
-    return Change(
-        env=env,
-        v=int(entry_id.split(b"-")[0]),
-        put=_unpack(fields[b"put"]),
-        dels=tuple(_unpack(fields[b"del"])),
-        ts=float(fields[b"ts"]),
-    )
 
 
 class RedisStore:
@@ -281,7 +332,11 @@ class RedisStore:
                     raise_if_cancelled()
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if message["channel"] == CHANGES_CHANNEL and len(message["data"]) > _BIG:
+                        await self._dispatch_big(message["data"])  # (in order: awaited here)
+                    else:
                         self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
@@ -308,6 +363,15 @@ class RedisStore:
                         listener(env, frozenset(hashes))
         except Exception:  # a listener's bug, or a message from something else on the channel
             log.exception("cannot handle a message on %r", channel)
+
+    async def _dispatch_big(self, data: bytes) -> None:
+        """A big change: decoded in steps, so the loop runs other work in between."""
+        try:
+            change = await run_in_steps(_decode_change_steps(data))
+        except Exception:
+            log.exception("cannot handle a message on %r", CHANGES_CHANNEL)
+            return
+        self._tell(change)
 
     def _tell(self, change: Change) -> None:
         if change.v > self._seen.get(change.env, -1):
@@ -414,13 +478,7 @@ class RedisStore:
                                              args=[max(0, history), budget])
             if not result:
                 raise UnknownEnv(env)
-            v, flat, log = result
-            flags = {k.decode(): _flag(raw) for k, raw in zip(flat[::2], flat[1::2], strict=True)}
-            snapshot = EnvSnapshot(
-                env=env, v=int(v), flags=flags,
-                history=[_change(env, entry_id, fields)
-                         for entry_id, fields in reversed(_entries(log))],
-            )
+            snapshot = await run_in_steps(_snapshot_steps(env, *result))
             # Replays start from the first load, and move only with what listeners are told:
             # a later load (an admin read) must not skip what a listener has not heard.
             self._seen.setdefault(env, snapshot.v)
@@ -438,7 +496,7 @@ class RedisStore:
             current, entries = result
             if since >= int(current):
                 return []
-            changes = [_change(env, entry_id, fields) for entry_id, fields in _entries(entries)]
+            changes = await run_in_steps(_changes_steps(env, _entries(entries)))
             if not changes or changes[0].v != since + 1:
                 return None  # trimmed past `since`
             return changes
