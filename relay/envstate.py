@@ -77,6 +77,16 @@ class EncodedChange:
         return len(self.frame)
 
 
+@dataclass(frozen=True, slots=True)
+class Jump:
+    """A newer full state, encoded, and the delta frame that takes sessions there."""
+
+    base: int
+    v: int
+    flags: dict[str, _Flag]
+    frame: bytes
+
+
 def run_steps(steps: Steps[T]) -> T:
     """Run a generator of steps to its end, at once, and return its result."""
     while True:
@@ -395,19 +405,25 @@ class EnvState:
         Returns the delta from the old state to the new one, so sessions that held the old
         state still get only deltas, with no gap.
         """
+        jump = run_steps(self.jump_steps(v, flags))
+        self.apply_jump(jump)
+        obj = _decode(jump.frame)
+        return Delta(base=jump.base, v=jump.v, put=obj["put"], dels=obj["del"])
+
+    def jump_steps(self, v: int, flags: Mapping[str, tuple[int, Any]]) -> Steps[Jump]:
+        """`jump_to` in steps, changing nothing until `apply_jump`: only the flags whose
+        version differs are encoded; the others keep their entries."""
         if v < self.v:
             raise ValueError(f"cannot jump back from v={self.v} to v={v}")
-        delta = Delta(base=self.v, v=v)
-        old = self._flags
         by_version: dict[int, list[tuple[str, Any]]] = {}
-        for key, (fv, value) in flags.items():
-            flag = old.get(key)
-            if flag is None or flag[0] != fv:
-                delta.put[key] = {"v": fv, "value": value}
+        for n, (key, (fv, value)) in enumerate(flags.items(), 1):
             by_version.setdefault(fv, []).append((key, value))
-        for key in old.keys() - flags.keys():
-            delta.dels[key] = v
+            if n % STEP == 0:
+                yield
+        old = self._flags
         new: dict[str, _Flag] = {}
+        put: list[bytes] = []
+        n = 0
         for fv in sorted(by_version):
             fresh = []
             for key, value in by_version[fv]:
@@ -416,16 +432,29 @@ class EnvState:
                     new[key] = flag  # unchanged: its entry is still right
                 else:
                     fresh.append((key, value))
-            run_steps(_entries_steps(fv, fresh, new))
-        self._flags = new
+                n += 1
+                if n % STEP == 0:
+                    yield
+            encoded: dict[str, _Flag] = {}
+            yield from _entries_steps(fv, fresh, encoded)
+            new.update(encoded)
+            put.extend(entry for _, entry in encoded.values())
+        dels = dict.fromkeys(old.keys() - flags.keys(), v)
+        yield
+        return Jump(self.v, v, new, _delta_frame(self.v, v, put, dels))
+
+    def apply_jump(self, jump: Jump) -> None:
+        """Take the state `jump_steps` computed; it must start from the version held."""
+        if jump.base != self.v:
+            raise ValueError(f"a jump from v={jump.base} does not start at v={self.v}")
+        self._flags = jump.flags
         self._dels = {}
         self._history.clear()
         self._history_bytes = 0
-        self.v = v
+        self.v = jump.v
         self._snap_frame = None
         self._catch_up.clear()
         self._catch_up_bytes = 0
-        return delta
 
 
 def delta_frame(delta: Delta) -> bytes:

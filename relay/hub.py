@@ -34,7 +34,6 @@ from relay.envstate import (
     EncodedChange,
     EnvState,
     Steps,
-    delta_frame,
     encode_change,
     run_steps,
 )
@@ -113,7 +112,8 @@ class _Channel:
         self.hello: tuple[int, bytes] = (-1, b"")
         self.load_task: asyncio.Task[None] | None = None
         self.resync_task: asyncio.Task[None] | None = None
-        self.encode_task: asyncio.Task[None] | None = None  # a big change, encoded in steps
+        # A big change, or a newer full state, encoded in steps.
+        self.encode_task: asyncio.Task[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
         self.via_peer = False  # changes come from the owner's peer link, not from the store
@@ -407,12 +407,13 @@ class Hub:
         elif isinstance(message, peer_protocol.Changes):
             for change in message.changes:
                 self._take(channel, change)
-        elif (
-            isinstance(message, peer_protocol.State)
-            and channel.state is not None
-            and channel.resync_task is None  # (a resync brings it up to date anyway)
-        ):
-            self._jump(channel, message.v, message.flags)
+        elif isinstance(message, peer_protocol.State) and channel.state is not None:
+            if channel.resync_task is not None:
+                pass  # (a resync brings it up to date anyway)
+            elif channel.encode_task is not None:  # the store is as new: read it once done
+                channel.resync_task = self._spawn(self._resync(channel))
+            elif message.v > channel.state.v:
+                channel.encode_task = self._spawn(self._jump_task(channel, message))
 
     async def add_follower(self, env: str, follower: Follower, since: int | None) -> None:
         """A remote edge follows `env` from here: send what it lacks, then every change.
@@ -593,7 +594,7 @@ class Hub:
                 changes = await self.store.changes_since(channel.env, state.v)
                 if changes is None:
                     snapshot = await self.store.load(channel.env, 0)
-                    self._jump(channel, snapshot.v, snapshot.flags)
+                    await self._jump(channel, snapshot.v, snapshot.flags)
                     changes = []
                 break
             except Exception as exc:
@@ -603,16 +604,30 @@ class Hub:
         buffered, channel.buffered = channel.buffered, []
         self._apply_all(channel, changes + buffered)
 
-    def _jump(self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]) -> None:
-        """Take a newer full state whose changes are gone: one delta to sessions, the state to
-        followers."""
+    async def _jump_task(self, channel: _Channel, state: peer_protocol.State) -> None:
+        try:
+            await self._jump(channel, state.v, state.flags)
+        finally:
+            channel.encode_task = None
+        self._apply_buffered(channel)
+
+    async def _jump(
+        self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]
+    ) -> None:
+        """Take a newer full state whose changes are gone, encoded in steps (the channel is
+        busy meanwhile): one delta to sessions, the state to followers."""
         state = channel.state
         assert state is not None
         if v <= state.v:
             return
-        delta = state.jump_to(v, flags)
-        if channel.sessions and delta.v > delta.base:
-            self._enqueue(channel, delta_frame(delta), delta.base, delta.v, time.time())
+        jump = await run_in_steps(state.jump_steps(v, flags))
+        if jump.base != state.v:  # (it moved meanwhile: not while busy, but be sure)
+            if v <= state.v:
+                return
+            jump = run_steps(state.jump_steps(v, flags))
+        state.apply_jump(jump)
+        if channel.sessions:
+            self._enqueue(channel, jump.frame, jump.base, jump.v, time.time())
         if channel.followers:
             self._tell_followers(channel, peer_protocol.state(channel.env, v, flags))
 

@@ -16,6 +16,8 @@ from typing import Any
 import msgpack
 import pytest
 
+from relay import peer_protocol
+from relay.changes import Change
 from relay.envstate import STEP
 from relay.node import Node
 from tests.helpers import Admin, open_stream, recv_frame
@@ -232,3 +234,35 @@ async def test_a_node_serves_since_from_history_bounded_by_bytes(make_node: Node
     finally:
         await admin.close()
 
+
+
+async def test_a_newer_full_state_is_taken_in_steps_and_sent_as_one_delta(
+    make_node: NodeFactory,
+) -> None:
+    """What an edge does with the owner's `state` (or a resync whose log is gone): the new
+    state is encoded in steps, sessions get one delta to it, and the changes after it wait."""
+    node = await make_node()
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("e", ["k"])
+        await admin.publish("e", {"same": 1, "gone": 1})
+        ws = await open_stream(node.ws_url, "k")
+        assert [(await recv_frame(ws))["t"] for _ in range(2)] == ["hello", "snap"]
+        node.hub.set_source("e", True)  # its changes come from a peer now
+        flags = {"same": (1, 1), **{f"n{i}": (9, i) for i in range(3 * STEP)}}
+        node.hub.on_upstream(peer_protocol.State("e", 9, flags))
+        node.hub.on_upstream(Change("e", 10, {"after": True}))
+        assert node.hub.version("e") == 1  # not yet: in steps
+        jump, after = await recv_frame(ws), await recv_frame(ws)
+        assert (jump["base"], jump["v"]) == (1, 9)
+        assert jump["put"] == {f"n{i}": {"v": 9, "value": i} for i in range(3 * STEP)}
+        assert jump["del"] == {"gone": 9}
+        assert (after["base"], after["v"], after["put"]) == (9, 10, {"after": {"v": 10,
+                                                                            "value": True}})
+        late = await open_stream(node.ws_url, "k", since=9)
+        assert (await recv_frame(late))["t"] == "hello"
+        assert (await recv_frame(late))["put"] == {"after": {"v": 10, "value": True}}
+        await late.close()
+        await ws.close()
+    finally:
+        await admin.close()

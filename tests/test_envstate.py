@@ -15,7 +15,15 @@ from hypothesis import strategies as st
 
 from relay import protocol
 from relay.changes import Change, Delta, coalesce
-from relay.envstate import STEP, Applied, EnvState, change_frame, delta_frame, encode_change
+from relay.envstate import (
+    STEP,
+    Applied,
+    EnvState,
+    change_frame,
+    delta_frame,
+    encode_change,
+    run_steps,
+)
 
 # A client's view of an environment: flag key -> (version it last changed at, value).
 State = dict[str, tuple[int, Any]]
@@ -714,3 +722,25 @@ def test_state_and_history_hold_bytes_not_the_values_given() -> None:
     assert [ref() for ref in refs] == [None, None]
     assert state.flags == {"a": [1], "b": [2, 3]}
     assert [c.put for c in state.changes_after(0) or []] == [{"a": [1]}, {"b": [2, 3]}]
+
+
+def test_a_jump_in_steps_changes_nothing_until_applied() -> None:
+    state = EnvState("e", 0, {})
+    for v in range(1, 4):
+        state.apply(_ch(v, {"same": 1} if v == 1 else {f"k{v}": v}))
+    before = (state.v, state.snap_frame(), state.oldest_base)
+    new = {"same": (1, 1), **{f"n{i}": (9, i) for i in range(3 * STEP)}}
+    steps = state.jump_steps(9, new)
+    assert sum(1 for _ in itertools.islice(steps, 3)) == 3  # (it yields as it goes)
+    assert (state.v, state.snap_frame(), state.oldest_base) == before
+    jump = run_steps(steps)
+    assert (jump.base, jump.v) == (3, 9)
+    delta = decode_frame(jump.frame)
+    assert set(delta["put"]) == {f"n{i}" for i in range(3 * STEP)}  # not "same": unchanged
+    assert delta["del"] == {"k2": 9, "k3": 9}
+    state.apply(_ch(4, {"late": 1}))
+    with pytest.raises(ValueError, match="does not start"):
+        state.apply_jump(jump)  # computed from v=3: stale
+    state.apply_jump(run_steps(state.jump_steps(9, new)))
+    assert state.v == 9 and state.oldest_base == 9
+    assert state.flag_versions() == new
