@@ -176,6 +176,34 @@ def _decode_change(env: str, logged: _Logged) -> Change:
                   dels=tuple(obj["del"]), ts=ts)
 
 
+def _decode_flags_steps(flags: list[tuple[str, _Flag]]) -> Steps[dict[str, tuple[int, Any]]]:
+    """Flags as (version, value), decoded STEP of them per msgpack call."""
+    out: dict[str, tuple[int, Any]] = {}
+    for i in range(0, len(flags), STEP):
+        chunk = flags[i : i + STEP]
+        decoded = msgpack.unpackb(
+            _map_header(len(chunk)) + b"".join(entry for _, (_, entry) in chunk),
+            raw=False, strict_map_key=False,
+        )
+        out.update((key, (f["v"], f["value"])) for key, f in decoded.items())
+        yield
+    return out
+
+
+def _decode_changes_steps(env: str, logged: list[_Logged]) -> Steps[list[Change]]:
+    """Changes from their frames, about STEP flags per step (one frame at least)."""
+    changes = []
+    done = 0
+    for item in logged:
+        change = _decode_change(env, item)
+        changes.append(change)
+        done += len(change.put) + len(change.dels) + 1
+        if done >= STEP:
+            done = 0
+            yield
+    return changes
+
+
 class EnvState:
     """Flags at version `v`, plus the last changes that led there: at most `max_history` of
     them, and at most `max_history_bytes` bytes of their delta frames."""
@@ -293,14 +321,23 @@ class EnvState:
 
     def flag_versions(self) -> dict[str, tuple[int, Any]]:
         """Current flags with the version each last changed at (decoded: a copy)."""
-        return {key: (flag["v"], flag["value"]) for key, flag in self.wire_flags().items()}
+        return run_steps(self.flag_versions_steps())
+
+    def flag_versions_steps(self) -> Steps[dict[str, tuple[int, Any]]]:
+        """`flag_versions` in steps, of the state at the version held now."""
+        return _decode_flags_steps(list(self._flags.items()))
 
     def changes_after(self, since: int) -> list[Change] | None:
         """The changes after `since`, from history; None when history does not reach back."""
+        steps = self.changes_after_steps(since)
+        return None if steps is None else run_steps(steps)
+
+    def changes_after_steps(self, since: int) -> Steps[list[Change]] | None:
+        """`changes_after` in steps, of the history held now."""
         if since > self.v or since < self.oldest_base:
             return None
-        tail = itertools.islice(self._history, since - self.oldest_base, None)
-        return [_decode_change(self.env, logged) for logged in tail]
+        tail = list(itertools.islice(self._history, since - self.oldest_base, None))
+        return _decode_changes_steps(self.env, tail)
 
     def snap_frame(self) -> bytes:
         """The WebSocket frame of the full state, assembled once per version."""

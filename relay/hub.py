@@ -117,7 +117,9 @@ class _Channel:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
         self.via_peer = False  # changes come from the owner's peer link, not from the store
-        self.followers: set[Follower] = set()  # remote edges (on the owner)
+        # Remote edges (on the owner). None: it is sent each change; a list: its catch-up is
+        # being decoded, and what it is told meanwhile waits there, in order.
+        self.followers: dict[Follower, list[bytes] | None] = {}
 
     @property
     def busy(self) -> bool:
@@ -438,17 +440,35 @@ class Hub:
             if channel.resync_task is None:
                 channel.resync_task = self._spawn(self._resync(channel))
         self._flush_channel(channel)
-        catch_up = None if since is None else state.changes_after(since)
-        if catch_up is None:
-            follower.send(peer_protocol.state(env, state.v, state.flag_versions()))
-        else:
-            follower.send(peer_protocol.changes(env, catch_up))
-        channel.followers.add(follower)
+        # What it lacks, decoded in steps from the state and history held now; the changes
+        # told to followers meanwhile wait for it, in order.
+        changes = None if since is None else state.changes_after_steps(since)
+        v, flags = state.v, state.flag_versions_steps() if changes is None else None
+        if channel.followers.get(follower) is None:
+            channel.followers[follower] = []
+        try:
+            if changes is not None:
+                message = peer_protocol.changes(env, await run_in_steps(changes))
+            else:
+                assert flags is not None
+                message = peer_protocol.state(env, v, await run_in_steps(flags))
+        except BaseException:
+            if channel.followers.get(follower) is not None:
+                del channel.followers[follower]
+                self._arm_idle_timer(channel)
+            raise
+        queued = channel.followers.get(follower)
+        if queued is None:  # removed meanwhile (or served by another subscription)
+            return
+        follower.send(message)
+        for data in queued:
+            follower.send(data)
+        channel.followers[follower] = None
 
     def remove_follower(self, env: str, follower: Follower) -> None:
         channel = self._channels.get(env)
         if channel is not None and follower in channel.followers:
-            channel.followers.discard(follower)
+            del channel.followers[follower]
             self._arm_idle_timer(channel)
 
     # --- changes ------------------------------------------------------------------------------
@@ -632,8 +652,11 @@ class Hub:
             self._tell_followers(channel, peer_protocol.state(channel.env, v, flags))
 
     def _tell_followers(self, channel: _Channel, data: bytes) -> None:
-        for follower in tuple(channel.followers):
-            follower.send(data)
+        for follower, queued in tuple(channel.followers.items()):
+            if queued is None:
+                follower.send(data)
+            else:
+                queued.append(data)
 
     def _drop_if_idle(self, channel: _Channel) -> None:
         channel.idle_timer = None

@@ -266,3 +266,55 @@ async def test_a_newer_full_state_is_taken_in_steps_and_sent_as_one_delta(
         await ws.close()
     finally:
         await admin.close()
+
+
+class _Follower:
+    """A remote edge as the hub sees it (relay/peer_server.py's is a WebSocket queue)."""
+
+    def __init__(self) -> None:
+        self.messages: list[peer_protocol.PeerMessage] = []
+
+    def send(self, data: bytes) -> None:
+        self.messages.append(peer_protocol.parse(data))
+
+
+async def test_a_follower_gets_a_big_state_in_steps_then_every_change_in_order(
+    make_node: NodeFactory,
+) -> None:
+    """An owner decodes what a subscribing edge lacks in steps; the changes committed
+    meanwhile wait for it and follow it, in order."""
+    node = await make_node()
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("e", ["k"])
+        flags = {f"f{i}": i for i in range(10 * STEP)}
+        await node.store.publish("e", flags, [])
+        ws = await open_stream(node.ws_url, "k")  # (loads the environment)
+        assert [(await recv_frame(ws))["t"] for _ in range(2)] == ["hello", "snap"]
+        for since, first in ((None, peer_protocol.State), (0, peer_protocol.Changes)):
+            follower = _Follower()
+            v = node.hub.version("e")
+            assert v is not None
+            task = asyncio.get_running_loop().create_task(
+                node.hub.add_follower("e", follower, since)
+            )
+            await asyncio.sleep(0)  # its first step: the state is taken at v
+            node.hub.on_change(Change("e", v + 1, {"during": v + 1}))
+            assert follower.messages == []  # still in steps: the change waits for it
+            await task
+            node.hub.on_change(Change("e", v + 2, {"after": v + 2}))
+            catch_up, during, after = follower.messages
+            assert isinstance(catch_up, first)
+            if isinstance(catch_up, peer_protocol.State):
+                assert catch_up.v == v
+                assert catch_up.flags == {k: (1, val) for k, val in flags.items()}
+            else:
+                assert isinstance(catch_up, peer_protocol.Changes)
+                assert [c.v for c in catch_up.changes] == list(range(1, v + 1))
+                assert catch_up.changes[0].put == flags
+            assert isinstance(during, Change) and during.v == v + 1
+            assert isinstance(after, Change) and after.v == v + 2
+            node.hub.remove_follower("e", follower)
+        await ws.close()
+    finally:
+        await admin.close()
