@@ -109,7 +109,8 @@ def _flag_prefix(v: int) -> bytes:
     return b"\x82\xa1v" + _pack(v) + b"\xa5value"
 
 
-def _map_header(n: int) -> bytes:
+def map_header(n: int) -> bytes:
+    """The msgpack header of a map of `n` entries."""
     if n < 16:
         return bytes((0x80 | n,))
     if n < 1 << 16:
@@ -134,7 +135,7 @@ def _frame(
     `head` and `tail` encoded here and the entries as they are."""
     n = len(head) + 1 + len(tail)
     parts = [bytes((0x80 | n,)), *(_pack(k) + _pack(val) for k, val in head.items()),
-             _pack(name), _map_header(len(entries)), *entries,
+             _pack(name), map_header(len(entries)), *entries,
              *(_pack(k) + _pack(val) for k, val in tail.items())]
     return protocol.ws_binary_frame(b"".join(parts))
 
@@ -182,7 +183,7 @@ def _decode_flags_steps(flags: list[tuple[str, _Flag]]) -> Steps[dict[str, tuple
     for i in range(0, len(flags), STEP):
         chunk = flags[i : i + STEP]
         decoded = msgpack.unpackb(
-            _map_header(len(chunk)) + b"".join(entry for _, (_, entry) in chunk),
+            map_header(len(chunk)) + b"".join(entry for _, (_, entry) in chunk),
             raw=False, strict_map_key=False,
         )
         out.update((key, (f["v"], f["value"])) for key, f in decoded.items())

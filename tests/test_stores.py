@@ -23,6 +23,7 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
     hash_key,
+    pack_put,
     stored_size,
 )
 from relay.store.redis import RedisStore
@@ -71,6 +72,23 @@ async def _open(path: Path, **kwargs: Any) -> SQLiteStore:
 
 
 # --- environments and keys --------------------------------------------------------------------
+
+
+def test_pack_put_encodes_each_value_once_for_both_uses() -> None:
+    put = {"a": 1, "b": [1, {"c": None}], "é": b"\x00", **{f"k{i}": i for i in range(20)}}
+    calls: list[Any] = []
+
+    def pack(obj: Any) -> bytes:
+        calls.append(obj)
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+        return data
+
+    values, blob = pack_put(put, pack)
+    assert [msgpack.unpackb(v) for v in values] == list(put.values())
+    assert msgpack.unpackb(blob) == put
+    assert blob == msgpack.packb(put, use_bin_type=True)
+    assert len(calls) == 2 * len(put)  # each key and each value, once
+    assert pack_put({}, pack) == ([], b"\x80")
 
 
 def test_hash_key_is_sha256_hex() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay.changes import Change
+from relay.envstate import map_header
 
 
 def hash_key(sdk_key: str) -> str:
@@ -57,6 +58,17 @@ def stored_size(put: bytes, dels: bytes) -> int:
     msgpack. A little less than its delta frame (relay/envstate.py), which adds each flag's
     version, so a load reads at least what an `EnvState` with the same byte budget keeps."""
     return len(put) + len(dels)
+
+
+def pack_put(put: Mapping[str, Any], pack: Callable[[Any], bytes]) -> tuple[list[bytes], bytes]:
+    """Each value's msgpack, and the put map's, from the same bytes: values are encoded once
+    (a store writes both), in calls of one value each (a thread that encodes holds the GIL
+    for as long as one call runs)."""
+    values = [pack(value) for value in put.values()]
+    blob = map_header(len(values)) + b"".join(
+        pack(key) + value for key, value in zip(put, values, strict=True)
+    )
+    return values, blob
 
 
 ChangeListener = Callable[[Change], None]

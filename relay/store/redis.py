@@ -43,6 +43,7 @@ from relay.store.base import (
     KeysListener,
     StoreUnavailable,
     UnknownEnv,
+    pack_put,
 )
 from relay.tasks import raise_if_cancelled, run_in_steps
 
@@ -448,13 +449,13 @@ class RedisStore:
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
         put = dict(put)
-        packed = [_pack(value) for value in put.values()]  # TypeError if not encodable
+        packed, put_blob = pack_put(put, _pack)  # TypeError if not encodable
         dels = list(dict.fromkeys(dels))  # the script drops those that do not exist
         ts = time.time()
         args: list[Any] = [env, repr(ts), self.log_retention, len(put)]
         for key, blob in zip(put, packed, strict=True):
             args += [key, blob]
-        args += [_pack(put), len(dels), *dels]
+        args += [put_blob, len(dels), *dels]
         try:
             v, committed, delblob = await self._call(
                 lambda: self._publish_script(keys=list(_keys(env)), args=args)

@@ -31,6 +31,7 @@ from relay.store.base import (
     KeysListener,
     StoreUnavailable,
     UnknownEnv,
+    pack_put,
     stored_size,
 )
 
@@ -203,16 +204,17 @@ class SQLiteStore:
         v = current + 1
         ts = time.time()
         db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
+        values, put_blob = pack_put(put, _pack)
         db.executemany(
             "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
-            [(env, key, v, _pack(value)) for key, value in put.items()],
+            [(env, key, v, value) for key, value in zip(put, values, strict=True)],
         )
         if dels:
             db.executemany("DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels])
         db.execute(
             "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
-            (env, v, _pack(dict(put)), _pack(list(dels)), ts),
+            (env, v, put_blob, _pack(list(dels)), ts),
         )
         db.execute("DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention))
         return Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
