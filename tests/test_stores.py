@@ -302,6 +302,18 @@ async def test_load_returns_per_flag_versions_and_newest_history(store: Store) -
     assert list((await store.load("prod", -1)).history) == []
 
 
+async def test_any_flag_key_and_value_round_trip(store: Store) -> None:
+    await store.put_env("prod", [H1])
+    put = {"é": 1.5, "a b": b"\x00\xff", "k" * 256: {"x": [None, True, -(2**40)]}, "'\"": ""}
+    change = await store.publish("prod", put, [])
+    assert change.put == put
+    snap = await store.load("prod", 10)
+    assert snap.flags == {key: (1, value) for key, value in put.items()}
+    assert [dict(c.put) for c in snap.history] == [put]
+    await store.publish("prod", {}, ["é", "nope"])
+    assert "é" not in (await store.load("prod", 0)).flags
+
+
 async def test_load_reads_history_newest_first_within_a_byte_budget(store: Store) -> None:
     """A load never reads more than `history_bytes` of changes plus one (`stored_size`)."""
     await store.put_env("prod", [H1])
