@@ -134,10 +134,18 @@ def _frame(
     """The WebSocket frame of the map `head` + {name: <the joined entries>} + `tail`, with
     `head` and `tail` encoded here and the entries as they are."""
     n = len(head) + 1 + len(tail)
-    parts = [bytes((0x80 | n,)), *(_pack(k) + _pack(val) for k, val in head.items()),
+    parts = [b"", bytes((0x80 | n,)), *(_pack(k) + _pack(val) for k, val in head.items()),
              _pack(name), map_header(len(entries)), *entries,
              *(_pack(k) + _pack(val) for k, val in tail.items())]
-    return protocol.ws_binary_frame(b"".join(parts))
+    # The frame header (as protocol.ws_binary_frame writes it), so the payload is copied once.
+    size = sum(map(len, parts))
+    if size < 126:
+        parts[0] = bytes((0x82, size))
+    elif size < 1 << 16:
+        parts[0] = b"\x82\x7e" + size.to_bytes(2, "big")
+    else:
+        parts[0] = b"\x82\x7f" + size.to_bytes(8, "big")
+    return b"".join(parts)
 
 
 def _delta_frame(base: int, v: int, entries: list[bytes], dels: Mapping[str, int]) -> bytes:

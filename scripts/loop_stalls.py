@@ -71,6 +71,8 @@ async def main(args: argparse.Namespace) -> None:
     await node.start()
     if args.gc_freeze:
         gc.freeze()  # what is alive now is never collected: full collections walk the rest
+    if args.no_gc:
+        gc.disable()  # to tell the node's own work from the collector's pauses
     http = aiohttp.ClientSession(headers={"Authorization": "Bearer t"})
     try:
         await node.store.put_env("e", [__import__("relay.store.base").store.base.hash_key("k")])
@@ -146,4 +148,5 @@ if __name__ == "__main__":
     parser.add_argument("--no-joins", action="store_true",
                         help="no new sessions (snapshot, catch-up) after each change")
     parser.add_argument("--gc-freeze", action="store_true", help="gc.freeze() once started")
+    parser.add_argument("--no-gc", action="store_true", help="gc.disable() once started")
     uvloop.run(main(parser.parse_args()))
