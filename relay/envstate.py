@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import enum
 import itertools
+import threading
 from collections import deque
-from collections.abc import Generator, Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from itertools import repeat
 from typing import Any, TypeVar
@@ -96,12 +97,19 @@ def run_steps(steps: Steps[T]) -> T:
             return done.value  # type: ignore[no-any-return]
 
 
-_packer = msgpack.Packer(use_bin_type=True)
+_packers = threading.local()
+
+
+def _packer() -> Callable[[Any], bytes]:
+    """This thread's msgpack packer: reused, a call costs a sixth of `msgpack.packb`'s."""
+    pack: Callable[[Any], bytes] | None = getattr(_packers, "pack", None)
+    if pack is None:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+    return pack
 
 
 def _pack(obj: Any) -> bytes:
-    data: bytes = _packer.pack(obj)
-    return data
+    return _packer()(obj)
 
 
 def _flag_prefix(v: int) -> bytes:
@@ -121,7 +129,7 @@ def map_header(n: int) -> bytes:
 def _entries_steps(v: int, items: Iterable[tuple[str, Any]], out: dict[str, _Flag]) -> Steps[None]:
     """Encode flags changed at `v` into `out`, yielding every STEP of them."""
     prefix = _flag_prefix(v)
-    pack = _pack
+    pack = _packer()
     for n, (key, value) in enumerate(items, 1):
         out[key] = (v, pack(key) + prefix + pack(value))
         if n % STEP == 0:
