@@ -114,6 +114,11 @@ class Config:
     )
     node_id: str = _opt(socket.gethostname(), "this node's name in status and hello frames")
     history: int = _opt(1000, "changes per environment kept in memory to answer `since`")
+    history_bytes: int = _opt(
+        8 << 20,
+        "bytes of changes (their delta frames) per environment kept in memory to answer "
+        "`since`; the oldest leave first, and a client behind them gets a snapshot",
+    )
     log_retention: int = _opt(10_000, "changes per environment kept in the store's log")
     handshake_timeout: float = _opt(
         10.0, "seconds from TCP accept to a complete WebSocket upgrade request"
@@ -287,9 +292,9 @@ def check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value <= 65535:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
-    for name in ("history", "log_retention", "max_connections", "max_session_buffer",
-                 "write_high_water", "max_pending", "ip_connect_burst", "ip_auth_failure_burst",
-                 "client_control_burst"):
+    for name in ("history", "history_bytes", "log_retention", "max_connections",
+                 "max_session_buffer", "write_high_water", "max_pending", "ip_connect_burst",
+                 "ip_auth_failure_burst", "client_control_burst"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
     if config.store != "sqlite" and not config.store.startswith(REDIS_SCHEMES):

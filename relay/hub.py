@@ -27,10 +27,20 @@ from typing import Any, Protocol
 
 from relay import peer_protocol, protocol
 from relay.changes import Change
-from relay.envstate import Applied, EnvState, change_frame, delta_frame
+from relay.envstate import (
+    DEFAULT_HISTORY_BYTES,
+    STEP,
+    Applied,
+    EncodedChange,
+    EnvState,
+    Steps,
+    encode_change,
+    run_steps,
+)
 from relay.metrics import Metrics
 from relay.outbound import EVICT_HISTORY, Outbox
 from relay.store.base import KeyHasher, Store, legacy_hash_key
+from relay.tasks import run_in_steps
 
 log = logging.getLogger("relay.hub")
 
@@ -85,8 +95,9 @@ class Upstream(Protocol):
 
 class _Channel:
     __slots__ = (
-        "buffered", "env", "followers", "gauge", "hello", "idle_timer", "load_task", "pending",
-        "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state", "via_peer",
+        "buffered", "encode_task", "env", "followers", "gauge", "hello", "idle_timer", "load_task",
+        "pending", "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state",
+        "via_peer",
     )
 
     def __init__(self, env: str) -> None:
@@ -97,14 +108,23 @@ class _Channel:
         self.pending_ts: list[float] = []  # commit times of the changes in `pending`
         self.pending_base = 0  # `pending` takes clients from this version ...
         self.pending_v = 0  # ... to this one
-        self.buffered: list[Change] = []  # changes seen while loading or resyncing
+        self.buffered: list[Change] = []  # changes seen while loading, resyncing or encoding
         self.hello: tuple[int, bytes] = (-1, b"")
         self.load_task: asyncio.Task[None] | None = None
         self.resync_task: asyncio.Task[None] | None = None
+        # A big change, or a newer full state, encoded in steps.
+        self.encode_task: asyncio.Task[None] | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
         self.via_peer = False  # changes come from the owner's peer link, not from the store
-        self.followers: set[Follower] = set()  # remote edges (on the owner)
+        # Remote edges (on the owner). None: it is sent each change; a list: its catch-up is
+        # being decoded, and what it is told meanwhile waits there, in order.
+        self.followers: dict[Follower, list[bytes] | None] = {}
+
+    @property
+    def busy(self) -> bool:
+        """Changes wait in `buffered`, in order, until a resync or an encoding is over."""
+        return self.resync_task is not None or self.encode_task is not None
 
 
 class Hub:
@@ -115,6 +135,7 @@ class Hub:
         node_id: str,
         *,
         max_history: int = 1000,
+        max_history_bytes: int = DEFAULT_HISTORY_BYTES,
         idle_ttl: float = 60.0,
         slow_consumer_timeout: float = 30.0,
         max_session_buffer: int = 1 << 20,
@@ -124,6 +145,7 @@ class Hub:
         self.metrics = metrics
         self.node_id = node_id
         self.max_history = max_history
+        self.max_history_bytes = max_history_bytes
         self.idle_ttl = idle_ttl
         self.slow_consumer_timeout = slow_consumer_timeout
         self.max_session_buffer = max_session_buffer
@@ -413,12 +435,13 @@ class Hub:
         elif isinstance(message, peer_protocol.Changes):
             for change in message.changes:
                 self._take(channel, change)
-        elif (
-            isinstance(message, peer_protocol.State)
-            and channel.state is not None
-            and channel.resync_task is None  # (a resync brings it up to date anyway)
-        ):
-            self._jump(channel, message.v, message.flags)
+        elif isinstance(message, peer_protocol.State) and channel.state is not None:
+            if channel.resync_task is not None:
+                pass  # (a resync brings it up to date anyway)
+            elif channel.encode_task is not None:  # the store is as new: read it once done
+                channel.resync_task = self._spawn(self._resync(channel))
+            elif message.v > channel.state.v:
+                channel.encode_task = self._spawn(self._jump_task(channel, message))
 
     async def add_follower(self, env: str, follower: Follower, since: int | None) -> None:
         """A remote edge follows `env` from here: send what it lacks, then every change.
@@ -443,17 +466,35 @@ class Hub:
             if channel.resync_task is None:
                 channel.resync_task = self._spawn(self._resync(channel))
         self._flush_channel(channel)
-        catch_up = None if since is None else state.changes_after(since)
-        if catch_up is None:
-            follower.send(peer_protocol.state(env, state.v, state.flag_versions()))
-        else:
-            follower.send(peer_protocol.changes(env, catch_up))
-        channel.followers.add(follower)
+        # What it lacks, decoded in steps from the state and history held now; the changes
+        # told to followers meanwhile wait for it, in order.
+        changes = None if since is None else state.changes_after_steps(since)
+        v, flags = state.v, state.flag_versions_steps() if changes is None else None
+        if channel.followers.get(follower) is None:
+            channel.followers[follower] = []
+        try:
+            if changes is not None:
+                message = peer_protocol.changes(env, await run_in_steps(changes))
+            else:
+                assert flags is not None
+                message = peer_protocol.state(env, v, await run_in_steps(flags))
+        except BaseException:
+            if channel.followers.get(follower) is not None:
+                del channel.followers[follower]
+                self._arm_idle_timer(channel)
+            raise
+        queued = channel.followers.get(follower)
+        if queued is None:  # removed meanwhile (or served by another subscription)
+            return
+        follower.send(message)
+        for data in queued:
+            follower.send(data)
+        channel.followers[follower] = None
 
     def remove_follower(self, env: str, follower: Follower) -> None:
         channel = self._channels.get(env)
         if channel is not None and follower in channel.followers:
-            channel.followers.discard(follower)
+            del channel.followers[follower]
             self._arm_idle_timer(channel)
 
     # --- changes ------------------------------------------------------------------------------
@@ -466,19 +507,22 @@ class Hub:
         self._take(channel, change)
 
     def _take(self, channel: _Channel, change: Change) -> None:
-        if channel.state is None or channel.resync_task is not None:
+        if channel.state is None or channel.busy:
             channel.buffered.append(change)
             return
         self._apply(channel, change)
 
     def _apply(self, channel: _Channel, change: Change) -> None:
+        """Apply the next change, or resync on a gap. A change of more than STEP flags is
+        encoded in steps by a task; the changes after it wait in `buffered` meanwhile."""
         assert channel.state is not None
-        result = channel.state.apply(change)
+        result = channel.state.admits(change)
         if result is Applied.APPLIED:
-            if channel.sessions:
-                self._enqueue(channel, change_frame(change), change.v - 1, change.v, change.ts)
-            if channel.followers:
-                self._tell_followers(channel, peer_protocol.change(change))
+            steps = encode_change(change)
+            if len(change.put) + len(change.dels) > STEP:
+                channel.encode_task = self._spawn(self._encode(channel, steps))
+            else:
+                self._applied(channel, run_steps(steps))
         elif result is Applied.GAP:
             log.warning(
                 "env %s: got v=%d while holding v=%d; resyncing from the store",
@@ -487,10 +531,31 @@ class Hub:
             channel.buffered.append(change)
             channel.resync_task = self._spawn(self._resync(channel))
 
+    async def _encode(self, channel: _Channel, steps: Steps[EncodedChange]) -> None:
+        try:
+            encoded = await run_in_steps(steps)
+        finally:
+            channel.encode_task = None
+        self._applied(channel, encoded)
+        self._apply_buffered(channel)
+
+    def _applied(self, channel: _Channel, encoded: EncodedChange) -> None:
+        """Apply an encoded change and send its frame on. (A jump to a newer state while it
+        was encoded makes it a duplicate: dropped.)"""
+        assert channel.state is not None
+        if channel.state.apply_encoded(encoded) is not Applied.APPLIED:
+            return
+        change = encoded.change
+        if channel.sessions:
+            self._enqueue(channel, encoded.frame, change.v - 1, change.v, change.ts)
+        if channel.followers:
+            self._tell_followers(channel, peer_protocol.change(change))
+
     def _apply_all(self, channel: _Channel, changes: list[Change]) -> None:
-        """Apply changes in version order; those after a gap wait for the resync."""
+        """Apply changes in version order; those after a gap, or after a change being
+        encoded, wait."""
         for change in sorted(changes, key=lambda c: c.v):
-            if channel.resync_task is not None:
+            if channel.busy:
                 channel.buffered.append(change)
             else:
                 self._apply(channel, change)
@@ -547,14 +612,19 @@ class Hub:
 
     async def _load(self, channel: _Channel) -> None:
         try:
-            snapshot = await self.store.load(channel.env, self.max_history)
+            snapshot = await self.store.load(
+                channel.env, self.max_history, history_bytes=self.max_history_bytes
+            )
+            # In steps: an environment's flags and history are encoded once, here.
+            state = await run_in_steps(EnvState.build(
+                snapshot.env, snapshot.v, snapshot.flags, snapshot.history, self.max_history,
+                self.max_history_bytes,
+            ))
         except BaseException:
             if self._channels.get(channel.env) is channel:
                 del self._channels[channel.env]
             raise
-        channel.state = EnvState(
-            snapshot.env, snapshot.v, snapshot.flags, snapshot.history, self.max_history
-        )
+        channel.state = state
         self.metrics.envs_loaded.set(len(self._channels))
         self._apply_buffered(channel)
         if self.upstream is not None and not channel.followers:
@@ -570,7 +640,7 @@ class Hub:
                 changes = await self.store.changes_since(channel.env, state.v)
                 if changes is None:
                     snapshot = await self.store.load(channel.env, 0)
-                    self._jump(channel, snapshot.v, snapshot.flags)
+                    await self._jump(channel, snapshot.v, snapshot.flags)
                     changes = []
                 break
             except Exception as exc:
@@ -580,22 +650,39 @@ class Hub:
         buffered, channel.buffered = channel.buffered, []
         self._apply_all(channel, changes + buffered)
 
-    def _jump(self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]) -> None:
-        """Take a newer full state whose changes are gone: one delta to sessions, the state to
-        followers."""
+    async def _jump_task(self, channel: _Channel, state: peer_protocol.State) -> None:
+        try:
+            await self._jump(channel, state.v, state.flags)
+        finally:
+            channel.encode_task = None
+        self._apply_buffered(channel)
+
+    async def _jump(
+        self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]
+    ) -> None:
+        """Take a newer full state whose changes are gone, encoded in steps (the channel is
+        busy meanwhile): one delta to sessions, the state to followers."""
         state = channel.state
         assert state is not None
         if v <= state.v:
             return
-        delta = state.jump_to(v, flags)
-        if channel.sessions and delta.v > delta.base:
-            self._enqueue(channel, delta_frame(delta), delta.base, delta.v, time.time())
+        jump = await run_in_steps(state.jump_steps(v, flags))
+        if jump.base != state.v:  # (it moved meanwhile: not while busy, but be sure)
+            if v <= state.v:
+                return
+            jump = run_steps(state.jump_steps(v, flags))
+        state.apply_jump(jump)
+        if channel.sessions:
+            self._enqueue(channel, jump.frame, jump.base, jump.v, time.time())
         if channel.followers:
             self._tell_followers(channel, peer_protocol.state(channel.env, v, flags))
 
     def _tell_followers(self, channel: _Channel, data: bytes) -> None:
-        for follower in tuple(channel.followers):
-            follower.send(data)
+        for follower, queued in tuple(channel.followers.items()):
+            if queued is None:
+                follower.send(data)
+            else:
+                queued.append(data)
 
     def _drop_if_idle(self, channel: _Channel) -> None:
         channel.idle_timer = None

@@ -57,7 +57,8 @@ class Node:
         self.keys: KeyHasher  # set by start(), once the SDK-key secret is known
         self.hub = Hub(
             self.store, self.metrics, config.node_id,
-            max_history=config.history, idle_ttl=config.env_idle_ttl,
+            max_history=config.history, max_history_bytes=config.history_bytes,
+            idle_ttl=config.env_idle_ttl,
             slow_consumer_timeout=config.slow_consumer_timeout,
             max_session_buffer=config.max_session_buffer,
             write_stall_timeout=config.write_stall_timeout,

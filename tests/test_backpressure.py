@@ -126,8 +126,8 @@ async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
     high = 32 << 10
     # History long enough that the timeout, not the history, is what evicts it.
     node = await make_node(slow_consumer_timeout=1.5, write_high_water=high, history=100_000,
-                           write_low_water=8 << 10, socket_send_buffer=16 << 10,
-                           close_timeout=1.0)
+                           history_bytes=1 << 30, write_low_water=8 << 10,
+                           socket_send_buffer=16 << 10, close_timeout=1.0)
     admin = Admin(node.admin_url)
     try:
         await admin.put_env("prod", ["k"])

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import gc
+import itertools
+import weakref
 from typing import Any
 
 import msgpack
@@ -12,7 +15,15 @@ from hypothesis import strategies as st
 
 from relay import protocol
 from relay.changes import Change, Delta, coalesce
-from relay.envstate import Applied, EnvState, change_frame, delta_frame
+from relay.envstate import (
+    STEP,
+    Applied,
+    EnvState,
+    change_frame,
+    delta_frame,
+    encode_change,
+    run_steps,
+)
 
 # A client's view of an environment: flag key -> (version it last changed at, value).
 State = dict[str, tuple[int, Any]]
@@ -494,3 +505,242 @@ def test_changes_after_serves_what_history_holds() -> None:
     assert state.changes_after(1) is None  # 2 left history
     assert state.changes_after(6) is None  # newer than the state
     assert state.flag_versions() == {"k": (5, 5)}
+
+
+# --- history bounded by bytes -----------------------------------------------------------------
+
+BIG_VALUES = st.one_of(
+    VALUES,
+    st.binary(min_size=0, max_size=3000),
+    st.integers(min_value=0, max_value=4000).map(lambda n: "x" * n),
+)
+
+
+@st.composite
+def sized_change_lists(draw: st.DrawFn, max_changes: int = 25) -> list[Change]:
+    """Consecutive changes from v=1 of random sizes: a few bytes to several KB."""
+    n = draw(st.integers(min_value=0, max_value=max_changes))
+    changes: list[Change] = []
+    existing: set[str] = set()
+    for v in range(1, n + 1):
+        put = draw(st.dictionaries(KEYS, BIG_VALUES, max_size=3))
+        dels: list[str] = []
+        if existing:
+            dels = draw(st.lists(st.sampled_from(sorted(existing)), unique=True, max_size=2))
+        if not put and not dels:
+            put = {draw(KEYS): draw(BIG_VALUES)}
+        changes.append(Change(env="e", v=v, put=put, dels=tuple(dels), ts=float(v)))
+        existing |= put.keys()
+        existing -= set(dels)
+    return changes
+
+
+def reference_frame(change: Change) -> bytes:
+    """A change's delta frame as protocol.delta encodes it (puts first, then deletes)."""
+    dels = {key: change.v for key in change.dels}
+    put = {k: {"v": change.v, "value": val} for k, val in change.put.items() if k not in dels}
+    return protocol.ws_binary_frame(protocol.delta(change.v - 1, change.v, put, dels))
+
+
+def expected_kept(changes: list[Change], max_history: int, max_bytes: int) -> int:
+    """How many of the newest changes both bounds keep: the oldest leave first."""
+    kept = size = 0
+    for change in reversed(changes):
+        size += len(reference_frame(change))
+        if kept == max_history or size > max_bytes:
+            break
+        kept += 1
+    return kept
+
+
+def check_changes_after(state: EnvState, changes: list[Change], states: list[State]) -> None:
+    """Every `since` history reaches gets the changes that take it to the current state."""
+    v = len(changes)
+    for since in range(0, v + 2):
+        after = state.changes_after(since)
+        if since < state.oldest_base or since > v:
+            assert after is None, since
+            continue
+        assert after is not None
+        assert [c.v for c in after] == list(range(since + 1, v + 1))
+        held = dict(states[since])
+        for change in after:
+            assert change.ts == float(change.v)
+            held = client_apply(held, decode_frame(change_frame(change)), change.v - 1)
+        assert held == states[v], since
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    changes=sized_change_lists(),
+    max_history=st.integers(min_value=0, max_value=30),
+    max_bytes=st.integers(min_value=0, max_value=20_000),
+)
+def test_history_stays_within_its_byte_budget_and_still_serves_every_client(
+    changes: list[Change], max_history: int, max_bytes: int
+) -> None:
+    states = replay(changes)
+    state = EnvState("e", 0, {}, max_history=max_history, max_history_bytes=max_bytes)
+    for i, change in enumerate(changes, 1):
+        assert change_frame(change) == reference_frame(change)
+        assert state.apply(change) is Applied.APPLIED
+        assert state.history_bytes <= max_bytes
+        assert state.history_len <= max_history
+        assert state.oldest_base == i - expected_kept(changes[:i], max_history, max_bytes)
+    v = len(changes)
+    check_catch_up(state, states, v - expected_kept(changes, max_history, max_bytes))
+    check_changes_after(state, changes, states)
+    # Catch-up frames for every since in history, cached: within the byte budget too.
+    for since in range(state.oldest_base, v + 1):
+        state.catch_up_frame(since)
+        assert state.catch_up_cache_bytes <= max_bytes
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=st.data(),
+    changes=sized_change_lists(),
+    max_history=st.integers(min_value=0, max_value=30),
+    max_bytes=st.integers(min_value=0, max_value=20_000),
+)
+def test_a_loaded_history_is_cut_to_the_byte_budget(
+    data: st.DataObject, changes: list[Change], max_history: int, max_bytes: int
+) -> None:
+    """As an edge builds it from the store's load (which may hold more than fits)."""
+    states = replay(changes)
+    s0 = data.draw(st.integers(min_value=0, max_value=len(changes)), label="s0")
+    hl = data.draw(st.integers(min_value=0, max_value=s0), label="history_len")
+    state = EnvState("e", s0, states[s0], history=changes[s0 - hl : s0],
+                     max_history=max_history, max_history_bytes=max_bytes)
+    assert state.history_bytes <= max_bytes
+    assert state.oldest_base == s0 - expected_kept(changes[s0 - hl : s0], max_history, max_bytes)
+    for change in changes[s0:]:
+        assert state.apply(change) is Applied.APPLIED
+        assert state.history_bytes <= max_bytes
+    v = len(changes)
+    # Still contiguous: the loaded tail and the live changes count as one history.
+    kept = expected_kept(changes[:v], max_history, max_bytes)
+    loaded_oldest = s0 - hl
+    check_catch_up(state, states, max(v - kept, loaded_oldest))
+    check_changes_after(state, changes, states)
+
+
+def test_a_change_bigger_than_the_budget_leaves_no_history() -> None:
+    state = EnvState("e", 0, {}, max_history_bytes=1000)
+    state.apply(_ch(1, {"a": 1}))
+    assert state.oldest_base == 0
+    state.apply(_ch(2, {"big": "x" * 2000}))
+    assert (state.history_len, state.history_bytes, state.oldest_base) == (0, 0, 2)
+    assert decode_frame(state.catch_up_frame(1))["t"] == "snap"  # it left: a snapshot
+    assert decode_frame(state.catch_up_frame(2))["t"] == "delta"  # current: empty delta
+    state.apply(_ch(3, {"a": 3}))
+    assert state.oldest_base == 2
+    assert decode_frame(state.catch_up_frame(2))["put"] == {"a": {"v": 3, "value": 3}}
+
+
+def test_the_oldest_changes_leave_history_first_by_bytes() -> None:
+    state = EnvState("e", 0, {}, max_history=1000, max_history_bytes=10_000)
+    for v in range(1, 21):
+        state.apply(_ch(v, {f"k{v}": "x" * 1000}))
+    # Each change's frame is a little over 1000 bytes: the last 9 fit in 10,000.
+    assert state.history_len == 9
+    assert state.oldest_base == 11
+    assert 9000 < state.history_bytes <= 10_000
+    assert decode_frame(state.catch_up_frame(10))["t"] == "snap"
+    frame = decode_frame(state.catch_up_frame(11))
+    assert frame["t"] == "delta" and sorted(frame["put"]) == sorted(f"k{v}" for v in range(12, 21))
+
+
+def test_the_catch_up_cache_is_bounded_by_bytes() -> None:
+    state = EnvState("e", 0, {}, max_history=1000, max_history_bytes=50_000)
+    for v in range(1, 31):
+        state.apply(_ch(v, {f"k{v}": "y" * 1000}))
+    frames = [state.catch_up_frame(since) for since in range(state.oldest_base, state.v)]
+    assert sum(map(len, frames)) > 50_000  # more than the budget was asked for ...
+    assert 0 < state.catch_up_cache_bytes <= 50_000  # ... and not all of it kept
+    # a cached frame is served as it is; one that was dropped is assembled again, the same
+    last = state.v - 1
+    assert state.catch_up_frame(last) is frames[-1]
+    assert state.catch_up_frame(state.oldest_base) == frames[0]
+
+
+def test_encoding_runs_in_steps_of_at_most_step_flags() -> None:
+    """A big change is encoded in steps: a caller on an event loop runs other work between."""
+    change = Change("e", 1, {f"k{i}": i for i in range(10 * STEP + 3)}, ("gone",))
+    steps = encode_change(change)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            encoded = done.value
+            break
+        yields += 1
+    assert yields == 10 + 1  # one per STEP flags, then the frame
+    assert encoded.frame == reference_frame(change) == change_frame(change)
+    assert encoded.size == len(encoded.frame)
+    state = EnvState("e", 0, {})
+    assert state.apply_encoded(encoded) is Applied.APPLIED
+    assert state.apply_encoded(encoded) is Applied.DUPLICATE
+    assert len(state.flags) == 10 * STEP + 3
+    # a load of many flags too
+    build = EnvState.build("e", 1, {f"k{i}": (1, i) for i in range(3 * STEP)})
+    assert sum(1 for _ in itertools.islice(build, 100)) == 3 + 3  # sorted by version, encoded
+
+
+def test_snapshot_and_delta_frames_are_what_protocol_encodes() -> None:
+    state = EnvState("e", 3, {"a": (1, [1, 2]), "b": (3, {"x": None}), "c": (2, b"\x00")})
+    # (flags in the order of the version they last changed at)
+    a, b, c = {"v": 1, "value": [1, 2]}, {"v": 3, "value": {"x": None}}, {"v": 2, "value": b"\x00"}
+    snap = protocol.snap(3, {"a": a, "c": c, "b": b})
+    assert state.snap_frame() == protocol.ws_binary_frame(snap)
+    state.apply(_ch(4, {"a": "new"}, ("c",)))
+    a = {"v": 4, "value": "new"}
+    assert state.snap_frame() == protocol.ws_binary_frame(protocol.snap(4, {"b": b, "a": a}))
+    assert state.catch_up_frame(3) == protocol.ws_binary_frame(
+        protocol.delta(3, 4, {"a": {"v": 4, "value": "new"}}, {"c": 4})
+    )
+    # 16 and 65,536 flags: the map headers past fixmap
+    for n in (16, 70_000):
+        big = EnvState("e", 1, {f"k{i}": (1, i) for i in range(n)})
+        assert decode_frame(big.snap_frame())["flags"] == big.wire_flags()
+
+
+class _Value(list[int]):
+    """A flag value a test can hold a weak reference to (msgpack encodes it as a list)."""
+
+
+def test_state_and_history_hold_bytes_not_the_values_given() -> None:
+    """What an environment holds is its wire encoding: its memory is its byte size, and the
+    garbage collector has no per-flag objects to walk."""
+    loaded, applied = _Value([1]), _Value([2, 3])
+    refs = [weakref.ref(loaded), weakref.ref(applied)]
+    state = EnvState("e", 1, {"a": (1, loaded)}, history=[_ch(1, {"a": loaded})])
+    state.apply(_ch(2, {"b": applied}))
+    del loaded, applied
+    gc.collect()
+    assert [ref() for ref in refs] == [None, None]
+    assert state.flags == {"a": [1], "b": [2, 3]}
+    assert [c.put for c in state.changes_after(0) or []] == [{"a": [1]}, {"b": [2, 3]}]
+
+
+def test_a_jump_in_steps_changes_nothing_until_applied() -> None:
+    state = EnvState("e", 0, {})
+    for v in range(1, 4):
+        state.apply(_ch(v, {"same": 1} if v == 1 else {f"k{v}": v}))
+    before = (state.v, state.snap_frame(), state.oldest_base)
+    new = {"same": (1, 1), **{f"n{i}": (9, i) for i in range(3 * STEP)}}
+    steps = state.jump_steps(9, new)
+    assert sum(1 for _ in itertools.islice(steps, 3)) == 3  # (it yields as it goes)
+    assert (state.v, state.snap_frame(), state.oldest_base) == before
+    jump = run_steps(steps)
+    assert (jump.base, jump.v) == (3, 9)
+    delta = decode_frame(jump.frame)
+    assert set(delta["put"]) == {f"n{i}" for i in range(3 * STEP)}  # not "same": unchanged
+    assert delta["del"] == {"k2": 9, "k3": 9}
+    state.apply(_ch(4, {"late": 1}))
+    with pytest.raises(ValueError, match="does not start"):
+        state.apply_jump(jump)  # computed from v=3: stale
+    state.apply_jump(run_steps(state.jump_steps(9, new)))
+    assert state.v == 9 and state.oldest_base == 9
+    assert state.flag_versions() == new

@@ -8,13 +8,14 @@ These tests pin that behaviour for the pinned websockets version.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay import envstate, protocol
+from relay import envstate
 from relay.node import Node
 from tests.helpers import Admin, open_stream, recv_frame
 
@@ -94,19 +95,17 @@ async def test_a_reconnect_storm_encodes_the_snapshot_once(
         await admin.put_env("e", ["k"])
         await admin.publish("e", {f"f{i}": i for i in range(50)})
         await admin.publish("e", {"f0": -1})
+        # Loading the environment encodes its history's frames once: load it first.
+        warm = await open_stream(node.ws_url, "k", since=2)
+        assert [(await recv_frame(warm))["t"] for _ in range(2)] == ["hello", "delta"]
         encodes = {"snap": 0, "delta": 0}
-        real_snap, real_delta = protocol.snap, protocol.delta
+        real_frame = envstate._frame  # where every snapshot and delta frame is assembled
 
-        def counting_snap(*args: object) -> bytes:
-            encodes["snap"] += 1
-            return real_snap(*args)  # type: ignore[arg-type]
+        def counting_frame(head: Mapping[str, Any], *args: Any) -> bytes:
+            encodes[head["t"]] += 1
+            return real_frame(head, *args)
 
-        def counting_delta(*args: object) -> bytes:
-            encodes["delta"] += 1
-            return real_delta(*args)  # type: ignore[arg-type]
-
-        monkeypatch.setattr(envstate.protocol, "snap", counting_snap)
-        monkeypatch.setattr(envstate.protocol, "delta", counting_delta)
+        monkeypatch.setattr(envstate, "_frame", counting_frame)
         clients = await asyncio.gather(*(open_stream(node.ws_url, "k") for _ in range(100)))
         resumed = await asyncio.gather(
             *(open_stream(node.ws_url, "k", since=1) for _ in range(100))
@@ -117,7 +116,7 @@ async def test_a_reconnect_storm_encodes_the_snapshot_once(
         assert all(f == {"t": "delta", "base": 1, "v": 2, "put": {"f0": {"v": 2, "value": -1}},
                          "del": {}} for f in deltas)
         assert encodes == {"snap": 1, "delta": 1}
-        for ws in clients + resumed:
+        for ws in [*clients, *resumed, warm]:
             await ws.close()
     finally:
         await admin.close()

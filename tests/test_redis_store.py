@@ -9,14 +9,16 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import msgpack
 import pytest
 import redis
 
 from relay.changes import Change
+from relay.envstate import STEP
 from relay.membership.base import READY, Member
 from relay.membership.redis import RedisMembership
 from relay.store.base import StoreUnavailable, hash_key
-from relay.store.redis import RedisStore
+from relay.store.redis import RedisStore, _decode_change_steps
 from tests.helpers import (
     Admin,
     RedisServer,
@@ -258,3 +260,21 @@ async def test_a_burst_of_reads_waits_for_connections_instead_of_failing(redis_u
         assert (await store.load("burst", 0)).v == 53
     finally:
         await store.close()
+
+
+def test_a_big_change_notice_is_decoded_in_steps() -> None:
+    """A change notice (as the publish script sends it) of 10,000 flags is decoded a STEP of
+    flags at a time: the subscription lets the loop run in between."""
+    put = {f"k{i}": {"n": i} for i in range(10_000)}
+    data = b"".join(msgpack.packb(x) for x in ("prod", 7, "1.5", ["gone"], put))
+    steps = _decode_change_steps(data)
+    yields = 0
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            change = done.value
+            break
+        yields += 1
+    assert yields == 10_000 // STEP
+    assert change == Change(env="prod", v=7, put=put, dels=("gone",), ts=1.5)

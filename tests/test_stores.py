@@ -24,6 +24,8 @@ from relay.store.base import (
     UnknownEnv,
     hash_key,
     legacy_hash_key,
+    pack_put,
+    stored_size,
 )
 from relay.store.redis import RedisStore
 from relay.store.sqlite import SCHEMA_VERSION, SQLiteStore
@@ -80,6 +82,23 @@ def test_hash_key_is_hmac_sha256_hex_and_the_legacy_hash_sha256() -> None:
         "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
     assert legacy_hash_key("abc") == (
         "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+
+
+def test_pack_put_encodes_each_value_once_for_both_uses() -> None:
+    put = {"a": 1, "b": [1, {"c": None}], "é": b"\x00", **{f"k{i}": i for i in range(20)}}
+    calls: list[Any] = []
+
+    def pack(obj: Any) -> bytes:
+        calls.append(obj)
+        data: bytes = msgpack.packb(obj, use_bin_type=True)
+        return data
+
+    values, blob = pack_put(put, pack)
+    assert [msgpack.unpackb(v) for v in values] == list(put.values())
+    assert msgpack.unpackb(blob) == put
+    assert blob == msgpack.packb(put, use_bin_type=True)
+    assert len(calls) == 2 * len(put)  # each key and each value, once
+    assert pack_put({}, pack) == ([], b"\x80")
 
 
 async def test_put_env_creates_with_version_zero(store: Store) -> None:
@@ -316,6 +335,48 @@ async def test_load_returns_per_flag_versions_and_newest_history(store: Store) -
     assert list((await store.load("prod", -1)).history) == []
 
 
+async def test_any_flag_key_and_value_round_trip(store: Store) -> None:
+    await store.put_env("prod", [H1])
+    put = {"é": 1.5, "a b": b"\x00\xff", "k" * 256: {"x": [None, True, -(2**40)]}, "'\"": ""}
+    change = await store.publish("prod", put, [])
+    assert change.put == put
+    snap = await store.load("prod", 10)
+    assert snap.flags == {key: (1, value) for key, value in put.items()}
+    assert [dict(c.put) for c in snap.history] == [put]
+    await store.publish("prod", {}, ["é", "nope"])
+    assert "é" not in (await store.load("prod", 0)).flags
+
+
+async def test_load_reads_history_newest_first_within_a_byte_budget(store: Store) -> None:
+    """A load never reads more than `history_bytes` of changes plus one (`stored_size`)."""
+    await store.put_env("prod", [H1])
+    for v in range(1, 21):  # each change stores a little over 1000 bytes
+        await store.publish("prod", {f"k{v % 3}": "x" * 1000}, ["missing"] if v == 1 else [])
+    size = stored_size(msgpack.packb({"k0": "x" * 1000}), msgpack.packb([]))
+    assert 1000 < size < 1020
+    for budget, count in ((1, 1), (size, 1), (size + 1, 2), (3 * size, 3), (5 * size - 1, 5)):
+        snap = await store.load("prod", 100, history_bytes=budget)
+        assert [c.v for c in snap.history] == list(range(21 - count, 21)), budget
+        assert snap.v == 20 and len(snap.flags) == 3
+    # the count still bounds it; no budget: the count alone
+    assert [c.v for c in (await store.load("prod", 2, history_bytes=1 << 30)).history] == [19, 20]
+    assert len((await store.load("prod", 100)).history) == 20
+    assert list((await store.load("prod", 0, history_bytes=1 << 30)).history) == []
+    snap = await store.load("prod", 100, history_bytes=3 * size)
+    assert [dict(c.put) for c in snap.history] == [{f"k{v % 3}": "x" * 1000} for v in (18, 19, 20)]
+
+
+async def test_a_big_history_is_never_read_whole(store: Store) -> None:
+    """40 changes of 256 KiB (10 MiB of log) and a 1 MiB budget: 4 or 5 are read."""
+    await store.put_env("prod", [H1])
+    blob = "z" * (256 << 10)
+    for v in range(1, 41):
+        await store.publish("prod", {"blob": blob, "v": v}, [])
+    snap = await store.load("prod", 1000, history_bytes=1 << 20)
+    assert [c.v for c in snap.history] == [37, 38, 39, 40]
+    assert snap.flags["v"] == (40, 40)
+
+
 async def test_log_trimmed_to_retention(tmp_path: Path) -> None:
     s = await _open(tmp_path, log_retention=5)
     try:
@@ -522,6 +583,26 @@ async def test_change_listener_gets_the_committed_change(store: Store) -> None:
     await delivered(lambda: len(got) == 2)
     assert got == [first, c]
     assert got[1] == Change(env="prod", v=2, put={"b": [1]}, dels=("a",), ts=c.ts)
+
+
+async def test_big_changes_reach_the_listeners_whole_and_in_order(store: Store) -> None:
+    """(Redis decodes change notices above 64 KiB in steps, and a load's reply too.)"""
+    await store.put_env("prod", [H1])
+    got: list[Change] = []
+    store.add_change_listener(got.append)
+    big = {f"k{i}": {"n": i, "s": "x" * 50} for i in range(10_000)}
+    published = [
+        await store.publish("prod", {"k1": 0}, []),
+        await store.publish("prod", big, ["missing"]),
+        await store.publish("prod", {"one": "y" * (1 << 20)}, ["k2"]),
+        await store.publish("prod", {"k3": None}, []),
+    ]
+    await delivered(lambda: len(got) == 4)
+    assert got == published
+    snap = await store.load("prod", 10)
+    assert list(snap.history) == published
+    assert snap.flags["k9999"] == (2, big["k9999"]) and "k2" not in snap.flags
+    assert await store.changes_since("prod", 0) == published
 
 
 async def test_concurrent_publishes_each_see_their_change_delivered(

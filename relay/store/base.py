@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from relay.changes import Change
+from relay.envstate import map_header
 
 
 def hash_key(sdk_key: str, secret: bytes) -> str:
@@ -79,6 +80,24 @@ class EnvSnapshot:
     history: Sequence[Change] = field(default_factory=tuple)
 
 
+def stored_size(put: bytes, dels: bytes) -> int:
+    """The size of a logged change, as `load` counts it: its put map and deleted keys as
+    msgpack. A little less than its delta frame (relay/envstate.py), which adds each flag's
+    version, so a load reads at least what an `EnvState` with the same byte budget keeps."""
+    return len(put) + len(dels)
+
+
+def pack_put(put: Mapping[str, Any], pack: Callable[[Any], bytes]) -> tuple[list[bytes], bytes]:
+    """Each value's msgpack, and the put map's, from the same bytes: values are encoded once
+    (a store writes both), in calls of one value each (a thread that encodes holds the GIL
+    for as long as one call runs)."""
+    values = [pack(value) for value in put.values()]
+    blob = map_header(len(values)) + b"".join(
+        pack(key) + value for key, value in zip(put, values, strict=True)
+    )
+    return values, blob
+
+
 ChangeListener = Callable[[Change], None]
 KeysListener = Callable[[str, frozenset[str]], None]
 
@@ -125,8 +144,13 @@ class Store(Protocol):
         """
         ...
 
-    async def load(self, env: str, history: int) -> EnvSnapshot:
-        """The environment's current state and up to `history` newest changes."""
+    async def load(
+        self, env: str, history: int, *, history_bytes: int | None = None
+    ) -> EnvSnapshot:
+        """The environment's current state and its newest changes, oldest first: at most
+        `history` of them, read newest first and stopping after the change that brings their
+        size to `history_bytes` or more (so never more than that plus one change; None: no
+        byte bound). A change's size here is `stored_size`: what the log holds of it."""
         ...
 
     async def changes_since(self, env: str, since: int) -> list[Change] | None:

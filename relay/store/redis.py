@@ -28,7 +28,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
 import msgpack
@@ -38,6 +38,7 @@ from redis.exceptions import RedisError, ResponseError
 
 from relay import redis_client
 from relay.changes import Change
+from relay.envstate import STEP, map_header
 from relay.store.base import (
     ChangeListener,
     EnvSnapshot,
@@ -46,7 +47,7 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
 )
-from relay.tasks import raise_if_cancelled
+from relay.tasks import raise_if_cancelled, run_in_steps
 
 log = logging.getLogger("relay.store.redis")
 
@@ -55,28 +56,35 @@ CHANGES_CHANNEL = b"relay:changes"
 KEYS_CHANNEL = b"relay:keys"
 _RECONNECT_S = (0.1, 2.0)  # first and longest pause between subscription attempts
 _CATCH_UP_PASSES = 35  # about a minute of retries, at the longest pause
+_BIG = 64 << 10  # change notices above this many bytes are decoded in steps
 
-# KEYS: v, flags, log. ARGV: env, ts, retention, n_put, (key, packed value) * n_put,
-# packed put map, n_del, del keys. Returns {version, committed (0/1), packed deleted keys}.
+# KEYS: v, flags, log. ARGV: env, ts, retention, n_put, the put's pairs (`_put_steps`), the
+# packed put map, the packed deleted keys (an array). Returns {version, committed (0/1), packed
+# deleted keys}. (Few arguments: redis-py packs each argument in Python, ~3 us apiece, on the
+# event loop: one per flag held it ~30 ms for 10,000 flags.)
 _PUBLISH = """
 local cur = redis.call('GET', KEYS[1])
 if not cur then return redis.error_reply('UNKNOWN_ENV') end
 cur = tonumber(cur)
 local nput = tonumber(ARGV[4])
-local p = 5 + 2 * nput
-local putblob = ARGV[p]
-local ndel = tonumber(ARGV[p + 1])
+local pairs = ARGV[5]
+local putblob = ARGV[6]
 local dels = {}
-for j = 1, ndel do
-  local k = ARGV[p + 1 + j]
+for _, k in ipairs(cmsgpack.unpack(ARGV[7])) do
   if redis.call('HEXISTS', KEYS[2], k) == 1 then dels[#dels + 1] = k end
 end
 local delblob = cmsgpack.pack(dels)
 if nput == 0 and #dels == 0 then return {cur, 0, delblob} end
 local v = cur + 1
 redis.call('SET', KEYS[1], v)
-for j = 0, nput - 1 do
-  redis.call('HSET', KEYS[2], ARGV[5 + 2 * j], v .. ':' .. ARGV[6 + 2 * j])
+local pos = 1
+for j = 1, nput do
+  local n = struct.unpack('>I4', pairs, pos)
+  local key = string.sub(pairs, pos + 4, pos + 3 + n)
+  pos = pos + 4 + n
+  n = struct.unpack('>I4', pairs, pos)
+  redis.call('HSET', KEYS[2], key, v .. ':' .. string.sub(pairs, pos + 4, pos + 3 + n))
+  pos = pos + 4 + n
 end
 for _, k in ipairs(dels) do redis.call('HDEL', KEYS[2], k) end
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], v .. '-1', 'ts', ARGV[2], 'put', putblob,
@@ -141,12 +149,32 @@ return dropped
 
 # Consistent reads of one environment (one slot), as scripts: a MULTI pipeline is not
 # available on every Redis Cluster client. KEYS: v, flags, log.
+# _LOAD's ARGV: history (count), history_bytes (-1: no byte bound). The log is read newest
+# first, a few entries at a time, and cut after the entry that brings the size of the put and
+# del fields read to history_bytes (store.base.stored_size): the reply never holds more than
+# that plus one change.
 _LOAD = """
 local v = redis.call('GET', KEYS[1])
 if not v then return false end
+local limit = tonumber(ARGV[1])
+local budget = tonumber(ARGV[2])
 local log = {}
-if tonumber(ARGV[1]) > 0 then
-  log = redis.call('XREVRANGE', KEYS[3], '+', '-', 'COUNT', ARGV[1])
+local size = 0
+local upto = '+'
+while #log < limit do
+  local batch = redis.call('XREVRANGE', KEYS[3], upto, '-', 'COUNT', math.min(limit - #log, 8))
+  if #batch == 0 then break end
+  for _, entry in ipairs(batch) do
+    log[#log + 1] = entry
+    local fields = entry[2]
+    for j = 1, #fields, 2 do
+      if fields[j] == 'put' or fields[j] == 'del' then size = size + #fields[j + 1] end
+    end
+    if budget >= 0 and size >= budget then
+      return {v, redis.call('HGETALL', KEYS[2]), log}
+    end
+    upto = '(' .. entry[1]
+  end
 end
 return {v, redis.call('HGETALL', KEYS[2]), log}
 """
@@ -172,6 +200,81 @@ def _unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
+# Decoding in steps (run by relay.tasks.run_in_steps): what Redis answers is decoded on the
+# event loop, and one unpack of a 10,000-flag map holds it for ~5 ms; these yield every STEP
+# flags (relay/envstate.py) so the loop runs other work in between.
+Steps = Generator[None, None, T]
+
+
+def _unpacker(data: bytes) -> msgpack.Unpacker:
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data))
+    unpacker.feed(data)
+    return unpacker
+
+
+def _map_steps(unpacker: msgpack.Unpacker) -> Steps[dict[Any, Any]]:
+    """The next map of `unpacker`, one entry at a time."""
+    out = {}
+    for n in range(1, unpacker.read_map_header() + 1):
+        key = unpacker.unpack()
+        out[key] = unpacker.unpack()
+        if n % STEP == 0:
+            yield
+    return out
+
+
+def _put_steps(put: Mapping[str, Any]) -> Steps[tuple[bytes, bytes]]:
+    """A change's put as `_PUBLISH` takes it: its pairs (per flag, a 4-byte big-endian length
+    and the key's UTF-8, then a 4-byte length and the packed value) and its packed map, each
+    value packed once."""
+    pairs = []
+    entries = []
+    for n, (key, value) in enumerate(put.items(), 1):
+        blob = _pack(value)
+        name = key.encode()
+        pairs.append(len(name).to_bytes(4, "big") + name + len(blob).to_bytes(4, "big") + blob)
+        entries.append(_pack(key) + blob)
+        if n % STEP == 0:
+            yield
+    return b"".join(pairs), map_header(len(entries)) + b"".join(entries)
+
+
+def _decode_change_steps(data: bytes) -> Steps[Change]:
+    """A change notice, as `_PUBLISH` publishes it: env, v, ts, deleted keys, put map."""
+    unpacker = _unpacker(data)
+    env, v, ts, dels = (unpacker.unpack() for _ in range(4))
+    put = yield from _map_steps(unpacker)
+    return Change(env=env, v=int(v), put=put, dels=tuple(dels), ts=float(ts))
+
+
+def _changes_steps(env: str, entries: Iterable[tuple[bytes, dict[bytes, bytes]]]) -> Steps[
+    list[Change]
+]:
+    """Log entries as changes; a step is at most about STEP flags, over several changes."""
+    changes = []
+    done = 0
+    for entry_id, fields in entries:
+        put = yield from _map_steps(_unpacker(fields[b"put"]))
+        changes.append(Change(env=env, v=int(entry_id.split(b"-")[0]), put=put,
+                              dels=tuple(_unpack(fields[b"del"])), ts=float(fields[b"ts"])))
+        done += len(put) + 1
+        if done >= STEP:
+            done = 0
+            yield
+    return changes
+
+
+def _snapshot_steps(env: str, v: bytes, flat: list[bytes], log: list[Any]) -> Steps[EnvSnapshot]:
+    """What `_LOAD` answers, as a snapshot."""
+    flags = {}
+    for n, (key, raw) in enumerate(zip(flat[::2], flat[1::2], strict=True), 1):
+        flags[key.decode()] = _flag(raw)
+        if n % STEP == 0:
+            yield
+    history = yield from _changes_steps(env, reversed(_entries(log)))
+    return EnvSnapshot(env=env, v=int(v), flags=flags, history=history)
+
+
 def _keys(env: str) -> tuple[str, str, str]:
     return f"relay:{{{env}}}:v", f"relay:{{{env}}}:flags", f"relay:{{{env}}}:log"
 
@@ -189,16 +292,6 @@ def _env_keys(env: str) -> str:
 def _flag(raw: bytes) -> tuple[int, Any]:
     v, _, value = raw.partition(b":")
     return int(v), _unpack(value)
-
-
-def _change(env: str, entry_id: bytes, fields: Mapping[bytes, bytes]) -> Change:
-    return Change(
-        env=env,
-        v=int(entry_id.split(b"-")[0]),
-        put=_unpack(fields[b"put"]),
-        dels=tuple(_unpack(fields[b"del"])),
-        ts=float(fields[b"ts"]),
-    )
 
 
 class RedisStore:
@@ -308,7 +401,11 @@ class RedisStore:
                     raise_if_cancelled()
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
                                                        timeout=1.0)
-                    if message is not None:
+                    if message is None:
+                        continue
+                    if message["channel"] == CHANGES_CHANNEL and len(message["data"]) > _BIG:
+                        await self._dispatch_big(message["data"])  # (in order: awaited here)
+                    else:
                         self._dispatch(message["channel"], message["data"])
             except asyncio.CancelledError:
                 raise
@@ -335,6 +432,15 @@ class RedisStore:
                         listener(env, frozenset(hashes))
         except Exception:  # a listener's bug, or a message from something else on the channel
             log.exception("cannot handle a message on %r", channel)
+
+    async def _dispatch_big(self, data: bytes) -> None:
+        """A big change: decoded in steps, so the loop runs other work in between."""
+        try:
+            change = await run_in_steps(_decode_change_steps(data))
+        except Exception:
+            log.exception("cannot handle a message on %r", CHANGES_CHANNEL)
+            return
+        self._tell(change)
 
     def _tell(self, change: Change) -> None:
         if change.v > self._seen.get(change.env, -1):
@@ -414,13 +520,10 @@ class RedisStore:
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
         put = dict(put)
-        packed = [_pack(value) for value in put.values()]  # TypeError if not encodable
+        pairs, put_blob = await run_in_steps(_put_steps(put))  # TypeError if not encodable
         dels = list(dict.fromkeys(dels))  # the script drops those that do not exist
         ts = time.time()
-        args: list[Any] = [env, repr(ts), self.log_retention, len(put)]
-        for key, blob in zip(put, packed, strict=True):
-            args += [key, blob]
-        args += [_pack(put), len(dels), *dels]
+        args = [env, repr(ts), self.log_retention, len(put), pairs, put_blob, _pack(dels)]
         try:
             v, committed, delblob = await self._call(
                 lambda: self._publish_script(keys=list(_keys(env)), args=args)
@@ -433,21 +536,18 @@ class RedisStore:
 
     # --- reads --------------------------------------------------------------------------------
 
-    async def load(self, env: str, history: int) -> EnvSnapshot:
+    async def load(
+        self, env: str, history: int, *, history_bytes: int | None = None
+    ) -> EnvSnapshot:
         v_key, flags_key, log_key = _keys(env)
+        budget = -1 if history_bytes is None else max(0, history_bytes)
 
         async def run() -> EnvSnapshot:
             result = await self._load_script(keys=[v_key, flags_key, log_key],
-                                             args=[max(0, history)])
+                                             args=[max(0, history), budget])
             if not result:
                 raise UnknownEnv(env)
-            v, flat, log = result
-            flags = {k.decode(): _flag(raw) for k, raw in zip(flat[::2], flat[1::2], strict=True)}
-            snapshot = EnvSnapshot(
-                env=env, v=int(v), flags=flags,
-                history=[_change(env, entry_id, fields)
-                         for entry_id, fields in reversed(_entries(log))],
-            )
+            snapshot = await run_in_steps(_snapshot_steps(env, *result))
             # Replays start from the first load, and move only with what listeners are told:
             # a later load (an admin read) must not skip what a listener has not heard.
             self._seen.setdefault(env, snapshot.v)
@@ -465,7 +565,7 @@ class RedisStore:
             current, entries = result
             if since >= int(current):
                 return []
-            changes = [_change(env, entry_id, fields) for entry_id, fields in _entries(entries)]
+            changes = await run_in_steps(_changes_steps(env, _entries(entries)))
             if not changes or changes[0].v != since + 1:
                 return None  # trimmed past `since`
             return changes

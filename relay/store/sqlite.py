@@ -36,6 +36,8 @@ from relay.store.base import (
     KeysListener,
     StoreUnavailable,
     UnknownEnv,
+    pack_put,
+    stored_size,
 )
 
 log = logging.getLogger("relay.store")
@@ -258,16 +260,17 @@ class SQLiteStore:
         v = current + 1
         ts = time.time()
         db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
+        values, put_blob = pack_put(put, _pack)
         db.executemany(
             "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
-            [(env, key, v, _pack(value)) for key, value in put.items()],
+            [(env, key, v, value) for key, value in zip(put, values, strict=True)],
         )
         if dels:
             db.executemany("DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels])
         db.execute(
             "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
-            (env, v, _pack(dict(put)), _pack(list(dels)), ts),
+            (env, v, put_blob, _pack(list(dels)), ts),
         )
         db.execute("DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention))
         return Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
@@ -350,18 +353,33 @@ class SQLiteStore:
 
     # --- reads --------------------------------------------------------------------------------
 
-    def _changes_sync(self, env: str, after: int, limit: int | None) -> list[Change]:
+    def _changes_sync(self, env: str, after: int) -> list[Change]:
         rows = self._conn.execute(
-            "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v DESC LIMIT ?",
-            (env, after, -1 if limit is None else limit),
+            "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v", (env, after)
         ).fetchall()
-        rows.reverse()
         return [
             Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts)
             for v, put, dels, ts in rows
         ]
 
-    def _load_sync(self, env: str, history: int) -> EnvSnapshot:
+    def _newest_sync(self, env: str, history: int, history_bytes: int | None) -> list[Change]:
+        """The newest changes within both bounds, read newest first until they are met."""
+        rows = self._conn.execute(
+            "SELECT v, put, dels, ts FROM changes WHERE env = ? ORDER BY v DESC LIMIT ?",
+            (env, history),
+        )
+        log = []
+        size = 0
+        for v, put, dels, ts in rows:
+            log.append(Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts))
+            size += stored_size(put, dels)
+            if history_bytes is not None and size >= history_bytes:
+                break
+        rows.close()
+        log.reverse()
+        return log
+
+    def _load_sync(self, env: str, history: int, history_bytes: int | None) -> EnvSnapshot:
         db = self._conn
         db.execute("BEGIN")  # one read snapshot for flags, version and log
         try:
@@ -374,13 +392,15 @@ class SQLiteStore:
                     "SELECT key, v, value FROM flags WHERE env = ?", (env,)
                 )
             }
-            log = self._changes_sync(env, -1, history) if history > 0 else []
+            log = self._newest_sync(env, history, history_bytes) if history > 0 else []
         finally:
             db.execute("COMMIT")
         return EnvSnapshot(env=env, v=int(row[0]), flags=flags, history=log)
 
-    async def load(self, env: str, history: int) -> EnvSnapshot:
-        return await self._run(self._load_sync, env, history)
+    async def load(
+        self, env: str, history: int, *, history_bytes: int | None = None
+    ) -> EnvSnapshot:
+        return await self._run(self._load_sync, env, history, history_bytes)
 
     def _changes_since_sync(self, env: str, since: int) -> list[Change] | None:
         db = self._conn
@@ -392,7 +412,7 @@ class SQLiteStore:
             current = int(row[0])
             if since >= current:
                 return []
-            log = self._changes_sync(env, since, None)
+            log = self._changes_sync(env, since)
         finally:
             db.execute("COMMIT")
         if not log or log[0].v != since + 1:
