@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -205,6 +206,13 @@ def test_a_reload_reads_each_file_once(pki: Pki) -> None:
     state = {"phase": "start", "opens": 0}
     done = threading.Event()
 
+    def reader_gone() -> bool:
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            return exc.errno == errno.ENXIO  # no reader has it open
+        return False
+
     def writer() -> None:
         while not done.is_set():
             # open() blocks until a reader opens the FIFO
@@ -212,6 +220,10 @@ def test_a_reload_reads_each_file_once(pki: Pki) -> None:
                 state["opens"] += 1
                 later = state["phase"] == "reload" and state["opens"] > 1
                 out.write((cert_b if later else cert_a).read_bytes())
+            # One content per open: wait until that reader has closed its end (else the
+            # next write would reach the same reader, before its EOF).
+            while not reader_gone() and not done.is_set():
+                time.sleep(0.001)
 
     thread = threading.Thread(target=writer, daemon=True)
     thread.start()
