@@ -45,6 +45,7 @@ from relay.tasks import run_in_steps
 log = logging.getLogger("relay.hub")
 
 _KEY_CACHE_MAX = 100_000
+_JOIN_COPY_MAX = 64 << 10  # a bigger catch-up is written as the shared frame, not copied
 _RESYNC_RETRY_S = 1.0
 
 
@@ -242,20 +243,20 @@ class Hub:
         if not self.key_valid(session.key_hash, session.env):
             self._arm_idle_timer(channel)
             return False
-        data = self._join(channel, session, since)
-        if session.write(data):
-            self._count_sent(2, len(data))
+        frames = self._join(channel, session, since)
+        if all(session.write(frame) for frame in frames):
+            self._count_sent(2, sum(map(len, frames)))
         return True
 
     def cached_env(self, key_hash: str) -> str | None:
         """The environment of a key this node has looked up already, without the store."""
         return self._key_cache.get(key_hash)
 
-    def attach_warm(self, session: SessionSink, since: int | None) -> bytes | None:
+    def attach_warm(self, session: SessionSink, since: int | None) -> tuple[bytes, ...] | None:
         """`attach` without waiting, for the common case of a reconnect storm: the environment
         is loaded here. The session joins now; the caller writes the returned `hello` and
         catch-up (after whatever it still owes the client, such as its 101 response, in the
-        same write). None when only `attach` can do it."""
+        same write when it is small). None when only `attach` can do it."""
         channel = self._channels.get(session.env)
         if (
             channel is None
@@ -263,16 +264,20 @@ class Hub:
             or not self.key_valid(session.key_hash, session.env)
         ):
             return None
-        data = self._join(channel, session, since)
-        self._count_sent(2, len(data))  # the caller writes it to an open connection
-        return data
+        frames = self._join(channel, session, since)
+        self._count_sent(2, sum(map(len, frames)))  # the caller writes them to an open connection
+        return frames
 
     def _count_sent(self, frames: int, size: int) -> None:
         self.metrics.frames_sent.inc(frames)
         self.metrics.bytes_sent.inc(size)
 
-    def _join(self, channel: _Channel, session: SessionSink, since: int | None) -> bytes:
-        """Add the session to a loaded channel; return its `hello` and catch-up frames.
+    def _join(
+        self, channel: _Channel, session: SessionSink, since: int | None
+    ) -> tuple[bytes, ...]:
+        """Add the session to a loaded channel; return its `hello` and catch-up frames: joined
+        when small (one write), apart when the catch-up is big, so that sessions write the
+        environment's one shared snapshot and no copy of it each.
 
         Synchronous, and the caller writes the frames before yielding: the session joins
         exactly between two fan-outs."""
@@ -287,7 +292,9 @@ class Hub:
                 state.v,
                 protocol.ws_binary_frame(protocol.hello(state.env, self.node_id, state.v)),
             )
-        data = channel.hello[1] + state.catch_up_frame(since)
+        catch_up = state.catch_up_frame(since)
+        frames = ((channel.hello[1] + catch_up,) if len(catch_up) <= _JOIN_COPY_MAX
+                  else (channel.hello[1], catch_up))
         box = Outbox(state.v)
         channel.sessions[session] = box
         if session.writing_paused:  # its 101 alone filled the buffer
@@ -295,7 +302,7 @@ class Hub:
         if channel.gauge is None:
             channel.gauge = self.metrics.connections.labels(session.env)
         channel.gauge.inc()
-        return data
+        return frames
 
     def detach(self, session: SessionSink) -> None:
         channel = self._channels.get(session.env)

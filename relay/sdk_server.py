@@ -111,7 +111,7 @@ class SdkConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
         "_control_at", "_fragments", "_greeting", "_head", "_inbox", "_paused", "_proxy_head",
-        "_pump_armed", "_refusal", "_since", "_timer", "_tls",
+        "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls",
         "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip", "proto",
         "server", "ticket", "transport", "writing_paused",
     )
@@ -141,6 +141,11 @@ class SdkConnection(asyncio.Protocol):
         self._proxy_head: bytes | None = None  # a trusted peer's bytes until PROXY is decided
         self._greeting = b""  # the 101, until it goes out with what follows it
         self._inbox = b""  # received, not parsed yet (at most one read)
+        # A big write (a snapshot, a big change) not yet handed to the transport: a view of
+        # the one frame every session shares, fed as the socket drains; and what was to be
+        # sent after it (pongs, a goaway, a close).
+        self._tail: memoryview | None = None
+        self._queued: list[bytes] = []
         self._pump_armed = False
         self._paused = 0  # _PAUSE_* bits
         self._control = 0.0  # pings/pongs before auth (a count), then the bucket's tokens
@@ -203,15 +208,48 @@ class SdkConnection(asyncio.Protocol):
         self._pump()
 
     def _send(self, data: bytes) -> None:
-        """Write to the client (through TLS when it is on)."""
+        """Write to the client, in order. A write bigger than --write-high-water is not handed
+        to the transport whole (which would copy it into this connection's buffer): it is fed
+        a high-water mark at a time as the socket drains, from the frame all sessions share,
+        so a client that does not read holds at most about twice the mark here, whatever the
+        size of the snapshot it was sent."""
+        if self._tail is not None:
+            self._queued.append(data)
+        elif len(data) > self.server.config.write_high_water:
+            self._tail = memoryview(data)
+            self._feed_tail()
+        else:
+            self._write(data)
+
+    def _write(self, data: bytes | memoryview) -> None:
+        """Hand bytes to the transport (through TLS when it is on)."""
         tls = self._tls
         if tls is not None:
             try:
-                data = tls.send(data)
+                data = tls.send(bytes(data))
             except TlsFailed:
                 self._abort()
                 return
         self.transport.write(data)  # type: ignore[union-attr]
+
+    def _feed_tail(self) -> None:
+        """Write the big write's next part, until the transport holds more than the mark (it
+        then pauses writing, and `resume_writing` comes back here) or it is all out; then
+        what was queued behind it."""
+        transport = self.transport
+        assert transport is not None
+        high = self.server.config.write_high_water
+        while self._tail is not None and not self.lost:
+            room = high + 1 - transport.get_write_buffer_size()
+            if room <= 0:
+                return
+            tail = self._tail
+            self._tail = tail[room:] if len(tail) > room else None
+            self._write(tail[:room])
+        queued, self._queued = self._queued, []
+        for data in queued:
+            if not self.lost:
+                self._send(data)
 
     def eof_received(self) -> bool:
         if self._head is not None:  # gone before its request was complete
@@ -244,8 +282,13 @@ class SdkConnection(asyncio.Protocol):
         self.server.hub.session_paused(self)
 
     def resume_writing(self) -> None:
-        """Below --write-low-water again: the hub sends what it missed, as one delta."""
+        """Below --write-low-water again: the rest of a big write goes out first; then the hub
+        sends what it missed, as one delta."""
         self.writing_paused = False
+        if self._tail is not None:
+            self._feed_tail()  # (the transport pauses us again when it fills up)
+            if self.writing_paused or self._tail is not None:
+                return
         self._set_read_paused(_PAUSE_WRITE, False)
         self.server.hub.session_resumed(self)
 
@@ -261,8 +304,12 @@ class SdkConnection(asyncio.Protocol):
         return True
 
     def buffered(self) -> int:
+        """Bytes written to this session that its socket has not taken yet."""
         transport = self.transport
-        return transport.get_write_buffer_size() if transport is not None and not self.lost else 0
+        if transport is None or self.lost:
+            return 0
+        size = transport.get_write_buffer_size() + sum(map(len, self._queued))
+        return size + len(self._tail) if self._tail is not None else size
 
     def evict(self, why: str) -> None:
         """Slow consumer: goaway (evicted, jittered retry_ms) and close 4100."""
@@ -453,6 +500,7 @@ class SdkConnection(asyncio.Protocol):
                 if data:
                     self._send(data)
                     continue
+                self._tail, self._queued = None, []  # closing: what was not sent never will be
                 if self._tls is not None:
                     transport.write(self._tls.close_notify())
                 if transport.can_write_eof():
@@ -668,11 +716,13 @@ class SdkConnection(asyncio.Protocol):
             if not self._session_slot():
                 return
             self.env = env
-            data = hub.attach_warm(self, since)
-            if data is not None:
+            frames = hub.attach_warm(self, since)
+            if frames is not None:
                 self.attached = True
-                self._send(self._greeting + data)
-                self._greeting = b""
+                greeting, self._greeting = self._greeting, b""
+                self._send(greeting + frames[0])
+                for frame in frames[1:]:
+                    self._send(frame)
                 return
         self._auth_task = server.loop.create_task(self._authenticate(since))
 

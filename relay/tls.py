@@ -88,10 +88,14 @@ def fingerprint(pem: bytes) -> str:
     """SHA-256 of the first certificate in a PEM chain, as `openssl x509 -fingerprint -sha256`
     prints it (what an operator compares after a rotation)."""
     text = pem.decode("ascii", "replace")
-    end = text.find(ssl.PEM_FOOTER)
-    if end < 0:
+    start = text.find(ssl.PEM_HEADER)  # (a file may hold the key first, then the chain)
+    end = text.find(ssl.PEM_FOOTER, start)
+    if start < 0 or end < 0:
         return "unknown"
-    der = ssl.PEM_cert_to_DER_cert(text[: end + len(ssl.PEM_FOOTER)])
+    try:
+        der = ssl.PEM_cert_to_DER_cert(text[start : end + len(ssl.PEM_FOOTER)])
+    except ValueError:
+        return "unknown"
     return ":".join(f"{b:02X}" for b in hashlib.sha256(der).digest())
 
 

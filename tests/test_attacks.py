@@ -389,6 +389,35 @@ async def test_a_session_that_never_reads_its_snapshot_is_evicted(make_node: Nod
         sock.close()
 
 
+async def test_clients_that_never_read_do_not_each_hold_a_copy_of_the_snapshot(
+    make_node: NodeFactory,
+) -> None:
+    """A big snapshot written to a client that does not read used to be copied whole into
+    that connection's buffer (500 such clients of a 600 KB snapshot: +305 MB). It is fed from
+    the one shared frame as the socket drains: each holds about the high-water mark."""
+    high = 64 << 10
+    async with watched(make_node, write_high_water=high, write_stall_timeout=60,
+                       ping_interval=60.0, ping_timeout=60.0) as (node, admin):
+        await admin.publish("prod", {f"big{i}": "x" * 2000 for i in range(300)})  # ~600 KB
+        socks = []
+        for _ in range(20):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.connect(("127.0.0.1", node.port))
+            sock.sendall(upgrade_request("Authorization: Bearer k"))
+            socks.append(sock)
+        await wait_until(lambda: node.hub.session_count() == 21, "not attached")
+        stalled = [c for c in node.sdk.connections if c.env == "prod"]
+        assert len(stalled) == 20
+        await asyncio.sleep(0.3)
+        for conn in stalled:
+            assert conn.transport is not None
+            assert conn.transport.get_write_buffer_size() <= 2 * high + 1
+            assert conn.buffered() > 300_000  # what it still owes: most of the snapshot
+        for sock in socks:
+            sock.close()
+
+
 async def test_sdk_sockets_have_bounded_kernel_buffers(make_node: NodeFactory) -> None:
     node = await make_node()
     client = await RawClient.open(node.port)

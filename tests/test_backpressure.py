@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from websockets.frames import Frame, Opcode
 
 from relay import protocol
@@ -287,6 +288,46 @@ async def test_a_slow_reader_catches_up_through_coalesced_deltas(make_node: Node
         )
         assert _metric(metrics, "relay_sessions_behind") == 0
         assert "relay_buffered_bytes " in metrics
+        reader.sock.close()
+    finally:
+        await admin.close()
+
+
+@pytest.mark.parametrize("big", ["snapshot", "changes"])
+async def test_a_slow_reader_gets_big_frames_whole_and_in_order(
+    make_node: NodeFactory, big: str
+) -> None:
+    """Frames bigger than the high-water mark are fed to the socket a part at a time, from
+    the shared frame; whatever comes meanwhile (changes, pings, pongs) follows them, whole."""
+    node = await make_node(write_high_water=16 << 10, write_low_water=4 << 10,
+                           socket_send_buffer=8 << 10, ping_interval=0.5, ping_timeout=30,
+                           write_stall_timeout=30, max_session_buffer=8 << 20)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        if big == "snapshot":
+            await admin.publish("prod", {f"s{i}": "z" * 1000 for i in range(400)})
+        reader = RawReader(_raw_stream(node.port, "k"))
+        stop = asyncio.Event()
+
+        async def read_slowly() -> None:
+            while not stop.is_set():
+                reader.read(4096)
+                await asyncio.sleep(0.005)
+
+        task = asyncio.create_task(read_slowly())
+        last = 0
+        for i in range(20):
+            put = ({f"c{i % 3}": "w" * 150_000} if big == "changes" else {f"c{i % 3}": i})
+            last = await admin.publish("prod", put)
+            reader.sock.send(bytes([0x89, 0x80, 0, 0, 0, 0]))  # a ping: its pong comes after
+            await asyncio.sleep(0.02)
+        await wait_until(lambda: reader.v == last, "the slow reader never caught up", timeout=60)
+        stop.set()
+        await task
+        version, flags = await admin.flags("prod")
+        assert reader.v == version and reader.flags == flags  # whole frames, a chain of bases
+        assert reader.close_code is None and node.hub.session_count() == 1
         reader.sock.close()
     finally:
         await admin.close()

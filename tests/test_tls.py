@@ -633,3 +633,17 @@ async def test_a_peer_link_to_an_untrusted_peer_is_not_formed(
         assert not _log_lines(n1, "Traceback")
     finally:
         cluster.stop_all()
+
+
+def test_a_certificate_file_that_holds_the_key_first_is_served(tmp_path: Path) -> None:
+    """load_cert_chain takes a PEM with the key before the chain; so must the rest (the
+    fingerprint logged at start and on SIGHUP failed on it with a traceback)."""
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1")
+    combined = tmp_path / "combined.pem"
+    issued.private_key_and_cert_chain_pem.write_to_path(str(combined))
+    key = tmp_path / "key.pem"
+    issued.private_key_pem.write_to_path(str(key))
+    tls = Tls(str(combined), str(key))
+    assert tls.fingerprint == fingerprint(issued.cert_chain_pems[0].bytes())
+    assert tls.fingerprint.count(":") == 31
