@@ -309,3 +309,14 @@ def test_watch_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0
     assert "Traceback" not in err and "Broken pipe" not in err
+
+
+def test_status_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
+    for i in range(30):  # enough lines that `head -1` leaves before status is done writing
+        run(relay, "env", "put", f"piped{i}", "--key", f"sdk-piped-{i}")
+    token = relay.token
+    result = subprocess.run(
+        f"{sys.executable} -m relay status --admin-url {relay.admin_url} --admin-token {token}"
+        " --json | head -1", shell=True, capture_output=True, text=True, timeout=30)
+    assert result.stdout.strip() == "{"
+    assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
