@@ -312,9 +312,15 @@ def test_watch_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
 
 
 def test_status_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
-    for i in range(30):  # enough lines that `head -1` leaves before status is done writing
-        run(relay, "env", "put", f"piped{i}", "--key", f"sdk-piped-{i}")
+    import urllib.request
+
     token = relay.token
+    for i in range(30):  # enough output that `head -1` leaves before status is done writing
+        request = urllib.request.Request(
+            f"{relay.admin_url}/admin/v1/envs/piped{i}", method="PUT",
+            data=f'{{"keys": ["sdk-piped-{i}"]}}'.encode(),
+            headers={"Authorization": f"Bearer {token}"})
+        urllib.request.urlopen(request, timeout=10).close()
     result = subprocess.run(
         f"{sys.executable} -m relay status --admin-url {relay.admin_url} --admin-token {token}"
         " --json | head -1", shell=True, capture_output=True, text=True, timeout=30)
