@@ -421,7 +421,7 @@ class AdminApi:
         return _json(
             {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
              "connections": self.node.hub.session_count(),
-             "open": len(self.node.sdk.connections),
+             "open": self.node.sdk.held(),
              **({"drain": self.node.drain_info()} if state in ("draining", "stopped")
                 and self.node.drain_time_left() is not None else {})},
             200 if state == "ready" else 503)

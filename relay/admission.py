@@ -33,6 +33,8 @@ IP_RATE = "ip_connect_rate"
 SESSIONS = "max_connections"
 IP_SESSIONS = "ip_sessions"
 IP_AUTH_FAILURES = "ip_auth_failures"
+TAKEN_BACK = "pending_taken_back"  # the pending slot of the address holding the most, given
+# to a newcomer when all are taken
 
 MAX_RETRY_MS = 60_000
 

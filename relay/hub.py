@@ -61,7 +61,14 @@ class SessionSink(Protocol):
         ...
 
     def buffered(self) -> int:
-        """Bytes written to it that its socket has not taken yet."""
+        """Bytes held for it alone that its socket has not taken yet (what
+        --max-session-buffer bounds)."""
+        ...
+
+    def unsent(self) -> int:
+        """Every byte written to it that its socket has not taken yet, also those of a big
+        shared frame not yet handed over: whether it shrinks is whether the socket makes
+        progress."""
         ...
 
     def close(self, code: int, reason: str) -> None:
@@ -330,7 +337,7 @@ class Hub:
             self._pause(session, box)
 
     def _pause(self, session: SessionSink, box: Outbox) -> None:
-        box.pause(asyncio.get_running_loop().time(), session.buffered())
+        box.pause(asyncio.get_running_loop().time(), session.unsent())
         self._paused[session] = box
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(
@@ -377,6 +384,7 @@ class Hub:
                 continue
             reason = box.eviction(
                 now, timeout=self.slow_consumer_timeout, buffered=session.buffered(),
+                unsent=session.unsent(),
                 max_buffered=self.max_session_buffer, oldest_base=channel.state.oldest_base,
                 stall_timeout=self.write_stall_timeout,
             )

@@ -26,8 +26,8 @@ class Metrics:
         self.connections_refused = Counter(
             "relay_connections_refused",
             "Public connections refused by admission control or a client budget, by reason "
-            "(capacity, ip_pending, ip_connect_rate, max_connections, ip_sessions, "
-            "ip_auth_failures, control_frames, proxy_header)",
+            "(capacity, pending_taken_back, ip_pending, ip_connect_rate, max_connections, "
+            "ip_sessions, ip_auth_failures, control_frames, proxy_header)",
             ["reason"], registry=r,
         )
         self.pending_connections = Gauge(
@@ -79,7 +79,8 @@ class Metrics:
         )
         self.buffered_bytes = Gauge(
             "relay_buffered_bytes",
-            "Bytes written to this node's SDK sessions that their sockets have not taken yet",
+            "Bytes held in this node's SDK connections' buffers that their sockets have not "
+            "taken yet (the unsent part of a big frame all sessions share is not counted)",
             registry=r,
         )
         self.node_state = Gauge(

@@ -198,7 +198,7 @@ class Node:
         if self.state != "ready":
             raise DrainRefused(f"node {self.config.node_id} is {self.state}, not ready")
         self._set_state("draining")
-        self.sdk.accepting = False
+        self.sdk.refuse_new()
         sessions = len(self.sdk.open_connections())
         self._drain_ends = time.monotonic() + plan.deadline_s
         self._drain = {"deadline_s": plan.deadline_s, "window_s": plan.window_s,
@@ -216,7 +216,7 @@ class Node:
 
     def drain_info(self) -> dict[str, Any]:
         info = {"node": self.config.node_id, "state": self.state,
-                "sessions": len(self.sdk.connections), **(self._drain or {})}
+                "sessions": self.sdk.held(), **(self._drain or {})}
         if self._drain is not None:  # what clocks on other hosts can use
             info["deadline_in_s"] = round(max(0.0, self._drain_ends - time.monotonic()), 3)
         return info
@@ -238,7 +238,7 @@ class Node:
                 remaining = self.sdk.open_connections()
                 for conn in remaining[: pacer.due(elapsed, len(remaining))]:
                     conn.send_away("drain", retry_ms(), CLOSE_SERVICE_RESTART, "node draining")
-                left = len(self.sdk.connections)
+                left = self.sdk.held()
                 self.metrics.drain_sessions_left.set(left)
                 if elapsed >= plan.deadline_s:
                     log.warning("drain deadline passed with %d session(s) left", left)

@@ -78,13 +78,17 @@ class Outbox:
         max_buffered: int,
         oldest_base: int,
         stall_timeout: float = float("inf"),
+        unsent: int | None = None,
     ) -> str | None:
-        """Why this paused session must go, or None. A session that is not behind is evicted
+        """Why this paused session must go, or None. `buffered` is what is held for this
+        session alone; `unsent` (default: `buffered`) all it has not taken yet, shared frames
+        included: progress is `unsent` shrinking. A session that is not behind is evicted
         only when its socket took nothing for `stall_timeout`; one that merely has a full
         buffer but drains and has missed nothing owes nothing yet."""
-        if buffered < self.unsent:
+        unsent = buffered if unsent is None else unsent
+        if unsent < self.unsent:
             self.progress_at = now
-        self.unsent = buffered
+        self.unsent = unsent
         if now - self.progress_at > stall_timeout:
             return EVICT_STALLED
         if self.behind_since is None:

@@ -88,6 +88,17 @@ def goaway(reason: str, retry_ms: int) -> bytes:
     return pack({"t": "goaway", "reason": reason, "retry_ms": retry_ms})
 
 
+MAX_CLOSE_REASON = 123  # bytes: what a close frame has room for (RFC 6455 5.5)
+
+
+def close_reason(text: str) -> str:
+    """`text` cut to what a close frame can carry, on a character boundary."""
+    data = text.encode()
+    if len(data) <= MAX_CLOSE_REASON:
+        return text
+    return data[:MAX_CLOSE_REASON].decode(errors="ignore")
+
+
 _RETRY_SUFFIX = "; retry_ms="
 
 
@@ -138,7 +149,7 @@ def parse_client_frame(data: bytes | str) -> AuthFrame:
         raise ProtocolError("text frames are not allowed; send binary msgpack")
     obj = unpack(data)
     if obj["t"] != "auth":
-        raise ProtocolError(f"unexpected frame type {obj['t']!r}")
+        raise ProtocolError(f"unexpected frame type {obj['t'][:32]!r}")
     key = obj.get("key")
     if not isinstance(key, str) or not key:
         raise ProtocolError("auth frame needs a non-empty string 'key'")

@@ -35,6 +35,7 @@ import logging
 import random
 import socket
 import ssl
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
@@ -71,6 +72,7 @@ READ_BUDGET = 1024  # bytes of client frames parsed per connection per event-loo
 CLOSING_BUDGET = 4096  # bytes a client may send after the server's close frame
 CONTROL_BEFORE_AUTH = 4  # pings and pongs a client may send before its auth
 AUTH_FRAGMENTS = 4  # frames the auth message may come in
+TLS_HANDSHAKES_PER_TICK = 4  # TLS handshake steps per event-loop tick (a signature each)
 PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
 _OPEN = State.OPEN
 PING_SLICES = 20  # keepalive pings go out in this many steps per --ping-interval
@@ -111,7 +113,7 @@ class SdkConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
         "_control_at", "_fragments", "_greeting", "_head", "_inbox", "_paused", "_proxy_head",
-        "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls",
+        "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls", "_tls_wait",
         "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip", "proto",
         "server", "ticket", "transport", "writing_paused",
     )
@@ -132,6 +134,7 @@ class SdkConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None  # handshake, auth or close timeout
         self._auth_task: asyncio.Task[None] | None = None
         self._tls: TlsStream | None = None  # with --tls-cert
+        self._tls_wait = b""  # handshake bytes waiting for the server's next TLS turn
         self._fragments: list[bytes] | None = None  # None: no auth frame expected
         self._authenticating = False  # the key is known: from now on, only pings and pongs
         self._since: int | None = None  # the query's `since`, while waiting for auth
@@ -179,22 +182,49 @@ class SdkConnection(asyncio.Protocol):
             data = self._proxy_header(data)
             if not data:
                 return
-        tls = self._tls
-        if tls is not None:
-            try:
-                data = tls.receive(data)
-            except TlsFailed:
-                self._abort()
-                return
-            answer = tls.outgoing()
-            if answer:
-                self.transport.write(answer)  # type: ignore[union-attr]
-            if data:
-                self._received(data)
-            if tls.eof and not self.lost:
-                self.eof_received()
+        if self._tls is not None:
+            self._tls_received(data)
             return
         self._received(data)
+
+    def _tls_received(self, data: bytes) -> None:
+        """Bytes from the socket through TLS. Handshakes cost CPU (a signature each): the
+        server does a few per event-loop tick (`SdkServer.tls_turn`), the others wait their
+        turn with reading paused, so a burst of them cannot hold the loop."""
+        tls = self._tls
+        assert tls is not None
+        if not tls.handshaken and (self._tls_wait or not self.server.tls_turn()):
+            if not self._tls_wait:
+                self.server.wait_tls_turn(self)
+                self._set_read_paused(_PAUSE_BUDGET, True)
+            self._tls_wait += data
+            return
+        self._tls_decrypt(data)
+
+    def tls_turn_came(self) -> None:
+        """The server has a handshake turn for this connection (it took it already)."""
+        data, self._tls_wait = self._tls_wait, b""
+        if self.lost or not data:
+            return
+        if not self._inbox:
+            self._set_read_paused(_PAUSE_BUDGET, False)
+        self._tls_decrypt(data)
+
+    def _tls_decrypt(self, data: bytes) -> None:
+        tls = self._tls
+        assert tls is not None
+        try:
+            data = tls.receive(data)
+        except TlsFailed:
+            self._abort()
+            return
+        answer = tls.outgoing()
+        if answer:
+            self.transport.write(answer)  # type: ignore[union-attr]
+        if data:
+            self._received(data)
+        if tls.eof and not self.lost:
+            self.eof_received()
 
     def _received(self, data: bytes) -> None:
         """Plaintext from the client."""
@@ -285,6 +315,9 @@ class SdkConnection(asyncio.Protocol):
         """Below --write-low-water again: the rest of a big write goes out first; then the hub
         sends what it missed, as one delta."""
         self.writing_paused = False
+        # The socket took what was written: the client is alive, though nothing it sent (its
+        # pongs) is read while it is paused. A client that reads nothing never gets here.
+        self.last_seen = self.server.loop.time()
         if self._tail is not None:
             self._feed_tail()  # (the transport pauses us again when it fills up)
             if self.writing_paused or self._tail is not None:
@@ -304,12 +337,17 @@ class SdkConnection(asyncio.Protocol):
         return True
 
     def buffered(self) -> int:
-        """Bytes written to this session that its socket has not taken yet."""
+        """Bytes held for this session alone that its socket has not taken yet: the
+        transport's buffer and what waits behind a big write (not the shared frame)."""
         transport = self.transport
         if transport is None or self.lost:
             return 0
-        size = transport.get_write_buffer_size() + sum(map(len, self._queued))
-        return size + len(self._tail) if self._tail is not None else size
+        return transport.get_write_buffer_size() + sum(map(len, self._queued))
+
+    def unsent(self) -> int:
+        """All it has not taken yet, the rest of a big shared frame included."""
+        tail = self._tail
+        return self.buffered() + (len(tail) if tail is not None else 0)
 
     def evict(self, why: str) -> None:
         """Slow consumer: goaway (evicted, jittered retry_ms) and close 4100."""
@@ -336,7 +374,7 @@ class SdkConnection(asyncio.Protocol):
             self.attached = False
             self.server.hub.detach(self)
         self._fragments = None
-        self.proto.send_close(code, reason)
+        self.proto.send_close(code, protocol.close_reason(reason))
         self._flush()
 
     def ping(self) -> bool:
@@ -348,6 +386,11 @@ class SdkConnection(asyncio.Protocol):
         except RuntimeError:  # closed under us (a reset): connection_lost is on its way
             return False
         return True
+
+    @property
+    def in_head(self) -> bool:
+        """Still sending its request head (or its TLS handshake, or PROXY header)."""
+        return self._head is not None
 
     # --- admission ------------------------------------------------------------------------------
 
@@ -417,7 +460,10 @@ class SdkConnection(asyncio.Protocol):
             else:
                 self._proxy_head = data
             return b""
-        if header.source is not None and not self._identify(header.source):
+        # LOCAL/UNKNOWN: the balancer speaks for itself (a health check). Either way, a
+        # connection that came with a PROXY header never has X-Forwarded-For read: through
+        # a TCP balancer, that header would be the client's own say.
+        if not self._identify(header.source or self.peer_ip):
             return b""
         return data[header.length :]
 
@@ -500,7 +546,10 @@ class SdkConnection(asyncio.Protocol):
                 if data:
                     self._send(data)
                     continue
-                self._tail, self._queued = None, []  # closing: what was not sent never will be
+                if self._tail is not None:  # a big frame cut short: say so with a reset
+                    self._tail, self._queued = None, []
+                    transport.abort()
+                    return
                 if self._tls is not None:
                     transport.write(self._tls.close_notify())
                 if transport.can_write_eof():
@@ -510,14 +559,20 @@ class SdkConnection(asyncio.Protocol):
         except RuntimeError:  # the transport is already closing: nothing more to say
             transport.abort()
             return
-        if self.proto.close_expected() and not self._close_armed:
-            # Armed once: a peer that keeps sending after the close cannot push it back.
+        if self.attached and self.proto.state is not _OPEN:  # the client closed, or failed
+            self.attached = False
+            self.server.hub.detach(self)
+        closed = self.proto.state is State.CLOSED
+        if (closed or self.proto.close_expected()) and not self._close_armed:
+            # Armed once: a peer that keeps sending after the close cannot push it back; and
+            # a closed connection whose client does not read its last bytes (a half-close)
+            # is cut then too, as transport.close() waits for them without a deadline.
             self._close_armed = True
             self._inbox = b""
             self._cancel_timer()
             self._timer = self.server.loop.call_later(self.server.config.close_timeout,
                                                       self._abort)
-        elif self.proto.state is State.CLOSED:
+        if closed:
             transport.close()
 
     def _cancel_timer(self) -> None:
@@ -688,6 +743,7 @@ class SdkConnection(asyncio.Protocol):
         assert self.ticket is not None
         refusal = self.server.admission.start_session(self.ticket)
         if refusal is None:
+            self.server.settled(self)
             return True
         self.server.refused(refusal.reason)
         self._limit("too many sessions" if refusal.reason == adm.SESSIONS
@@ -699,17 +755,19 @@ class SdkConnection(asyncio.Protocol):
         self._authenticating = True
         self._control = float(server.config.client_control_burst)
         self._control_at = server.loop.time()
-        assert self.ticket is not None
-        refusal = server.admission.may_authenticate(self.ticket, server.loop.time())
-        if refusal is not None:
-            server.refused(refusal.reason)
-            self._limit("too many failed authentications from this address", refusal.retry_ms)
-            return
         self.key_hash = server.hub.hash_key(key)
+        hub = server.hub
+        if hub.cached_env(self.key_hash) is None:  # (a known key costs no lookup: let it in)
+            assert self.ticket is not None
+            refusal = server.admission.may_authenticate(self.ticket, server.loop.time())
+            if refusal is not None:
+                server.refused(refusal.reason)
+                self._limit("too many failed authentications from this address",
+                            refusal.retry_ms)
+                return
         if (self.key_hash, server.loop.time()) in server.unknown_keys:
             self._refuse("unknown_key", "unknown SDK key")  # refused lately: no store lookup
             return
-        hub = server.hub
         env = hub.cached_env(self.key_hash)
         if env is not None and self.proto.state is _OPEN:
             # A known key of a loaded environment (most of a reconnect storm): no task.
@@ -775,6 +833,10 @@ class SdkServer:
         ))
         self.trusted = TrustedProxies.parse(config.trusted_proxies)
         self.unknown_keys = UnknownKeys()
+        self._tls_turns = TLS_HANDSHAKES_PER_TICK
+        self._tls_waiting: deque[SdkConnection] = deque()
+        # Connections holding a pending slot, oldest first (at most --max-pending).
+        self._unsettled: dict[SdkConnection, None] = {}
         self.failures = FailureLog()
         self.socket_cap = self._socket_cap(config)
         self.loop: asyncio.AbstractEventLoop  # set by start()
@@ -814,20 +876,86 @@ class SdkServer:
         """Bytes waiting in all SDK connections' buffers (the relay_buffered_bytes gauge)."""
         return sum(conn.buffered() for conn in self.connections)
 
+    def refuse_new(self) -> None:
+        """A drain starts: new upgrades get 503, and connections still sending their request
+        head are dropped (they are not sessions: nothing is lost, and a client that never
+        finishes its head must not hold the drain to its deadline)."""
+        self.accepting = False
+        for conn in list(self.connections):
+            if conn.in_head and conn.transport is not None:
+                conn.transport.abort()
+
+    def held(self) -> int:
+        """Connections past their request head that are not gone yet: what a drain waits for
+        (one still sending its head will only be refused)."""
+        return sum(1 for conn in self.connections if not conn.in_head)
+
     def open_connections(self) -> list[SdkConnection]:
         """Connections past the upgrade that have not started closing."""
         return [conn for conn in self.connections if conn.proto.state is _OPEN]
 
     def admit(self, conn: SdkConnection) -> bool:
-        """A new TCP connection: False (drop it) when all public sockets or pending slots are
-        taken."""
-        ticket = self.admission.accept() if len(self.connections) < self.socket_cap else None
+        """A new TCP connection: False (drop it) when all public sockets are taken, or all
+        pending slots and no address holds more than one of them."""
+        if len(self.connections) >= self.socket_cap:
+            self.refused(adm.FULL)
+            return False
+        ticket = self.admission.accept()
+        if ticket is None and self._take_back_a_pending_slot():
+            ticket = self.admission.accept()
         if ticket is None:
             self.refused(adm.FULL)
             return False
         conn.ticket = ticket
         self.connections[conn] = None
+        self._unsettled[conn] = None
         return True
+
+    def _take_back_a_pending_slot(self) -> bool:
+        """All pending slots are taken: drop the oldest pending connection of the address that
+        holds the most of them (more than one), so that a few addresses cannot keep everyone
+        else out by holding their share of slots with connections that never finish."""
+        holders = Counter(conn.ticket.key for conn in self._unsettled
+                          if conn.ticket is not None and conn.ticket.key is not None)
+        if not holders:
+            return False
+        key, held = holders.most_common(1)[0]
+        if held < 2:
+            return False
+        for conn in self._unsettled:  # oldest first
+            if conn.ticket is not None and conn.ticket.key == key:
+                self.refused(adm.TAKEN_BACK)
+                self.settled(conn)
+                self.admission.release(conn.ticket)
+                if conn.transport is not None:
+                    conn.transport.abort()
+                return True
+        return False
+
+    def settled(self, conn: SdkConnection) -> None:
+        """The connection is a session now, or gone: it no longer holds a pending slot."""
+        self._unsettled.pop(conn, None)
+
+    def tls_turn(self) -> bool:
+        """Take one of this event-loop tick's TLS handshake turns, if one is left."""
+        if self._tls_turns <= 0:
+            return False
+        if self._tls_turns == TLS_HANDSHAKES_PER_TICK:
+            self.loop.call_soon(self._next_tls_turns)  # the turns come back next tick
+        self._tls_turns -= 1
+        return True
+
+    def wait_tls_turn(self, conn: SdkConnection) -> None:
+        self._tls_waiting.append(conn)
+
+    def _next_tls_turns(self) -> None:
+        """A new tick: its turns go to the connections that waited, first come first."""
+        self._tls_turns = TLS_HANDSHAKES_PER_TICK
+        waiting = self._tls_waiting
+        while waiting and self._tls_turns > 0:
+            conn = waiting.popleft()
+            if not conn.lost and self.tls_turn():
+                conn.tls_turn_came()
 
     def refused(self, reason: str) -> None:
         self.metrics.connections_refused.labels(reason).inc()
@@ -842,6 +970,7 @@ class SdkServer:
     def lost(self, conn: SdkConnection) -> None:
         if conn.ticket is None:
             return
+        self.settled(conn)
         self.admission.release(conn.ticket)
         self.connections.pop(conn, None)
         if not self.connections and self._all_gone is not None:

@@ -351,6 +351,31 @@ async def test_health_checks_answer_when_the_public_port_is_full(tmp_path: Any) 
         terminate(proc)
 
 
+async def test_a_few_addresses_cannot_hold_every_pending_slot(make_node: NodeFactory) -> None:
+    """16 addresses with their 64 silent connections each held all 1,024 pending slots:
+    everyone else was dropped. A newcomer now takes back the oldest slot of the address
+    holding the most."""
+    async with watched(make_node, max_pending=40, max_pending_per_ip=10,
+                       handshake_timeout=30) as (node, admin):
+        hogs = []
+        for i in range(4):  # 4 addresses x 10 silent connections: every pending slot
+            for _ in range(10):
+                sock = socket.socket()
+                sock.bind((f"127.0.0.{20 + i}", 0))
+                sock.connect(("127.0.0.1", node.port))
+                hogs.append(sock)
+        await wait_until(lambda: node.sdk.admission.pending >= 40, "the hogs are not in")
+        newcomer = await RawClient.open(node.port, "Authorization: Bearer k",
+                                        source="127.0.0.30")
+        assert messages([await newcomer.frame()])[0]["t"] == "hello"
+        metrics = await _metrics(admin)
+        assert _metric(metrics,
+                       'relay_connections_refused_total{reason="pending_taken_back"}') >= 1
+        newcomer.close()
+        for sock in hogs:
+            sock.close()
+
+
 # --- 4. the request head ----------------------------------------------------------------------
 
 
@@ -413,7 +438,7 @@ async def test_clients_that_never_read_do_not_each_hold_a_copy_of_the_snapshot(
         for conn in stalled:
             assert conn.transport is not None
             assert conn.transport.get_write_buffer_size() <= 2 * high + 1
-            assert conn.buffered() > 300_000  # what it still owes: most of the snapshot
+            assert conn.unsent() > 300_000  # what it still owes: most of the snapshot
         for sock in socks:
             sock.close()
 
@@ -429,6 +454,41 @@ async def test_sdk_sockets_have_bounded_kernel_buffers(make_node: NodeFactory) -
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * (64 << 10)
     assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) == 2 * (16 << 10)
     client.close()
+
+
+async def test_a_half_closed_session_that_does_not_read_is_let_go(
+    make_node: NodeFactory,
+) -> None:
+    """A client that sent FIN without reading, while some of what it was sent still waited
+    in the transport, kept its session slot, its hub session and its buffers forever."""
+    async with watched(make_node, close_timeout=0.5, write_stall_timeout=60) as (node, admin):
+        await admin.publish("prod", {f"f{i}": "x" * 1000 for i in range(150)})  # ~150 KB
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", node.port))
+        sock.sendall(upgrade_request("Authorization: Bearer k"))
+        await wait_until(lambda: node.hub.session_count() == 2, "not attached")
+        await asyncio.sleep(0.3)
+        sock.shutdown(socket.SHUT_WR)
+        await wait_until(lambda: node.hub.session_count() == 1, "still a hub session", timeout=8)
+        await wait_until(lambda: node.sdk.admission.sessions == 1 and len(
+            node.sdk.connections) == 1, "the half-closed session is held", timeout=8)
+        sock.close()
+
+
+async def test_a_client_chosen_frame_type_does_not_break_the_close(
+    make_node: NodeFactory,
+) -> None:
+    """`unexpected frame type '<t>'` went into the close reason whole: past 123 bytes no
+    close frame could be built, a traceback with the client's text was logged and the client
+    got no close code."""
+    async with watched(make_node) as (node, _):
+        for t in ("x" * 200, "é" * 70):
+            client = await RawClient.open(node.port)
+            client.send(client_frame(BINARY, msgpack.packb({"t": t, "key": "k"})))
+            code, reason = close_of(await client.frames(timeout=3))
+            assert code == 4002 and len(reason.encode()) <= 123
+            client.close()
 
 
 # --- 9. wrong keys ----------------------------------------------------------------------------
@@ -468,6 +528,26 @@ async def test_wrong_keys_from_one_address_are_refused_without_lookups(
         good = await RawClient.open(node.port, "Authorization: Bearer k", source="127.0.0.2")
         assert messages([await good.frame()])[0]["t"] == "hello"
         good.close()
+
+
+async def test_a_known_key_is_let_in_whatever_its_address_got_wrong(
+    make_node: NodeFactory,
+) -> None:
+    """Behind a carrier-grade NAT, one user guessing keys refused everyone's valid keys:
+    the failure budget saves store lookups, and a key this node knows costs none."""
+    async with watched(make_node, ip_auth_failure_burst=3, ip_auth_failure_rate=0.01) as (
+            node, _):
+        first = await RawClient.open(node.port, "Authorization: Bearer k")
+        assert messages([await first.frame()])[0]["t"] == "hello"
+        for i in range(5):
+            wrong = await RawClient.open(node.port, f"Authorization: Bearer wrong-{i}")
+            assert close_of(await wrong.frames())[0] in (4001, 4101)
+        refused = await RawClient.open(node.port, "Authorization: Bearer unknown")
+        assert close_of(await refused.frames())[0] == 4101
+        known = await RawClient.open(node.port, "Authorization: Bearer k")
+        assert messages([await known.frame()])[0]["t"] == "hello"
+        first.close()
+        known.close()
 
 
 async def test_an_unknown_key_is_looked_up_once_and_forgotten_when_keys_change(
@@ -584,6 +664,52 @@ async def test_proxy_headers_from_untrusted_peers_are_not_believed(node: Node,
     conn = next(c for c in node.sdk.connections if c.attached)
     assert conn.client_ip == "127.0.0.1"
     client.close()
+
+
+@pytest.mark.parametrize("header", [b"PROXY UNKNOWN\r\n", b"local"])
+async def test_forwarded_for_is_not_read_after_a_proxy_header(
+    make_node: NodeFactory, header: bytes
+) -> None:
+    """Through a TCP balancer that sends PROXY headers, X-Forwarded-For is the client's own
+    say: after a header of any kind (LOCAL or UNKNOWN: the balancer speaks for itself), it
+    is not read."""
+    node = await make_node(trusted_proxies="127.0.0.1")
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        if header == b"local":
+            header = b"\r\n\r\n\x00\r\nQUIT\n" + bytes([0x20, 0x00]) + b"\x00\x00"
+        request = header + upgrade_request("Authorization: Bearer k",
+                                           "X-Forwarded-For: 198.51.100.77")
+        client = await RawClient.open(node.port, request=request)
+        await wait_until(lambda: any(c.attached for c in node.sdk.connections), "not attached")
+        conn = next(c for c in node.sdk.connections if c.attached)
+        assert conn.client_ip == "127.0.0.1"
+        client.close()
+    finally:
+        await admin.close()
+
+
+async def test_a_drain_does_not_wait_for_connections_still_sending_their_head(
+    make_node: NodeFactory,
+) -> None:
+    node = await make_node(handshake_timeout=60)
+    admin = Admin(node.admin_url)
+    try:
+        halves = []
+        for _ in range(5):
+            sock = socket.create_connection(("127.0.0.1", node.port))
+            sock.sendall(b"GET /v1/stream HTTP/1.1\r\nHo")
+            halves.append(sock)
+        await wait_until(lambda: len(node.sdk.connections) == 5, "not connected")
+        status, body = await admin.call("POST", "/admin/v1/drain",
+                                        {"deadline_s": 30, "window_s": 1})
+        assert status == 202 and body["sessions"] == 0
+        await asyncio.wait_for(node.drained.wait(), 10)  # not the 30 s deadline
+        for sock in halves:
+            sock.close()
+    finally:
+        await admin.close()
 
 
 async def test_a_bad_proxy_header_from_a_trusted_peer_is_dropped(make_node: NodeFactory) -> None:

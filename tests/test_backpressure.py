@@ -333,6 +333,105 @@ async def test_a_slow_reader_gets_big_frames_whole_and_in_order(
         await admin.close()
 
 
+async def _read_at(port: int, rate: int, seconds: float) -> list[Any]:
+    """Read at about `rate` bytes/s (a slow link), answering pings; what came, in order,
+    until the snapshot or `seconds`."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(("127.0.0.1", port))
+    sock.setblocking(False)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /v1/stream HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\n"
+                  f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+                  "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: relay.v1\r\n"
+                  "Authorization: Bearer k\r\n\r\n").encode())
+    buf, got, head = b"", [], False
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    try:
+        while loop.time() < deadline and "snap" not in got:
+            await asyncio.sleep(0.05)
+            try:
+                chunk = sock.recv(rate // 20)
+            except BlockingIOError:
+                continue
+            except ConnectionResetError:
+                got.append("reset")
+                break
+            if not chunk:
+                got.append("eof")
+                break
+            buf += chunk
+            if not head:
+                if b"\r\n\r\n" not in buf:
+                    continue
+                buf, head = buf.split(b"\r\n\r\n", 1)[1], True
+            frames, buf = server_frames(buf)
+            for opcode, payload in frames:
+                if opcode == 0x9:
+                    sock.send(Frame(Opcode.PONG, payload).serialize(mask=True, extensions=[]))
+                elif opcode == OP_BINARY:
+                    got.append(protocol.unpack(payload)["t"])
+                elif opcode == OP_CLOSE:
+                    got.append(("close", int.from_bytes(payload[:2], "big")))
+    finally:
+        sock.close()
+    return got
+
+
+async def _big_env(admin: Admin, flags: int) -> None:
+    await admin.put_env("prod", ["k"])
+    for start in range(0, flags, 300):
+        await admin.publish("prod", {f"f{i}": "x" * 1000 for i in range(start, start + 300)})
+
+
+async def test_a_slow_client_gets_a_big_snapshot_while_changes_come(
+    make_node: NodeFactory,
+) -> None:
+    """A snapshot bigger than --max-session-buffer, read slowly while changes come: the
+    session was evicted within a second (the buffer limit counted the shared snapshot not yet
+    handed over, which costs the session nothing) and reconnected for the same, forever."""
+    node = await make_node(max_session_buffer=256 << 10, ping_interval=60, ping_timeout=60,
+                           close_timeout=0.5)
+    admin = Admin(node.admin_url)
+    try:
+        await _big_env(admin, 600)  # ~600 KB
+
+        async def publish() -> None:
+            n = 0
+            while True:
+                n += 1
+                await admin.publish("prod", {"tick": n})
+                await asyncio.sleep(0.3)
+
+        publisher = asyncio.create_task(publish())
+        try:
+            got = await _read_at(node.port, 200_000, 20)
+        finally:
+            publisher.cancel()
+        assert "snap" in got, got
+        _, metrics = await admin.call("GET", "/metrics", token="")
+        assert "relay_evictions_total{" not in metrics
+    finally:
+        await admin.close()
+
+
+async def test_a_slow_client_downloading_a_big_snapshot_is_not_closed_by_the_keepalive(
+    make_node: NodeFactory,
+) -> None:
+    """Its pings wait behind the snapshot, and nothing is read from a paused session: a
+    client reading all along was closed 1011 after --ping-timeout. A socket that takes bytes
+    is a live client."""
+    node = await make_node(ping_interval=1.0, ping_timeout=1.0, close_timeout=0.5)
+    admin = Admin(node.admin_url)
+    try:
+        await _big_env(admin, 600)
+        got = await _read_at(node.port, 150_000, 20)
+        assert "snap" in got, got
+    finally:
+        await admin.close()
+
+
 CLIENT = """
 import asyncio, json, sys
 from relay.client import RelayClient

@@ -17,8 +17,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -647,3 +649,59 @@ def test_a_certificate_file_that_holds_the_key_first_is_served(tmp_path: Path) -
     tls = Tls(str(combined), str(key))
     assert tls.fingerprint == fingerprint(issued.cert_chain_pems[0].bytes())
     assert tls.fingerprint.count(":") == 31
+
+
+async def test_a_burst_of_tls_handshakes_is_done_a_few_per_tick(
+    tmp_path: Path, pki: Pki, make_node: Any
+) -> None:
+    """A handshake costs a signature; 200 from one address in one burst held the loop for
+    50-65 ms. The server does TLS_HANDSHAKES_PER_TICK per event-loop tick; the others wait
+    their turn (reading paused), and all complete."""
+    from relay import sdk_server
+
+    cert, key = pki.issue("node")
+    node = await make_node(tls_cert=str(cert), tls_key=str(key))
+    loop = asyncio.get_running_loop()
+    ticks = 0
+    ticking = True
+
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
+        if ticking:
+            loop.call_soon(tick)
+
+    steps: list[int] = []  # the tick of each handshake step
+    receive = sdk_server.TlsStream.receive
+
+    def counted(self: TlsStream, data: bytes) -> bytes:
+        if not self.handshaken:
+            steps.append(ticks)
+        return receive(self, data)
+
+    sdk_server.TlsStream.receive = counted  # type: ignore[method-assign]
+    try:
+        tick()
+        context = pki.client()
+        # 40 ClientHellos made beforehand and sent at once, as another host would.
+        clients = []
+        for _ in range(40):
+            incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+            tls = context.wrap_bio(incoming, outgoing, server_hostname="127.0.0.1")
+            with contextlib.suppress(ssl.SSLWantReadError):
+                tls.do_handshake()
+            sock = socket.create_connection(("127.0.0.1", node.port))
+            clients.append((sock, outgoing.read()))
+        await asyncio.sleep(0.2)  # all accepted
+        for sock, hello in clients:
+            sock.sendall(hello)
+        for sock, _ in clients:  # each gets its ServerHello
+            sock.setblocking(False)
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+            assert data[:1] == b"\x16"  # a handshake record
+            sock.close()
+    finally:
+        ticking = False
+        sdk_server.TlsStream.receive = receive  # type: ignore[method-assign]
+    per_tick = Counter(steps)
+    assert max(per_tick.values()) <= sdk_server.TLS_HANDSHAKES_PER_TICK, per_tick
