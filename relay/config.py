@@ -169,6 +169,15 @@ class Config:
         "file descriptors kept from SDK connections for the admin port, the store and peers, "
         "so health checks answer when the public port is full",
     )
+    max_request_head: int = _opt(
+        16 << 10,
+        "bytes an SDK connection's upgrade request (request line and headers) may take; a "
+        "longer one is dropped",
+    )
+    max_client_message: int = _opt(
+        4096,
+        "bytes a client's message (its auth frame) may take; a bigger one is closed with 1009",
+    )
     client_control_rate: float = _opt(
         2.0,
         "pings and pongs per second a client may send after auth, sustained; more get goaway "
@@ -294,7 +303,8 @@ def check(config: Config) -> None:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
     for name in ("history", "history_bytes", "log_retention", "max_connections",
                  "max_session_buffer", "write_high_water", "max_pending", "ip_connect_burst",
-                 "ip_auth_failure_burst", "client_control_burst"):
+                 "ip_auth_failure_burst", "client_control_burst", "max_request_head",
+                 "max_client_message"):
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1")
     if config.store != "sqlite" and not config.store.startswith(REDIS_SCHEMES):

@@ -22,7 +22,7 @@ each phase has a budget (docs/security.md):
 - the request head is collected in linear time within a size cap and a deadline;
 - what a client sends is parsed at most READ_BUDGET bytes per connection per event-loop tick
   (reading pauses meanwhile), so no connection can hold the loop;
-- before auth: one auth message of at most MAX_CLIENT_MESSAGE bytes in at most AUTH_FRAGMENTS
+- before auth: one auth message of at most --max-client-message bytes in at most AUTH_FRAGMENTS
   frames, and at most CONTROL_BEFORE_AUTH pings/pongs; after auth, only pings/pongs, at
   --client-control-rate; after the server's close, at most CLOSING_BUDGET bytes.
 """
@@ -66,8 +66,7 @@ log = logging.getLogger("relay.sdk")
 _ws_log = logging.getLogger("relay.sdk.websockets")
 _ws_log.setLevel(logging.WARNING)
 
-MAX_CLIENT_MESSAGE = 4096  # an auth message; larger client messages are closed with 1009
-MAX_REQUEST_HEAD = 16 << 10  # an upgrade request longer than this is dropped
+MAX_CLIENT_MESSAGE = 4096  # --max-client-message's default: the auth message (1009 past it)
 READ_BUDGET = 1024  # bytes of client frames parsed per connection per event-loop tick
 CLOSING_BUDGET = 4096  # bytes a client may send after the server's close frame
 CONTROL_BEFORE_AUTH = 4  # pings and pongs a client may send before its auth
@@ -140,7 +139,7 @@ class SdkConnection(asyncio.Protocol):
         self._since: int | None = None  # the query's `since`, while waiting for auth
         self._close_armed = False  # the close timeout runs (armed once, never pushed back)
         self._closing_bytes = 0  # received after the server's close frame
-        self._head: RequestHead | None = RequestHead(MAX_REQUEST_HEAD)
+        self._head: RequestHead | None = RequestHead(server.config.max_request_head)
         self._proxy_head: bytes | None = None  # a trusted peer's bytes until PROXY is decided
         self._greeting = b""  # the 101, until it goes out with what follows it
         self._inbox = b""  # received, not parsed yet (at most one read)
@@ -590,14 +589,16 @@ class SdkConnection(asyncio.Protocol):
         )
         if upgrade is None:
             self.proto = ServerProtocol(
-                select_subprotocol=_select_subprotocol, max_size=MAX_CLIENT_MESSAGE,
+                select_subprotocol=_select_subprotocol,
+                max_size=self.server.config.max_client_message,
                 logger=_ws_log,
             )
             self.proto.receive_data(head)
             self._process()
             return
         self._cancel_timer()
-        self.proto = ServerProtocol(state=_OPEN, max_size=MAX_CLIENT_MESSAGE, logger=_ws_log)
+        self.proto = ServerProtocol(state=_OPEN, max_size=self.server.config.max_client_message,
+                                    logger=_ws_log)
         # The 101 waits for what _opened sends first (hello and catch-up, or a close): one
         # send() for both.
         self._greeting = upgrade.response
@@ -691,7 +692,7 @@ class SdkConnection(asyncio.Protocol):
             return
         self._fragments.append(bytes(frame.data))
         if not frame.fin:
-            return  # the protocol caps the whole message at MAX_CLIENT_MESSAGE
+            return  # the protocol caps the whole message at --max-client-message
         data = b"".join(self._fragments)
         self._fragments = None
         self._cancel_timer()
