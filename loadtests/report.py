@@ -46,6 +46,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 ROWS: list[tuple[str, str, str]] = [
     ("connections", "connections", ""),
+    ("connections refused", "connections_refused", ""),
     ("deliveries/s", "deliveries_per_s", ""),
     ("latency p50", "latency_ms.p50", " ms"),
     ("latency p99", "latency_ms.p99", " ms"),
@@ -146,7 +147,7 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for _, path, _ in ROWS:
         values = [_get(r, path) for r in runs]
         numbers = [v for v in values if _number(v)]
-        if path in ("missing", "out_of_order", "resyncs"):
+        if path in ("missing", "out_of_order", "resyncs", "connections_refused"):
             out[path] = sum(numbers) if numbers else out.get(path)
         elif numbers:
             _set(out, path, statistics.median(numbers))
@@ -160,14 +161,21 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """A run's parameters, but relay's settings (which get their own line)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items()
+                     if v not in (None, "", 0) and k != "relay")
+
+
 def summary(results: list[dict[str, Any]]) -> str:
     """A one-screen table: one column per target, ratios to the first when comparing."""
     names = [r["target"] for r in results]
-    head = f"{results[0]['scenario']}: " + ", ".join(
-        f"{k}={v}" for k, v in results[0]["params"].items() if v not in (None, "", 0)
-    )
+    head = f"{results[0]['scenario']}: " + params_text(results[0]["params"])
     width = max(14, *(len(n) + 2 for n in names))
-    lines = [head, f"{'':24}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = [head]
+    lines += [f"{r['target']} ran with {r['params']['relay']}" for r in results
+              if r["params"].get("relay")]
+    lines.append(f"{'':24}" + "".join(f"{n:>{width}}" for n in names))
     for label, path, unit in ROWS:
         values = [_get(r, path) for r in results]
         if all(v is None for v in values):

@@ -21,7 +21,7 @@ import aiohttp
 import psutil
 
 from loadtests import report
-from loadtests.targets import Target, make_target
+from loadtests.targets import Target, as_flags, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
 SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster", "drain")
@@ -373,6 +373,31 @@ async def _publish(target: Target, opts: Options, env_names: list[str],
     return acked
 
 
+def _count_refusals(result: dict[str, Any], workers: Workers, opts: Options) -> None:
+    """Connections asked for that the server refused (closed before their snapshot, with a
+    code: 4101 is relay's admission control), dropped before it, or that never opened: counted
+    and said, since the figures then measure fewer connections than asked."""
+    closed: dict[str, int] = {}
+    dropped = never = 0
+    for o in workers.opened:
+        for code, n in o.get("refused", {}).items():
+            closed[code] = closed.get(code, 0) + n
+        dropped += o.get("dropped", 0)
+        never += o.get("never_opened", 0)
+    total = sum(closed.values()) + dropped + never
+    result["connections_refused"] = total
+    result["refusals"] = {"closed_before_snapshot": closed, "dropped_before_snapshot": dropped,
+                          "never_opened": never}
+    if total:
+        parts = [f"{n:,} closed with {code}" for code, n in sorted(closed.items())]
+        parts += [f"{dropped:,} dropped"] if dropped else []
+        parts += [f"{never:,} never opened"] if never else []
+        result["notes"].append(
+            f"{opts.target}: {total:,} of {opts.connections + opts.stalled:,} connections did "
+            f"not open ({', '.join(parts)}); the figures are for the {result['connections']:,} "
+            "that did")
+
+
 def _system_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
     """The kernel's share of the server's CPU time between two samples."""
     user, system = after[0] - before[0], after[1] - before[1]
@@ -533,6 +558,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     target = make_target(opts.target, workdir, server_cpus,
                          workers=(opts.server_workers if opts.target == "nchan" else
                                   opts.nodes if opts.target.startswith("cluster") else 1),
+                         defaults=opts.scenario == "hostile",
                          **({"url": opts.url, "admin_url": opts.admin_url,
                              "admin_token": opts.admin_token, "pid": opts.server_pid}
                             if opts.url else {}))
@@ -540,6 +566,8 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     result: dict[str, Any] = {"scenario": opts.scenario, "target": opts.target,
                               "params": opts.params(), "notes": list(opts.notes)}
     await target.start()
+    if target.settings:
+        result["params"]["relay"] = as_flags(target.settings)
     workers: Workers | None = None
     sampler: Sampler | None = None
     try:
@@ -571,6 +599,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                 connect_errors[k] = connect_errors.get(k, 0) + v
         result["connections"] = connected
         result["connect_errors"] = connect_errors
+        _count_refusals(result, workers, opts)
         server: dict[str, Any] = {"pids": target.pids(),
                                   "rss_mb_before": round(rss_before / 2**20, 1),
                                   "open_connections_after_connect": sampler.open_connections()}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.report import _get, cpu_by_process
+from loadtests.report import _get, cpu_by_process, params_text
 
 # (label, path in a result, digits after the point)
 ROWS: list[tuple[str, str, int]] = [
@@ -38,6 +38,7 @@ ROWS: list[tuple[str, str, int]] = [
     ("drain: other nodes' p50 ms during", "drain.other_nodes_latency_ms.p50", 1),
     ("drain: other nodes' p99 ms during", "drain.other_nodes_latency_ms.p99", 1),
     ("drain: changes lost", "drain.lost", 0),
+    ("connections refused or not opened", "connections_refused", 0),
     ("missing", "missing", 0),
     ("out of order", "out_of_order", 0),
     ("stalled ended by server", "stalled.ended_by_server", 0),
@@ -67,10 +68,12 @@ def table(path: Path) -> str:
     data = json.loads(path.read_text())
     results: list[dict[str, Any]] = data.get("compare", [data])
     lines = [f"### {path.stem}", ""]
-    params = ", ".join(f"{k}={v}" for k, v in results[0]["params"].items() if v)
+    params = params_text(results[0]["params"])
     runs = results[0].get("repeat", {}).get("runs", 1)
     lines.append(f"`{results[0]['scenario']}`: {params}" + (f"; median of {runs} runs" if runs > 1
                                                            else "") + ".")
+    lines += [f"\n{r['target']} ran with `{r['params']['relay']}`." for r in results
+              if r["params"].get("relay")]
     lines += ["", "| | " + " | ".join(r["target"] for r in results) + " |",
               "|---|" + "---|" * len(results)]
     for label, key, digits in ROWS:

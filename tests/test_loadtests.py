@@ -52,6 +52,50 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         relay.stop()
 
 
+def test_the_relay_the_harness_starts_has_its_per_address_limits_off(tmp_path: Path) -> None:
+    """The generator's connections come from one address per process, 2,000/s: relay's
+    per-address defaults would refuse all but ~200 of these 300. The harness turns them off
+    for the throughput scenarios, and says so."""
+    out = tmp_path / "r.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "fanout", "--connections", "300", "--envs", "3",
+         "--rate", "30", "--duration", "1", "--out", str(out), "--no-progress",
+         "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["connections"] == 300 and data["connections_refused"] == 0
+    assert data["missing"] == 0 and data["deliveries"] == 300 * 10
+    flags = data["params"]["relay"]
+    for flag in ("--max-sessions-per-ip 0", "--max-pending-per-ip 0", "--ip-connect-rate 0"):
+        assert flag in flags
+    assert f"relay ran with {flags}" in result.stdout
+
+
+def test_connections_the_server_refuses_are_counted_not_measured(tmp_path: Path) -> None:
+    """Against a relay whose per-address limits refuse most of the generator (10 at once, then
+    one every 10 s): those closed with 4101 and those dropped before the upgrade's answer are
+    counted and said; the figures are for the 10 that opened (nothing counted missing for
+    the others, and no 30 s wait for their snapshots)."""
+    relay = start_relay(tmp_path / "data", "--ip-connect-rate", "0.1",
+                        "--ip-connect-burst", "10")
+    try:
+        result, data = _loadtest(relay, tmp_path, "fanout", "--connections", "40", "--envs",
+                                 "2", "--rate", "20", "--duration", "1")
+        assert data["connections"] == 10 and data["connections_refused"] == 30
+        refusals = data["refusals"]
+        assert refusals["closed_before_snapshot"]["4101"] >= 10  # told to come back later
+        assert refusals["never_opened"] >= 1  # past minus the burst: dropped at accept
+        assert (sum(refusals["closed_before_snapshot"].values()) + refusals["never_opened"]
+                + refusals["dropped_before_snapshot"]) == 30
+        assert data["missing"] == 0 and data["deliveries"] == 10 * 10
+        assert "30 of 40 connections did not open" in result.stdout
+        assert "the figures are for the 10 that did" in result.stdout
+    finally:
+        relay.stop()
+
+
 def test_tiny_slow_consumers_run_evicts_the_stalled_and_loses_nothing(tmp_path: Path) -> None:
     relay = start_relay(tmp_path / "data", "--slow-consumer-timeout", "0.5",
                         "--write-high-water", "4096", "--write-low-water", "1024",
@@ -115,6 +159,10 @@ def test_an_unreachable_target_gets_a_message_not_a_traceback(tmp_path: Path) ->
 
 def test_tables_turn_results_into_the_markdown_of_docs_benchmarks(tmp_path: Path) -> None:
     runs = [_run(30.0, 900), _run(10.0, 1000), _run(20.0, 800)]
+    for run in runs:
+        run["params"]["relay"] = "--max-sessions-per-ip 0"
+        run["connections_refused"] = 0
+    runs[1]["connections_refused"] = 2
     other = {**_run(5.0, 950), "target": "nchan"}
     (tmp_path / "fanout-x.json").write_text(
         json.dumps({"compare": [report.median_result(runs), other]}))
@@ -122,6 +170,9 @@ def test_tables_turn_results_into_the_markdown_of_docs_benchmarks(tmp_path: Path
     assert "| | relay | nchan |" in text
     assert "| p99 ms | 20.0 | 5.0 |" in text and "| deliveries/s | 900 | 950 |" in text
     assert "median of 3 runs" in text and "p99 10.0-30.0" in text
+    assert "relay ran with `--max-sessions-per-ip 0`." in text
+    assert "`fanout`: connections=10; median" in text  # relay's settings: their own line
+    assert "| connections refused or not opened | 2 | - |" in text  # summed over the runs
     assert tables.main([str(tmp_path / "missing")]) == 2
 
 
