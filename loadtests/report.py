@@ -113,6 +113,7 @@ def _get(result: dict[str, Any], path: str) -> Any:
 # What orders repeated runs of a scenario: the median run's timeline goes in the plot.
 MAIN_FIGURE = {
     "fanout": "latency_ms.p99",
+    "hostile": "latency_ms.p99",
     "slow-consumers": "latency_ms.p99",
     "cluster": "latency_ms.p99",
     "drain": "drain.reconnects_per_s.peak",
@@ -206,6 +207,104 @@ def summary(results: list[dict[str, Any]]) -> str:
         lines += [f"{r['target']} {label}: {text}" for label, text in cpu_by_process(r)]
     notes = [n for r in results for n in r.get("notes", [])]
     lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+# The hostile scenario's acceptance: the well-behaved fleet's p99 (ms) while an attack runs,
+# and nothing it was sent lost.
+HOSTILE_P99_MS = 100.0
+HOSTILE_COLUMNS = ["attack", "good p50 ms", "good p99 ms", "good p99.9 ms", "good max ms",
+                   "missing", "relay CPU", "relay RSS MB", "relay refused", "attacker tries",
+                   "attacker sessions", "closed 4101", "dropped", f"p99 < {HOSTILE_P99_MS:.0f} ms, "
+                   "none lost"]
+
+
+def _count(values: dict[str, int] | None) -> int:
+    return sum((values or {}).values())
+
+
+def _labels(values: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted((values or {}).items(), key=lambda kv:
+                                                        -kv[1])) or "none"
+
+
+def hostile_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The hostile scenario's table (one row per attack: the fleet's latency and losses,
+    relay's CPU share, RSS peak and refusals, the attacker's tallies, the verdict) and one
+    line per attack with the details."""
+    rows: list[list[str]] = []
+    details: list[str] = []
+    for r in result["attacks"]:
+        name = r["attack"]
+        if "error" in r:
+            rows.append([name, *["-"] * (len(HOSTILE_COLUMNS) - 2), "did not run"])
+            details.append(f"{name}: did not run: {r['error']}")
+            continue
+        lat = r.get("latency_ms") or {}
+        counters = r.get("relay_counters") or {}
+        attacker = r.get("attacker") or {}
+        lost = (r.get("missing") or 0) + (r.get("out_of_order") or 0)
+        refused = r.get("connections_refused") or 0
+        ok = (lat.get("p99") is not None and lat["p99"] < HOSTILE_P99_MS and lost == 0
+              and not refused and not r["server"].get("exited"))
+        cpu = r["server"].get("cpu_share")
+        rows.append([
+            name, _fmt(lat.get("p50")), _fmt(lat.get("p99")), _fmt(lat.get("p999")),
+            _fmt(lat.get("max")), _fmt(r.get("missing")),
+            "-" if cpu is None else f"{cpu:.0%}", _fmt(r["server"].get("rss_mb_peak")),
+            _fmt(_count(counters.get("refused"))) if counters else "-",
+            _fmt(attacker.get("attempts")), _fmt(attacker.get("sessions")),
+            _fmt((attacker.get("closes") or {}).get("4101", 0) if attacker else None),
+            _fmt(attacker.get("dropped")), "yes" if ok else "NO",
+        ])
+        parts = []
+        if attacker and "error" not in attacker:
+            seconds = attacker.get("seconds") or 1.0
+            parts.append(
+                f"attacker {attacker['attempts']:,} connection attempts "
+                f"({attacker['attempts'] / seconds:,.0f}/s), {attacker['upgraded']:,} upgraded, "
+                f"{attacker['sessions']:,} sessions, closes: {_labels(attacker['closes'])}, "
+                f"dropped {attacker['dropped']:,}, {attacker['bytes_sent'] / 2**20:,.1f} MB "
+                f"sent, at most {attacker['open_peak']:,} open, busy "
+                f"{attacker.get('cpu_share', 0):.0%} of its core")
+            if attacker.get("never_read", {}).get("held"):
+                never = attacker["never_read"]
+                parts.append(f"never-read sessions held {never['held']:,}, ended by relay "
+                             f"{never['ended_by_server']:,}")
+        if counters:
+            inside = counters.get("commit_to_write_ms") or {}
+            if inside.get("p99") is not None:
+                parts.append(f"inside relay (commit to socket write) p99 under "
+                             f"{_fmt(inside['p99'], ' ms')}")
+            parts.append(f"relay refused: {_labels(counters['refused'])}; closes: "
+                         f"{_labels(counters['closes'])}; evictions: "
+                         f"{_labels(counters['evictions'])}; auth failures: "
+                         f"{_labels(counters['auth_failures'])}")
+        if r.get("closed_by_server"):
+            parts.append(f"the fleet was closed: {_labels(r['closed_by_server'])}")
+        if refused:
+            parts.append(f"{refused:,} of the fleet's connections did not open")
+        if r.get("relay_log", {}).get("count"):
+            parts.append(f"relay logged {r['relay_log']['count']} errors")
+        details.append(f"{name}: " + "; ".join(parts))
+    return rows, details
+
+
+def hostile_summary(result: dict[str, Any]) -> str:
+    """The hostile scenario's table, its details and notes, for the terminal."""
+    params = result["params"]
+    lines = [f"hostile: {params_text(params)}",
+             f"relay ran with {params['relay']}" if params.get("relay")
+             else "relay ran with its default limits"]
+    rows, details = hostile_rows(result)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in
+              enumerate(HOSTILE_COLUMNS)]
+    for row in [HOSTILE_COLUMNS, *rows]:
+        lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+    lines.append("")
+    lines += details
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 

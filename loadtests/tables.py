@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.report import _get, cpu_by_process, params_text
+from loadtests.report import HOSTILE_COLUMNS, _get, cpu_by_process, hostile_rows, params_text
 
 # (label, path in a result, digits after the point)
 ROWS: list[tuple[str, str, int]] = [
@@ -64,8 +64,23 @@ def _cell(value: Any, digits: int) -> str:
     return str(value)
 
 
+def hostile_table(path: Path, data: dict[str, Any]) -> str:
+    """The hostile scenario: one row per attack, then each attack's details."""
+    params = data["params"]
+    settings = f"`{params['relay']}`" if params.get("relay") else "its default limits"
+    lines = [f"### {path.stem}", "", f"`hostile`: {params_text(params)}; relay ran with "
+             f"{settings}.", "", "| " + " | ".join(HOSTILE_COLUMNS) + " |",
+             "|---|" + "---|" * (len(HOSTILE_COLUMNS) - 1)]
+    rows, details = hostile_rows(data)
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {line}" for line in details]
+    return "\n".join(lines) + "\n"
+
+
 def table(path: Path) -> str:
     data = json.loads(path.read_text())
+    if data.get("scenario") == "hostile":
+        return hostile_table(path, data)
     results: list[dict[str, Any]] = data.get("compare", [data])
     lines = [f"### {path.stem}", ""]
     params = params_text(results[0]["params"])

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from loadtests import report, tables
 from tests.helpers import RelayProcess, start_relay
@@ -220,3 +223,131 @@ def test_tiny_drain_run_moves_a_nodes_connections_through_haproxy(tmp_path: Path
     assert "drain: reconnects/s peak" in result.stdout
     assert set(data["server"]["cpu_s_by_process"]) == {"n0", "n1", "n2", "redis", "haproxy0",
                                                        "haproxy1"}
+
+
+def test_tiny_hostile_run_measures_the_fleet_beside_each_attack(tmp_path: Path) -> None:
+    """Two attacks, each on a fresh relay with its default limits: the fleet (250 connections
+    from one process, spread over 3 source addresses so that relay's per-address defaults
+    admit them all) is measured as fanout is, and the attacker's and relay's tallies are
+    reported, in the terminal table, the JSON and the Markdown table."""
+    out = tmp_path / "hostile.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "hostile", "--connections", "250", "--envs", "5",
+         "--processes", "1", "--duration", "2", "--attack", "wrong-keys,silent",
+         "--out", str(out), "--no-progress", "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    data = json.loads(out.read_text())
+    assert data["scenario"] == "hostile" and data["params"]["addresses"] == 3
+    assert data["params"]["attacks"] == "wrong-keys,silent" and "relay" not in data["params"]
+    assert [r["attack"] for r in data["attacks"]] == ["wrong-keys", "silent"]
+    for run in data["attacks"]:
+        # 2 s at 20 changes/s over 5 environments of 50 connections: 2,000 deliveries.
+        assert run["connections"] == 250 and run["connections_refused"] == 0
+        assert run["deliveries"] == 2000 and run["latency_ms"]["count"] == 2000
+        assert run["missing"] == 0 and run["out_of_order"] == 0
+        assert run["server"]["cpu_share"] > 0 and run["server"]["exited"] == []
+        assert run["relay_log"]["count"] == 0
+        attacker = run["attacker"]
+        assert attacker["attack"] == run["attack"] and attacker["attempts"] > 0
+        assert run["relay_counters"]["commit_to_write_ms"]["p99"] is not None
+    keys, silent = (r["attacker"] for r in data["attacks"])
+    counters = [r["relay_counters"] for r in data["attacks"]]
+    assert keys["closes"].get("4001", 0) >= 1  # unknown keys, then refusals
+    assert counters[0]["auth_failures"]["unknown_key"] >= 1
+    assert silent["open_peak"] > 64 and silent["dropped"] > 0  # past the pending cap
+    assert counters[1]["refused"]["ip_pending"] > 0
+    assert "good p99 ms" in result.stdout and "relay ran with its default limits" in result.stdout
+    assert "silent: attacker" in result.stdout
+    text = tables.table(out)
+    assert "| attack | good p50 ms |" in text and "\n| wrong-keys | " in text
+    assert "- silent: attacker" in text
+    assert (tmp_path / "hostile.png").stat().st_size > 1000
+
+
+def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
+    """Each mode of loadtests/attacker.py for 2 s, all at once from their own addresses
+    against a relay with its defaults: each does what it says, and what relay answers shows
+    in its tallies."""
+    from loadtests.attacker import ATTACKS
+    from tests.helpers import Admin
+
+    relay = start_relay(tmp_path / "data", "--admin-token", "t")
+    try:
+        async def setup() -> None:
+            admin = Admin(relay.admin_url, "t")
+            try:
+                await admin.put_env("fleet", ["k"])
+                await admin.put_env("big", ["big"])
+                await admin.publish("big", {f"f{i}": "x" * 2000 for i in range(256)})
+            finally:
+                await admin.close()
+
+        asyncio.run(setup())
+        port = int(relay.ws_url.rsplit(":", 1)[1].split("/")[0])
+        procs = {}
+        for i, attack in enumerate(ATTACKS):
+            spec = tmp_path / f"{attack}.json"
+            spec.write_text(json.dumps({
+                "attack": attack, "host": "127.0.0.1", "port": port, "key": "k",
+                "big_key": "big", "source_ip": f"127.0.0.{201 + i}", "seconds": 2.0}))
+            procs[attack] = subprocess.Popen(
+                [sys.executable, "-m", "loadtests.attacker", str(spec)],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        got: dict[str, dict[str, Any]] = {}
+        for attack, proc in procs.items():
+            stdout, stderr = proc.communicate(timeout=60)
+            assert proc.returncode == 0, stderr
+            lines = [json.loads(line) for line in stdout.splitlines()]
+            assert [line["type"] for line in lines] == ["started", "final"]
+            got[attack] = lines[1]
+        assert got["ping-flood"]["closes"].get("4101", 0) >= 1  # pings too often
+        assert got["ping-flood"]["sessions"] >= 1
+        assert got["preauth-ping-flood"]["closes"].get("4101", 0) >= 1  # before auth
+        assert got["fragment-flood"]["closes"].get("4002", 0) >= 1  # too many fragments
+        assert got["frame-flood"]["closes"].get("4002", 0) >= 1  # data after auth
+        assert got["keyless-upgrades"]["upgraded"] >= 1
+        assert got["keyless-upgrades"]["open_peak"] > 64  # past the pending cap: dropped
+        assert got["keyless-upgrades"]["dropped"] >= 1
+        assert got["connect-flood"]["sessions"] >= 1 and got["connect-flood"]["attempts"] > 200
+        assert got["slow-head"]["bytes_sent"] > 0 and got["slow-head"]["upgraded"] == 0
+        assert got["wrong-keys"]["closes"].get("4001", 0) >= 1
+        assert got["never-read"]["never_read"]["held"] >= 1
+        assert got["reset-storm"]["sessions"] >= 1 and got["reset-storm"]["attempts"] > 1
+        assert got["silent"]["open_peak"] > 64 and got["silent"]["bytes_sent"] == 0
+        assert got["all-from-one-address"]["attempts"] > 0
+        assert got["cpu-hog"]["attempts"] == 0 and got["cpu-hog"]["cpu_s"] > 0.5
+        assert all(r["seconds"] < 10 for r in got.values())  # each stopped by itself
+    finally:
+        relay.stop()
+
+
+def test_the_attacker_stays_on_loopback_and_bounded() -> None:
+    from loadtests.attacker import Spec, check
+
+    def spec(**kw: Any) -> Spec:
+        values: dict[str, Any] = {"attack": "silent", "host": "127.0.0.1", "port": 1,
+                                  "key": "k", "big_key": "b", "source_ip": "127.0.0.200",
+                                  "seconds": 1.0}
+        return Spec(**{**values, **kw})
+
+    check(spec())
+    for bad in ({"host": "10.0.0.1"}, {"source_ip": "192.168.1.5"}, {"attack": "nuke"},
+                {"seconds": 0}, {"seconds": 7200}):
+        with pytest.raises(ValueError):
+            check(spec(**bad))
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--url", "ws://127.0.0.1:9/v1/stream"], "hostile starts a fresh relay"),
+    (["--attack", "ping-flood,nuke"], "--attack is all, none or some of"),
+    (["--attacker-ip", "127.0.0.3"], "--attacker-ip must be a loopback address outside"),
+    (["--attacker-ip", "10.1.1.1"], "--attacker-ip must be a loopback address outside"),
+    (["--addresses", "500"], "--addresses and --processes go up to 190"),
+])
+def test_bad_hostile_options_get_a_message(args: list[str], message: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "loadtests", "hostile", *args],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
