@@ -85,6 +85,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("connections/s", "connections_per_s", ""),
     ("server CPU", "server.cpu_s", " s"),
     ("server CPU in kernel", "server.cpu_system_share", ""),
+    ("others on server's core", "server.others_cpu_share", ""),
     ("server CPU/delivery", "server.cpu_us_per_delivery", " us"),
     ("server CPU/handshake", "server.cpu_us_per_handshake", " us"),
     ("server RSS before", "server.rss_mb_before", " MB"),
@@ -122,7 +123,8 @@ MAIN_FIGURE = {
     "idle": "server.rss_kb_per_connection",
 }
 SPREAD = ("deliveries_per_s", "latency_ms.p50", "latency_ms.p99", "server.cpu_us_per_delivery",
-          "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection")
+          "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection",
+          "server.others_cpu_share")
 
 
 def _set(result: dict[str, Any], path: str, value: Any) -> None:
@@ -282,6 +284,9 @@ def hostile_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
                          f"{_labels(counters['auth_failures'])}")
         if r.get("closed_by_server"):
             parts.append(f"the fleet was closed: {_labels(r['closed_by_server'])}")
+        if r["server"].get("others_cpu_share") is not None:
+            parts.append(f"other processes took {r['server']['others_cpu_share']:.0%} of "
+                         "relay's core")
         if refused:
             parts.append(f"{refused:,} of the fleet's connections did not open")
         if r.get("relay_log", {}).get("count"):

@@ -177,6 +177,15 @@ class Sampler:
             pass
         return 0
 
+    @staticmethod
+    def cpus_busy(cpus: set[int] | None) -> float:
+        """CPU seconds the machine spent busy (not idle, not waiting for I/O) on `cpus`, all
+        processes together: less the server's own, it is what other processes took from the
+        server's core (a shared machine's noise)."""
+        times = psutil.cpu_times(percpu=True)
+        chosen = [times[i] for i in sorted(cpus)] if cpus else times
+        return float(sum(sum(t) - t.idle - getattr(t, "iowait", 0.0) for t in chosen))
+
     def open_connections(self) -> int:
         fds = self.server_fds()
         self.fds_peak = max(self.fds_peak, fds)
@@ -437,6 +446,19 @@ async def _publish(target: Target, opts: Options, env_names: list[str],
         tasks.append(asyncio.create_task(one(env_names[i % len(env_names)])))
     await asyncio.gather(*tasks)
     return acked
+
+
+def _others(result: dict[str, Any], seconds: float, window: float,
+            cpus: set[int] | None) -> None:
+    """What other processes took of the server's cores over the measured window (the share
+    of those cores), and a note when it is enough to move the figures."""
+    count = len(cpus) if cpus else (os.cpu_count() or 1)
+    share = round(max(0.0, seconds) / max(window, 1e-9) / count, 2)
+    result["server"]["others_cpu_share"] = share
+    if share >= 0.1:
+        result["notes"].append(
+            f"{result['target']}: other processes used {share:.0%} of the server's "
+            f"core{'s' if count > 1 else ''} during the run: its figures are noisier")
 
 
 def _count_refusals(result: dict[str, Any], workers: Workers, opts: Options) -> None:
@@ -757,6 +779,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         rss_before = sampler.server_rss()
         storm = opts.scenario == "connect-storm"
         cpu0, t0 = sampler.server_cpu(), time.monotonic()
+        busy0 = sampler.cpus_busy(server_cpus)
         split0 = sampler.server_cpu_split()
         wall0 = time.time()
         await workers.start(0.0 if storm else opts.connect_rate, 1000 if storm else 200)
@@ -789,6 +812,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             server["cpu_s"] = round(cpu, 3)
             server["cpu_system_share"] = _system_share(split0, sampler.server_cpu_split())
             server["cpu_us_per_handshake"] = round(cpu * 1e6 / max(1, connected), 1)
+            _others(result, sampler.cpus_busy(server_cpus) - busy0 - cpu, open_s, server_cpus)
         if opts.scenario == "hostile":
             result["attack"] = opts.attack
         if opts.scenario == "hostile" and opts.attack != "none":
@@ -805,6 +829,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         window_start = time.monotonic()
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
+        busy1 = sampler.cpus_busy(server_cpus)
         split1 = sampler.server_cpu_split()
         per_process1 = sampler.server_cpu_by_pid()
         if opts.scenario in (*STEADY, "burst"):
@@ -830,6 +855,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         if opts.scenario in (*STEADY, "burst") and last > publish_wall:
             window = last - publish_wall  # from the first publish to the last delivery
         cpu = sampler.server_cpu() - cpu1
+        others = sampler.cpus_busy(server_cpus) - busy1 - cpu
         elapsed = time.monotonic() - window_start
         gen_cpu = sampler.generator_cpu() - gen1
         if storm:  # what matters there is the storm itself
@@ -855,6 +881,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                     names.get(pid, str(pid)): round(t - per_process1.get(pid, 0.0), 3)
                     for pid, t in sampler.server_cpu_by_pid().items()}
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
+            _others(result, others, elapsed, server_cpus)
             result["deliveries"] = deliveries
             result["deliveries_per_s"] = round(deliveries / window)
             result["window_s"] = round(window, 2)

@@ -47,6 +47,7 @@ ROWS: list[tuple[str, str, int]] = [
     ("server CPU us/delivery", "server.cpu_us_per_delivery", 2),
     ("server CPU us/handshake", "server.cpu_us_per_handshake", 0),
     ("server CPU in kernel", "server.cpu_system_share", 2),
+    ("other processes on the server's core", "server.others_cpu_share", 2),
     ("server RSS MB before", "server.rss_mb_before", 1),
     ("server RSS MB after", "server.rss_mb_after", 1),
     ("server RSS MB after, without stalled", "without_stalled.server.rss_mb_after", 1),

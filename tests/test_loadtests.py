@@ -47,6 +47,9 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         assert data["latency_ms"]["count"] == 1000
         assert 0 < data["latency_ms"]["p50"] <= data["latency_ms"]["p99"]
         assert data["server"]["cpu_s"] > 0 and data["server"]["rss_mb_after"] > 0
+        # what other processes took of the server's core meanwhile (a shared machine)
+        assert 0 <= data["server"]["others_cpu_share"] <= 1
+        assert "others on server's core" in result.stdout
         # the server's open sockets, counted off its file descriptors
         assert data["server"]["open_connections_after_connect"] >= 50
         assert (tmp_path / "result.png").stat().st_size > 1000
@@ -249,6 +252,7 @@ def test_tiny_hostile_run_measures_the_fleet_beside_each_attack(tmp_path: Path) 
         assert run["missing"] == 0 and run["out_of_order"] == 0
         assert run["server"]["cpu_share"] > 0 and run["server"]["exited"] == []
         assert run["relay_log"]["count"] == 0
+        assert 0 <= run["server"]["others_cpu_share"] <= 1
         attacker = run["attacker"]
         assert attacker["attack"] == run["attack"] and attacker["attempts"] > 0
         assert run["relay_counters"]["commit_to_write_ms"]["p99"] is not None
