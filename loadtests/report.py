@@ -216,9 +216,13 @@ def summary(results: list[dict[str, Any]]) -> str:
 # and nothing it was sent lost.
 HOSTILE_P99_MS = 100.0
 HOSTILE_COLUMNS = ["attack", "good p50 ms", "good p99 ms", "good p99.9 ms", "good max ms",
-                   "missing", "relay CPU", "relay RSS MB", "relay refused", "attacker tries",
-                   "attacker sessions", "closed 4101", "dropped", f"p99 < {HOSTILE_P99_MS:.0f} ms, "
-                   "none lost"]
+                   "missing", "relay CPU", "relay RSS peak MB", "refused by relay",
+                   "attacker connects", "attacker sessions", "attacker got 4101",
+                   "attacker dropped", f"p99 < {HOSTILE_P99_MS:.0f} ms, none lost"]
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:,.1f}"
 
 
 def _count(values: dict[str, int] | None) -> int:
@@ -251,8 +255,8 @@ def hostile_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
               and not refused and not r["server"].get("exited"))
         cpu = r["server"].get("cpu_share")
         rows.append([
-            name, _fmt(lat.get("p50")), _fmt(lat.get("p99")), _fmt(lat.get("p999")),
-            _fmt(lat.get("max")), _fmt(r.get("missing")),
+            name, _ms(lat.get("p50")), _ms(lat.get("p99")), _ms(lat.get("p999")),
+            _ms(lat.get("max")), _fmt(r.get("missing")),
             "-" if cpu is None else f"{cpu:.0%}", _fmt(r["server"].get("rss_mb_peak")),
             _fmt(_count(counters.get("refused"))) if counters else "-",
             _fmt(attacker.get("attempts")), _fmt(attacker.get("sessions")),
@@ -260,6 +264,10 @@ def hostile_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
             _fmt(attacker.get("dropped")), "yes" if ok else "NO",
         ])
         parts = []
+        if "repeat" in r:
+            low, high = r["repeat"]["spread"].get("latency_ms.p99", [None, None])
+            parts.append(f"median of {r['repeat']['runs']} runs, good p99 {_ms(low)}-{_ms(high)} "
+                         "ms over them")
         if attacker and "error" not in attacker:
             seconds = attacker.get("seconds") or 1.0
             parts.append(

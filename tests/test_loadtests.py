@@ -266,6 +266,7 @@ def test_tiny_hostile_run_measures_the_fleet_beside_each_attack(tmp_path: Path) 
     assert "silent: attacker" in result.stdout
     text = tables.table(out)
     assert "| attack | good p50 ms |" in text and "\n| wrong-keys | " in text
+    assert "| silent | " in text and " | 0 | " in text  # nothing missing
     assert "- silent: attacker" in text
     assert (tmp_path / "hostile.png").stat().st_size > 1000
 
@@ -355,3 +356,35 @@ def test_bad_hostile_options_get_a_message(args: list[str], message: str) -> Non
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and message in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _attack_run(attack: str, p99: float, missing: int = 0) -> dict[str, Any]:
+    return {**_run(p99, 2000, missing), "scenario": "hostile", "attack": attack,
+            "server": {"cpu_share": 0.3, "rss_mb_peak": 60.0, "exited": []},
+            "relay_counters": {"refused": {"ip_connect_rate": 900}, "closes": {"4101": 5},
+                               "evictions": {}, "auth_failures": {},
+                               "commit_to_write_ms": {"p50": 2.5, "p99": 10.0}},
+            "attacker": {"attempts": 1000, "upgraded": 10, "sessions": 5,
+                         "closes": {"4101": 5}, "dropped": 990, "bytes_sent": 1 << 20,
+                         "open_peak": 40, "seconds": 10.0, "cpu_share": 0.9}}
+
+
+def test_the_hostile_table_says_which_attacks_keep_the_fleets_p99_under_100_ms() -> None:
+    result = {"scenario": "hostile", "target": "relay", "params": {"connections": 1000},
+              "notes": [], "attacks": [
+                  report.median_result([_attack_run("silent", 30.0), _attack_run("silent", 50.0),
+                                        _attack_run("silent", 40.0)]),
+                  _attack_run("slow-head", 130.0),  # over the bound
+                  _attack_run("reset-storm", 20.0, missing=1),  # something lost
+                  {"attack": "never-read", "error": "relay did not start within 30s"}]}
+    rows, details = report.hostile_rows(result)
+    verdicts = {row[0]: row[-1] for row in rows}
+    assert verdicts == {"silent": "yes", "slow-head": "NO", "reset-storm": "NO",
+                        "never-read": "did not run"}
+    assert rows[0][2] == "40.0"  # the median p99, one decimal
+    assert "median of 3 runs, good p99 30.0-50.0 ms over them" in details[0]
+    assert "attacker 1,000 connection attempts (100/s)" in details[0]
+    assert "relay refused: ip_connect_rate 900" in details[0]
+    assert details[3] == "never-read: did not run: relay did not start within 30s"
+    text = report.hostile_summary(result)
+    assert "relay ran with its default limits" in text and "reset-storm" in text
