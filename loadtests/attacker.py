@@ -243,10 +243,14 @@ class Raw(asyncio.Protocol):
         return n
 
     def abort(self) -> None:
-        """End it with a reset (SO_LINGER 0 is set on every socket)."""
-        self.ours = self.ours or self.close_code is None
-        if self.transport is not None:
-            self.transport.abort()
+        """End it with a reset (SO_LINGER 0 is set on every socket). Ours only if it was still
+        open: one that a failed write found reset is closing already, and the server's."""
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.is_closing() and self.close_code is None:
+            self.ours = True
+        transport.abort()
 
 
 class Attack:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -388,3 +390,31 @@ def test_the_hostile_table_says_which_attacks_keep_the_fleets_p99_under_100_ms()
     assert details[3] == "never-read: did not run: relay did not start within 30s"
     text = report.hostile_summary(result)
     assert "relay ran with its default limits" in text and "reset-storm" in text
+
+
+async def test_a_connection_the_server_reset_counts_as_dropped_even_if_a_write_found_it() -> None:
+    """The attacker learns of a reset from a failed write as often as from a read: the
+    transport is closing before connection_lost runs. Aborting it then is not the attacker's
+    own close: it counts as dropped by the server."""
+    from loadtests.attacker import Attack, Spec
+
+    async def reset(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    server = await asyncio.start_server(reset, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    attack = Attack(Spec(attack="silent", host="127.0.0.1", port=port, key="k", big_key="b",
+                         source_ip="127.0.0.200", seconds=5.0))
+    conn = await attack.connect()
+    assert conn is not None and conn.transport is not None
+    conn.transport.pause_reading()  # so only a write can find the reset
+    await asyncio.sleep(0.2)  # (the reset has come)
+    conn.send(b"x")  # fails: the transport is closing, connection_lost not yet run ...
+    assert conn.transport.is_closing() and not conn.ended.is_set()
+    conn.abort()  # ... and the lane gives up on it before it runs
+    await conn.ended.wait()
+    assert attack.tally.dropped == 1
+    server.close()
+    await server.wait_closed()
