@@ -42,6 +42,8 @@ ATTACKS: dict[str, str] = {
     "keyless-upgrades": "as many upgrades without credentials as it can hold",
     "connect-flood": "new connections with a valid key, as fast as it can, each reset once "
                      "answered",
+    "tcp-flood": "bare TCP connections reset at once, in tight loops on threads (no request, "
+                 "no asyncio): the cheapest connection there is",
     "slow-head": "upgrade requests sent one byte at a time (padded to 8 KB)",
     "wrong-keys": "upgrades with a new wrong SDK key each, as fast as it can",
     "never-read": "sessions of an environment with a big snapshot that never read it",
@@ -58,7 +60,8 @@ COMBINED: dict[str, int] = {
 # Lanes (concurrent loops) of each mode alone.
 LANES: dict[str, int] = {
     "ping-flood": 40, "preauth-ping-flood": 40, "fragment-flood": 40, "frame-flood": 20,
-    "keyless-upgrades": 500, "connect-flood": 200, "slow-head": 100, "wrong-keys": 50,
+    "keyless-upgrades": 500, "connect-flood": 200, "tcp-flood": 4, "slow-head": 100,
+    "wrong-keys": 50,
     "never-read": 1200, "reset-storm": 50, "silent": 2000,
 }
 CONNECT_TIMEOUT = 3.0
@@ -389,6 +392,36 @@ class Attack:
             self.done_with(conn)
 
         await self.lanes(lanes, body)
+
+    async def tcp_flood(self, lanes: int) -> None:
+        """Blocking connect and reset in `lanes` threads: the kernel completes the handshake,
+        so the server accepts each connection, however fast it comes."""
+        spec = self.spec
+
+        def flood() -> Tally:
+            mine = Tally()  # per thread, added up at the end
+            while time.monotonic() < self.deadline and (
+                    self.tally.attempts + mine.attempts < spec.max_attempts):
+                mine.attempts += 1
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                try:
+                    sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    sock.settimeout(CONNECT_TIMEOUT)
+                    sock.bind((spec.source_ip, 0))
+                    sock.connect((spec.host, spec.port))
+                    mine.connected += 1
+                except OSError as exc:
+                    mine.failed(os.strerror(exc.errno) if exc.errno else type(exc).__name__)
+                finally:
+                    sock.close()  # a reset: SO_LINGER 0
+            return mine
+
+        for mine in await asyncio.gather(*(asyncio.to_thread(flood) for _ in range(lanes))):
+            self.tally.attempts += mine.attempts
+            self.tally.connected += mine.connected
+            for why, n in mine.connect_failed.items():
+                self.tally.connect_failed[why] = self.tally.connect_failed.get(why, 0) + n
 
     async def slow_head(self, lanes: int) -> None:
         async def body() -> None:

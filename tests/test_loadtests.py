@@ -318,6 +318,7 @@ def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
         assert got["keyless-upgrades"]["open_peak"] > 64  # past the pending cap: dropped
         assert got["keyless-upgrades"]["dropped"] >= 1
         assert got["connect-flood"]["sessions"] >= 1 and got["connect-flood"]["attempts"] > 200
+        assert got["tcp-flood"]["connected"] > 200 and got["tcp-flood"]["bytes_sent"] == 0
         assert got["slow-head"]["bytes_sent"] > 0 and got["slow-head"]["upgraded"] == 0
         assert got["wrong-keys"]["closes"].get("4001", 0) >= 1
         assert got["never-read"]["never_read"]["held"] >= 1
