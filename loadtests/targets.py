@@ -304,6 +304,7 @@ class ClusterTarget(RelayProtocolTarget):
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.drained: set[str] = set()  # admin bases of drained nodes: not published through
         self.drained_names: set[str] = set()  # and their names (they exit: that is expected)
+        self.env: dict[str, str] | None = None  # of the processes started (None: this one's)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: dict[int, str] = {}
         self.ws_bases: list[str] = []
@@ -325,7 +326,7 @@ class ClusterTarget(RelayProtocolTarget):
             f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(ports))
         store = f"redis://127.0.0.1:{redis_port}/0"
         # Behind HAProxy (the drain scenario) every connection comes from 127.0.0.1.
-        env, self.settings = relay_environment(limits_off())
+        self.env, self.settings = relay_environment(limits_off())
         await asyncio.sleep(0.3)
         for i, (port, admin) in enumerate(ports):
             data = self.workdir / f"n{i}"
@@ -334,7 +335,7 @@ class ClusterTarget(RelayProtocolTarget):
                 sys.executable, "-m", "relay", "serve", "--port", str(port),
                 "--admin-port", str(admin), "--data-dir", str(data), "--node-id", f"n{i}",
                 "--admin-token", self.token, "--store", store, "--discovery", discovery,
-                "--peer-token", "loadtest-peers", "--log-level", "warning"], env)
+                "--peer-token", "loadtest-peers", "--log-level", "warning"])
             self.ws_bases.append(f"ws://127.0.0.1:{port}")
             self.http_bases.append(f"http://127.0.0.1:{admin}")
             self.node_procs[f"n{i}"] = self.procs[-1]
@@ -365,11 +366,10 @@ class ClusterTarget(RelayProtocolTarget):
                         raise RuntimeError(f"the cluster's ring did not form: {ring}")
                     await asyncio.sleep(0.2)
 
-    def _spawn_named(self, name: str, cmd: list[str],
-                     env: dict[str, str] | None = None) -> None:
+    def _spawn_named(self, name: str, cmd: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with proc
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_pinned(self.cpus), env=env)
+                                preexec_fn=_pinned(self.cpus), env=self.env)
         self.procs.append(proc)
         self.names[proc.pid] = name
 
