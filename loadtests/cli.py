@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
+import math
 import sys
 import time
 from pathlib import Path
@@ -13,7 +15,12 @@ from typing import Any
 import aiohttp
 
 from loadtests import report
-from loadtests.runner import SCENARIOS, Options, run
+from loadtests.attacker import ATTACKS
+from loadtests.runner import SCENARIOS, Options, run, run_hostile
+
+# The hostile scenario's defaults, where they differ from the others'.
+HOSTILE = {"rate": 20.0, "duration": 30.0, "processes": 2}
+PER_ADDRESS = 100  # the hostile fleet's connections per source address (relay's burst: 200)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +41,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="connections more that complete the handshake and never read, with a "
                         "4 KB receive buffer (default 500 in slow-consumers, else 0)")
     p.add_argument("--envs", type=int, default=10)
-    p.add_argument("--rate", type=float, default=100.0, help="changes/s in total (fanout)")
-    p.add_argument("--duration", type=float, default=10.0, help="seconds of publishing")
+    p.add_argument("--rate", type=float, default=None,
+                   help="changes/s in total (fanout; default 100, hostile 20)")
+    p.add_argument("--duration", type=float, default=None,
+                   help="seconds of publishing (default 10, hostile 30)")
     p.add_argument("--payload-bytes", type=int, default=200)
-    p.add_argument("--processes", type=int, default=0,
-                   help="generator processes (default: one per 18,000 connections)")
+    p.add_argument("--processes", type=int, default=None,
+                   help="generator processes (default: one per 18,000 connections; hostile 2)")
+    p.add_argument("--addresses", type=int, default=None,
+                   help="loopback source addresses of the generator, 127.0.0.2 on, shared out "
+                        "among its processes (default: one per process; hostile: one per "
+                        f"{PER_ADDRESS} connections, within relay's per-address defaults)")
+    p.add_argument("--attack", default="all",
+                   help="hostile: the attack beside the well-behaved fleet, several joined by "
+                        "commas, 'none' (the fleet alone) or 'all' (none, then each attack; "
+                        "default). Attacks: " + ", ".join(ATTACKS))
+    p.add_argument("--attacker-ip", default="127.0.0.200",
+                   help="hostile: the attacker's loopback address")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--repeat", type=int, default=1,
                    help="run each target N times, round robin, and report medians (this "
@@ -67,8 +86,49 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _attacks(text: str) -> list[str] | None:
+    if text == "all":
+        return ["none", *ATTACKS]
+    names = [a.strip() for a in text.split(",") if a.strip()]
+    if not names or any(a != "none" and a not in ATTACKS for a in names):
+        return None
+    return names
+
+
+def _check_hostile(args: argparse.Namespace) -> str:
+    """What is wrong with the hostile scenario's options ("" if nothing)."""
+    if args.url or args.compare or args.target != "relay":
+        return ("hostile starts a fresh relay with its default limits for each attack: "
+                "drop --url, --compare and --target")
+    if _attacks(args.attack) is None:
+        return f"--attack is all, none or some of: {', '.join(ATTACKS)} (joined by commas)"
+    try:
+        ip = ipaddress.ip_address(args.attacker_ip)
+    except ValueError:
+        ip = None
+    fleet = range(2, 2 + max(args.addresses, args.processes))
+    if ip is None or not ip.is_loopback or (str(ip).startswith("127.0.0.")
+                                            and int(str(ip).rsplit(".", 1)[1]) in fleet):
+        return (f"--attacker-ip must be a loopback address outside the fleet's "
+                f"127.0.0.2-127.0.0.{fleet.stop - 1}")
+    return ""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    hostile = args.scenario == "hostile"
+    for name, default in (("rate", 100.0), ("duration", 10.0), ("processes", 0)):
+        if getattr(args, name) is None:
+            setattr(args, name, HOSTILE[name] if hostile else default)
+    if args.addresses is None:
+        args.addresses = math.ceil(args.connections / PER_ADDRESS) if hostile else 0
+    if not 0 <= args.addresses <= 190 or args.processes > 190:
+        print("loadtests: --addresses and --processes go up to 190 (127.0.0.2-191)",
+              file=sys.stderr)
+        return 2
+    if hostile and (problem := _check_hostile(args)):
+        print(f"loadtests: {problem}", file=sys.stderr)
+        return 2
     targets = args.targets.split(",") if args.compare else [args.target]
     if args.scenario == "cluster":  # its comparison (one node) is built in
         targets = ["cluster"]
@@ -91,27 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeat < 1:
         print("loadtests: --repeat must be 1 or more", file=sys.stderr)
         return 2
-    stalled = args.stalled if args.stalled is not None else (
-        500 if args.scenario == "slow-consumers" else 0)
-    if stalled < 0:
+    if args.stalled is None:
+        args.stalled = 500 if args.scenario == "slow-consumers" else 0
+    if args.stalled < 0:
         print("loadtests: --stalled must be 0 or more", file=sys.stderr)
         return 2
+    if hostile:
+        return _hostile(args)
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in targets}
     for attempt in range(args.repeat):
         for name in targets:
-            opts = Options(
-                scenario=args.scenario, target=name, url=args.url, admin_url=args.admin_url,
-                admin_token=args.admin_token, server_pid=args.server_pid,
-                connections=args.connections, envs=args.envs, rate=args.rate,
-                duration=args.duration, payload_bytes=args.payload_bytes,
-                processes=args.processes, seed=args.seed + attempt,
-                connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
-                grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
-                server_workers=args.server_workers, stalled=stalled, nodes=args.nodes,
-                drain_node=args.drain_node, drain_after=args.drain_after,
-                drain_window=args.drain_window,
-                progress=not args.no_progress, workdir=args.workdir,
-            )
+            opts = _options(args, name, attempt)
             round_ = f" (run {attempt + 1} of {args.repeat})" if args.repeat > 1 else ""
             print(f"== {args.scenario} on {name}{round_}", file=sys.stderr)
             try:
@@ -130,10 +180,48 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         report.write_json(results, out)
-        try:
-            report.plot(results, out.with_suffix(".png"))
-        except ImportError:
-            print("loadtests: matplotlib is not installed; no plot", file=sys.stderr)
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+        _plot(results, out)
     return 0
 
+
+def _hostile(args: argparse.Namespace) -> int:
+    """The fleet alone and beside each attack, each on a fresh relay; one table."""
+    attacks = _attacks(args.attack)
+    assert attacks is not None
+    result = asyncio.run(run_hostile(_options(args, "relay", 0), attacks, args.repeat))
+    print(report.hostile_summary(result))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        report.write_json([result], out)
+        _plot([{**r, "target": r["attack"]} for r in result["attacks"] if "timeline" in r], out)
+    ran = [r for r in result["attacks"] if "error" not in r]
+    return 0 if ran else 1
+
+
+def _plot(results: list[dict[str, Any]], out: Path) -> None:
+    if not results:
+        return
+    try:
+        report.plot(results, out.with_suffix(".png"))
+    except ImportError:
+        print("loadtests: matplotlib is not installed; no plot", file=sys.stderr)
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+
+
+def _options(args: argparse.Namespace, name: str, attempt: int) -> Options:
+    """One run's options, from the command line's (attempt: the round of --repeat)."""
+    return Options(
+        scenario=args.scenario, target=name, url=args.url, admin_url=args.admin_url,
+        admin_token=args.admin_token, server_pid=args.server_pid,
+        connections=args.connections, envs=args.envs, rate=args.rate,
+        duration=args.duration, payload_bytes=args.payload_bytes,
+        processes=args.processes, seed=args.seed + attempt,
+        connect_rate=args.connect_rate, burst_concurrency=args.burst_concurrency,
+        grace=args.grace, server_cpus=args.server_cpus, client_cpus=args.client_cpus,
+        server_workers=args.server_workers, stalled=args.stalled, nodes=args.nodes,
+        drain_node=args.drain_node, drain_after=args.drain_after,
+        drain_window=args.drain_window, addresses=args.addresses,
+        attacker_ip=args.attacker_ip,
+        progress=not args.no_progress, workdir=args.workdir,
+    )

@@ -46,6 +46,7 @@ def _fmt(value: Any, unit: str = "") -> str:
 
 ROWS: list[tuple[str, str, str]] = [
     ("connections", "connections", ""),
+    ("connections refused", "connections_refused", ""),
     ("deliveries/s", "deliveries_per_s", ""),
     ("latency p50", "latency_ms.p50", " ms"),
     ("latency p99", "latency_ms.p99", " ms"),
@@ -84,6 +85,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("connections/s", "connections_per_s", ""),
     ("server CPU", "server.cpu_s", " s"),
     ("server CPU in kernel", "server.cpu_system_share", ""),
+    ("others on server's core", "server.others_cpu_share", ""),
     ("server CPU/delivery", "server.cpu_us_per_delivery", " us"),
     ("server CPU/handshake", "server.cpu_us_per_handshake", " us"),
     ("server RSS before", "server.rss_mb_before", " MB"),
@@ -112,6 +114,7 @@ def _get(result: dict[str, Any], path: str) -> Any:
 # What orders repeated runs of a scenario: the median run's timeline goes in the plot.
 MAIN_FIGURE = {
     "fanout": "latency_ms.p99",
+    "hostile": "latency_ms.p99",
     "slow-consumers": "latency_ms.p99",
     "cluster": "latency_ms.p99",
     "drain": "drain.reconnects_per_s.peak",
@@ -120,7 +123,8 @@ MAIN_FIGURE = {
     "idle": "server.rss_kb_per_connection",
 }
 SPREAD = ("deliveries_per_s", "latency_ms.p50", "latency_ms.p99", "server.cpu_us_per_delivery",
-          "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection")
+          "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection",
+          "server.others_cpu_share")
 
 
 def _set(result: dict[str, Any], path: str, value: Any) -> None:
@@ -146,7 +150,7 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for _, path, _ in ROWS:
         values = [_get(r, path) for r in runs]
         numbers = [v for v in values if _number(v)]
-        if path in ("missing", "out_of_order", "resyncs"):
+        if path in ("missing", "out_of_order", "resyncs", "connections_refused"):
             out[path] = sum(numbers) if numbers else out.get(path)
         elif numbers:
             _set(out, path, statistics.median(numbers))
@@ -160,14 +164,21 @@ def median_result(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def params_text(params: dict[str, Any]) -> str:
+    """A run's parameters, but relay's settings (which get their own line)."""
+    return ", ".join(f"{k}={v}" for k, v in params.items()
+                     if v not in (None, "", 0) and k != "relay")
+
+
 def summary(results: list[dict[str, Any]]) -> str:
     """A one-screen table: one column per target, ratios to the first when comparing."""
     names = [r["target"] for r in results]
-    head = f"{results[0]['scenario']}: " + ", ".join(
-        f"{k}={v}" for k, v in results[0]["params"].items() if v not in (None, "", 0)
-    )
+    head = f"{results[0]['scenario']}: " + params_text(results[0]["params"])
     width = max(14, *(len(n) + 2 for n in names))
-    lines = [head, f"{'':24}" + "".join(f"{n:>{width}}" for n in names)]
+    lines = [head]
+    lines += [f"{r['target']} ran with {r['params']['relay']}" for r in results
+              if r["params"].get("relay")]
+    lines.append(f"{'':24}" + "".join(f"{n:>{width}}" for n in names))
     for label, path, unit in ROWS:
         values = [_get(r, path) for r in results]
         if all(v is None for v in values):
@@ -198,6 +209,115 @@ def summary(results: list[dict[str, Any]]) -> str:
         lines += [f"{r['target']} {label}: {text}" for label, text in cpu_by_process(r)]
     notes = [n for r in results for n in r.get("notes", [])]
     lines.extend(f"note: {n}" for n in notes)
+    return "\n".join(lines)
+
+
+# The hostile scenario's acceptance: the well-behaved fleet's p99 (ms) while an attack runs,
+# and nothing it was sent lost.
+HOSTILE_P99_MS = 100.0
+HOSTILE_COLUMNS = ["attack", "good p50 ms", "good p99 ms", "good p99.9 ms", "good max ms",
+                   "missing", "relay CPU", "relay RSS peak MB", "refused by relay",
+                   "attacker connects", "attacker sessions", "attacker got 4101",
+                   "attacker dropped", f"p99 < {HOSTILE_P99_MS:.0f} ms, none lost"]
+
+
+def _ms(value: Any) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def _count(values: dict[str, int] | None) -> int:
+    return sum((values or {}).values())
+
+
+def _labels(values: dict[str, int] | None) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted((values or {}).items(), key=lambda kv:
+                                                        -kv[1])) or "none"
+
+
+def hostile_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str]]:
+    """The hostile scenario's table (one row per attack: the fleet's latency and losses,
+    relay's CPU share, RSS peak and refusals, the attacker's tallies, the verdict) and one
+    line per attack with the details."""
+    rows: list[list[str]] = []
+    details: list[str] = []
+    for r in result["attacks"]:
+        name = r["attack"]
+        if "error" in r:
+            rows.append([name, *["-"] * (len(HOSTILE_COLUMNS) - 2), "did not run"])
+            details.append(f"{name}: did not run: {r['error']}")
+            continue
+        lat = r.get("latency_ms") or {}
+        counters = r.get("relay_counters") or {}
+        attacker = r.get("attacker") or {}
+        lost = (r.get("missing") or 0) + (r.get("out_of_order") or 0)
+        refused = r.get("connections_refused") or 0
+        ok = (lat.get("p99") is not None and lat["p99"] < HOSTILE_P99_MS and lost == 0
+              and not refused and not r["server"].get("exited"))
+        cpu = r["server"].get("cpu_share")
+        rows.append([
+            name, _ms(lat.get("p50")), _ms(lat.get("p99")), _ms(lat.get("p999")),
+            _ms(lat.get("max")), _fmt(r.get("missing")),
+            "-" if cpu is None else f"{cpu:.0%}", _fmt(r["server"].get("rss_mb_peak")),
+            _fmt(_count(counters.get("refused"))) if counters else "-",
+            _fmt(attacker.get("attempts")), _fmt(attacker.get("sessions")),
+            _fmt((attacker.get("closes") or {}).get("4101", 0) if attacker else None),
+            _fmt(attacker.get("dropped")), "yes" if ok else "NO",
+        ])
+        parts = []
+        if "repeat" in r:
+            low, high = r["repeat"]["spread"].get("latency_ms.p99", [None, None])
+            parts.append(f"median of {r['repeat']['runs']} runs, good p99 {_ms(low)}-{_ms(high)} "
+                         "ms over them")
+        if attacker and "error" not in attacker:
+            seconds = attacker.get("seconds") or 1.0
+            parts.append(
+                f"attacker {attacker['attempts']:,} connection attempts "
+                f"({attacker['attempts'] / seconds:,.0f}/s), {attacker['upgraded']:,} upgraded, "
+                f"{attacker['sessions']:,} sessions, closes: {_labels(attacker['closes'])}, "
+                f"dropped {attacker['dropped']:,}, {attacker['bytes_sent'] / 2**20:,.1f} MB "
+                f"sent, at most {attacker['open_peak']:,} open, busy "
+                f"{attacker.get('cpu_share', 0):.0%} of its core")
+            if attacker.get("never_read", {}).get("held"):
+                never = attacker["never_read"]
+                parts.append(f"never-read sessions held {never['held']:,}, ended by relay "
+                             f"{never['ended_by_server']:,}")
+        if counters:
+            inside = counters.get("commit_to_write_ms") or {}
+            if inside.get("p99") is not None:
+                parts.append(f"inside relay (commit to socket write) p99 under "
+                             f"{_fmt(inside['p99'], ' ms')}")
+            parts.append(f"relay refused: {_labels(counters['refused'])}; closes: "
+                         f"{_labels(counters['closes'])}; evictions: "
+                         f"{_labels(counters['evictions'])}; auth failures: "
+                         f"{_labels(counters['auth_failures'])}")
+        if r.get("closed_by_server"):
+            parts.append(f"the fleet was closed: {_labels(r['closed_by_server'])}")
+        if r["server"].get("others_cpu_share") is not None:
+            parts.append(f"other processes took {r['server']['others_cpu_share']:.0%} of "
+                         "relay's core")
+        if refused:
+            parts.append(f"{refused:,} of the fleet's connections did not open")
+        if r.get("relay_log", {}).get("count"):
+            parts.append(f"relay logged {r['relay_log']['count']} errors")
+        details.append(f"{name}: " + "; ".join(parts))
+    return rows, details
+
+
+def hostile_summary(result: dict[str, Any]) -> str:
+    """The hostile scenario's table, its details and notes, for the terminal."""
+    params = result["params"]
+    lines = [f"hostile: {params_text(params)}",
+             f"relay ran with {params['relay']}" if params.get("relay")
+             else "relay ran with its default limits"]
+    rows, details = hostile_rows(result)
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in
+              enumerate(HOSTILE_COLUMNS)]
+    for row in [HOSTILE_COLUMNS, *rows]:
+        lines.append("  ".join(cell.rjust(w) if i else cell.ljust(w)
+                               for i, (cell, w) in enumerate(zip(row, widths, strict=True))))
+    lines.append("")
+    lines += details
+    lines += [f"note: {n}" for n in result.get("notes", [])]
     return "\n".join(lines)
 
 

@@ -21,12 +21,16 @@ import aiohttp
 import psutil
 
 from loadtests import report
-from loadtests.targets import Target, make_target
+from loadtests.targets import Target, as_flags, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
-SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster", "drain")
+SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster", "drain",
+             "hostile")
 # Scenarios that publish at a steady rate and measure deliveries.
-STEADY = ("fanout", "slow-consumers", "cluster", "drain")
+STEADY = ("fanout", "slow-consumers", "cluster", "drain", "hostile")
+# The hostile scenario: the attacker's environment, whose snapshot is big (never-read).
+ATTACK_ENV = "attack-big"
+ATTACK_SNAPSHOT = 256, 2000  # flags, bytes each: about 512 KB
 
 
 @dataclass
@@ -56,6 +60,10 @@ class Options:
     drain_after: float = 5.0  # how long into the publishing,
     drain_window: float = 30.0  # and over how many seconds its sessions are sent away
     read_buffer: int = 1024
+    addresses: int = 0  # the generator's source addresses (0: one per process)
+    attack: str = "none"  # the hostile scenario's attack (loadtests/attacker.py)
+    attacker_ip: str = "127.0.0.200"
+    attack_lead: float = 1.0  # seconds the attack runs before the publishing starts
     progress: bool = True
     workdir: str = ""
     notes: list[str] = field(default_factory=list)
@@ -72,6 +80,9 @@ class Options:
         if self.scenario == "drain":
             values.update(nodes=self.nodes, drain_node=self.drain_node,
                           drain_after=self.drain_after, drain_window=self.drain_window)
+        if self.scenario == "hostile":
+            values.update(addresses=self.addresses, attack=self.attack,
+                          attacker_ip=self.attacker_ip)
         return values
 
 
@@ -166,6 +177,15 @@ class Sampler:
             pass
         return 0
 
+    @staticmethod
+    def cpus_busy(cpus: set[int] | None) -> float:
+        """CPU seconds the machine spent busy (not idle, not waiting for I/O) on `cpus`, all
+        processes together: less the server's own, it is what other processes took from the
+        server's core (a shared machine's noise)."""
+        times = psutil.cpu_times(percpu=True)
+        chosen = [times[i] for i in sorted(cpus)] if cpus else times
+        return float(sum(sum(t) - t.idle - getattr(t, "iowait", 0.0) for t in chosen))
+
     def open_connections(self) -> int:
         fds = self.server_fds()
         self.fds_peak = max(self.fds_peak, fds)
@@ -218,11 +238,14 @@ class Workers:
         stalled_share, stalled_extra = divmod(self.opts.stalled, n)
         first = 0
         env = {**os.environ, "LOADTEST_CPU": self.opts.client_cpus}
+        # Each process connects from its share of the source addresses (127.0.0.2, ...), in
+        # turn: one each unless --addresses asks for more.
+        addresses = [f"127.0.0.{2 + j}" for j in range(max(n, self.opts.addresses))]
         for i in range(n):
             count = share + (1 if i < extra else 0)
             spec = {
                 "kind": self.kind, "envs": self.envs, "first": first, "count": count,
-                "source_ip": f"127.0.0.{2 + i}", "connect_concurrency": concurrency,
+                "source_ip": ",".join(addresses[i::n]), "connect_concurrency": concurrency,
                 "connect_rate": connect_rate / n if connect_rate else 0.0,
                 "read_buffer": self.opts.read_buffer,
                 "stalled": stalled_share + (1 if i < stalled_extra else 0),
@@ -292,6 +315,58 @@ class Workers:
 
     def ready_total(self) -> int:
         return sum(self.ready.values())
+
+
+class Attacker:
+    """The hostile scenario's attacker: one process (loadtests/attacker.py) pinned to the
+    generator's CPU, from its own loopback address; it stops by itself after `seconds`."""
+
+    def __init__(self, opts: Options, target: Target, key: str, big_key: str, seconds: float,
+                 workdir: Path) -> None:
+        host, port = target.ws_base.removeprefix("ws://").rsplit(":", 1)
+        self.spec = {"attack": opts.attack, "host": host, "port": int(port), "key": key,
+                     "big_key": big_key, "source_ip": opts.attacker_ip, "seconds": seconds}
+        self.seconds = seconds
+        self.workdir = workdir
+        self.cpus = opts.client_cpus
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        path = self.workdir / "attacker.json"
+        path.write_text(json.dumps(self.spec))
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "loadtests.attacker", str(path),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=open(self.workdir / "attacker.log", "wb"),  # noqa: SIM115
+            env={**os.environ, "LOADTEST_CPU": self.cpus},
+        )
+        line = await self._line(10.0)
+        if line.get("type") != "started":
+            raise RuntimeError(f"the attacker did not start; see {self.workdir}/attacker.log")
+
+    async def _line(self, timeout: float) -> dict[str, Any]:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+        except TimeoutError:
+            return {}
+        return dict(json.loads(raw)) if raw else {}
+
+    async def result(self) -> dict[str, Any]:
+        """Its final tallies (it has stopped by then, or is killed)."""
+        final = await self._line(self.seconds + 30.0)
+        await self.stop()
+        if final.get("type") != "final":
+            return {"error": f"no report from the attacker; see {self.workdir}/attacker.log"}
+        return {k: v for k, v in final.items() if k != "type"}
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                self.proc.kill()
+                await self.proc.wait()
 
 
 class Progress:
@@ -371,6 +446,44 @@ async def _publish(target: Target, opts: Options, env_names: list[str],
         tasks.append(asyncio.create_task(one(env_names[i % len(env_names)])))
     await asyncio.gather(*tasks)
     return acked
+
+
+def _others(result: dict[str, Any], seconds: float, window: float,
+            cpus: set[int] | None) -> None:
+    """What other processes took of the server's cores over the measured window (the share
+    of those cores), and a note when it is enough to move the figures."""
+    count = len(cpus) if cpus else (os.cpu_count() or 1)
+    share = round(max(0.0, seconds) / max(window, 1e-9) / count, 2)
+    result["server"]["others_cpu_share"] = share
+    if share >= 0.1:
+        result["notes"].append(
+            f"{result['target']}: other processes used {share:.0%} of the server's "
+            f"core{'s' if count > 1 else ''} during the run: its figures are noisier")
+
+
+def _count_refusals(result: dict[str, Any], workers: Workers, opts: Options) -> None:
+    """Connections asked for that the server refused (closed before their snapshot, with a
+    code: 4101 is relay's admission control), dropped before it, or that never opened: counted
+    and said, since the figures then measure fewer connections than asked."""
+    closed: dict[str, int] = {}
+    dropped = never = 0
+    for o in workers.opened:
+        for code, n in o.get("refused", {}).items():
+            closed[code] = closed.get(code, 0) + n
+        dropped += o.get("dropped", 0)
+        never += o.get("never_opened", 0)
+    total = sum(closed.values()) + dropped + never
+    result["connections_refused"] = total
+    result["refusals"] = {"closed_before_snapshot": closed, "dropped_before_snapshot": dropped,
+                          "never_opened": never}
+    if total:
+        parts = [f"{n:,} closed with {code}" for code, n in sorted(closed.items())]
+        parts += [f"{dropped:,} dropped"] if dropped else []
+        parts += [f"{never:,} never opened"] if never else []
+        result["notes"].append(
+            f"{opts.target}: {total:,} of {opts.connections + opts.stalled:,} connections did "
+            f"not open ({', '.join(parts)}); the figures are for the {result['connections']:,} "
+            "that did")
 
 
 def _system_share(before: tuple[float, float], after: tuple[float, float]) -> float | None:
@@ -503,22 +616,131 @@ async def _run_cluster(opts: Options) -> dict[str, Any]:
     return result
 
 
-async def _evictions(target: Target) -> int | None:
-    """relay_evictions_total from the server's /metrics, when it has one (relay)."""
+async def _metrics_text(target: Target) -> str | None:
+    """The server's /metrics, when it has one (relay)."""
     if target.name != "relay" or target.session is None:
         return None
     try:
         async with target.session.get(f"{target.http_base}/metrics") as resp:
-            text = await resp.text()
-    except aiohttp.ClientError:
+            return await resp.text()
+    except (aiohttp.ClientError, OSError):
+        return None
+
+
+async def _evictions(target: Target) -> int | None:
+    """relay_evictions_total from the server's /metrics, when it has one (relay)."""
+    text = await _metrics_text(target)
+    if text is None:
         return None
     return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
                    if line.startswith("relay_evictions_total{")))
 
 
+# relay's counters of what its defences did, by label (relay/metrics.py).
+COUNTERS = {"refused": "relay_connections_refused_total", "closes": "relay_closes_total",
+            "evictions": "relay_evictions_total", "auth_failures": "relay_auth_failures_total"}
+
+
+async def _relay_counters(target: Target) -> dict[str, Any] | None:
+    """What relay counted: connections refused, closes, evictions and failed authentications
+    by label, and handshakes completed."""
+    text = await _metrics_text(target)
+    if text is None:
+        return None
+    out: dict[str, Any] = {key: {} for key in COUNTERS}
+    out["handshakes"] = 0
+    buckets: list[tuple[float, float]] = []
+    for line in text.splitlines():
+        if line.startswith("relay_connections_accepted_total "):
+            out["handshakes"] = int(float(line.rsplit(" ", 1)[1]))
+        elif line.startswith("relay_publish_to_socket_seconds_bucket{"):
+            le = line[line.index('"') + 1 : line.rindex('"')]
+            buckets.append((float(le), float(line.rsplit(" ", 1)[1])))
+        for key, name in COUNTERS.items():
+            if line.startswith(name + "{"):
+                label = line[line.index('"') + 1 : line.rindex('"')]
+                out[key][label] = int(float(line.rsplit(" ", 1)[1]))
+    out["commit_to_write_ms"] = _bucket_quantiles(buckets)
+    return out
+
+
+def _bucket_quantiles(buckets: list[tuple[float, float]]) -> dict[str, float | None]:
+    """p50 and p99 of relay's own publish-to-socket histogram (from a change's commit to its
+    write to the sessions' sockets, in the server): the bucket bound they fall under, in ms.
+    Beside the fleet's latency it tells the server's share from the generator's."""
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    out: dict[str, float | None] = {}
+    for name, q in (("p50", 0.5), ("p99", 0.99)):
+        bound = next((le for le, n in buckets if total and n >= q * total), None)
+        out[name] = None if bound is None else bound * 1000
+    return out
+
+
+def _log_errors(target: Target) -> dict[str, Any]:
+    """Tracebacks and ERROR lines in the server processes' logs."""
+    lines: list[str] = []
+    for path in target.log_paths():
+        with contextlib.suppress(OSError):
+            lines += [f"{path.name}: {line.strip()}"
+                      for line in path.read_text(errors="replace").splitlines()
+                      if "Traceback" in line or " ERROR " in line or " CRITICAL " in line]
+    return {"count": len(lines), "first": lines[:5]}
+
+
+async def _attack_env(target: Target) -> str:
+    """The attacker's environment, with a big snapshot (never-read); returns its key."""
+    assert target.session is not None
+    key = f"loadtest-key-{ATTACK_ENV}"
+    base = f"{target.http_base}/admin/v1/envs/{ATTACK_ENV}"
+    async with target.session.put(base, json={"keys": [key]}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"PUT env {ATTACK_ENV}: {resp.status} {await resp.text()}")
+    flags, size = ATTACK_SNAPSHOT
+    async with target.session.patch(base + "/flags", json={
+            "put": {f"big{i}": "x" * size for i in range(flags)}}) as resp:
+        if resp.status != 200:
+            raise RuntimeError(f"PATCH {ATTACK_ENV}: {resp.status} {await resp.text()}")
+    return key
+
+
+async def run_hostile(opts: Options, attacks: list[str], repeat: int = 1) -> dict[str, Any]:
+    """The hostile scenario: the well-behaved fleet alone (attack "none") and beside each
+    attack, each on a fresh relay with its default limits; `repeat` rounds, round robin,
+    medians per attack. A run that fails is reported as such and the others go on."""
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in attacks}
+    errors: dict[str, str] = {}
+    for attempt in range(repeat):
+        for name in attacks:
+            if opts.progress:
+                round_ = f" (run {attempt + 1} of {repeat})" if repeat > 1 else ""
+                print(f"== hostile: {name}{round_}", file=sys.stderr)
+            try:
+                runs[name].append(await _run_once(dataclasses.replace(
+                    opts, attack=name, seed=opts.seed + attempt, notes=[])))
+            except (RuntimeError, OSError, aiohttp.ClientError) as exc:
+                errors[name] = str(exc)
+            await asyncio.sleep(2)  # TIME_WAIT and the kernel settle between runs
+    results = []
+    for name in attacks:
+        if runs[name]:
+            results.append({**report.median_result(runs[name]), "attack": name})
+        else:
+            results.append({"attack": name, "error": errors.get(name, "no run")})
+    params = {k: v for k, v in opts.params().items() if k != "attack"}
+    params["attacks"] = ",".join(attacks)
+    settings = next((r["params"].get("relay") for r in results if "params" in r), None)
+    if settings:
+        params["relay"] = settings
+    return {"scenario": "hostile", "target": "relay", "params": params, "attacks": results,
+            "notes": list(dict.fromkeys(n for r in results for n in r.get("notes", [])))}
+
+
 async def _run_once(opts: Options) -> dict[str, Any]:
     random.seed(opts.seed)
     workdir = Path(opts.workdir or tempfile.mkdtemp(prefix="loadtest-")) / opts.target
+    if opts.scenario == "hostile":  # one relay per attack: each keeps its logs
+        workdir = workdir / opts.attack
     server_cpus = _cpus(opts.server_cpus)
     client_cpus = _cpus(opts.client_cpus)
     if client_cpus:
@@ -533,6 +755,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     target = make_target(opts.target, workdir, server_cpus,
                          workers=(opts.server_workers if opts.target == "nchan" else
                                   opts.nodes if opts.target.startswith("cluster") else 1),
+                         defaults=opts.scenario == "hostile",
                          **({"url": opts.url, "admin_url": opts.admin_url,
                              "admin_token": opts.admin_token, "pid": opts.server_pid}
                             if opts.url else {}))
@@ -540,11 +763,15 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     result: dict[str, Any] = {"scenario": opts.scenario, "target": opts.target,
                               "params": opts.params(), "notes": list(opts.notes)}
     await target.start()
+    if target.settings:
+        result["params"]["relay"] = as_flags(target.settings)
     workers: Workers | None = None
     sampler: Sampler | None = None
+    attacker: Attacker | None = None
     try:
         env_names = [f"env{i}" for i in range(opts.envs)]
         envs = await target.setup(env_names)
+        big_key = await _attack_env(target) if opts.scenario == "hostile" else ""
         await asyncio.sleep(0.5)
         workers = Workers(opts, envs, target.kind, workdir)
         sampler = Sampler(target.pids(), [os.getpid()])
@@ -552,6 +779,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         rss_before = sampler.server_rss()
         storm = opts.scenario == "connect-storm"
         cpu0, t0 = sampler.server_cpu(), time.monotonic()
+        busy0 = sampler.cpus_busy(server_cpus)
         split0 = sampler.server_cpu_split()
         wall0 = time.time()
         await workers.start(0.0 if storm else opts.connect_rate, 1000 if storm else 200)
@@ -571,6 +799,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                 connect_errors[k] = connect_errors.get(k, 0) + v
         result["connections"] = connected
         result["connect_errors"] = connect_errors
+        _count_refusals(result, workers, opts)
         server: dict[str, Any] = {"pids": target.pids(),
                                   "rss_mb_before": round(rss_before / 2**20, 1),
                                   "open_connections_after_connect": sampler.open_connections()}
@@ -583,6 +812,16 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             server["cpu_s"] = round(cpu, 3)
             server["cpu_system_share"] = _system_share(split0, sampler.server_cpu_split())
             server["cpu_us_per_handshake"] = round(cpu * 1e6 / max(1, connected), 1)
+            _others(result, sampler.cpus_busy(server_cpus) - busy0 - cpu, open_s, server_cpus)
+        if opts.scenario == "hostile":
+            result["attack"] = opts.attack
+        if opts.scenario == "hostile" and opts.attack != "none":
+            # The fleet's own key (SDK keys are public), or the big environment's.
+            key = envs[0]["headers"]["Authorization"].split()[-1]
+            attacker = Attacker(opts, target, key, big_key, opts.attack_lead + opts.duration,
+                                workdir)
+            await attacker.start()
+            await asyncio.sleep(opts.attack_lead)
         expect: dict[str, int] = {}
         errors: list[str] = []
         acked = 0
@@ -590,6 +829,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         window_start = time.monotonic()
         publish_wall = time.time()
         cpu1, gen1 = sampler.server_cpu(), sampler.generator_cpu()
+        busy1 = sampler.cpus_busy(server_cpus)
         split1 = sampler.server_cpu_split()
         per_process1 = sampler.server_cpu_by_pid()
         if opts.scenario in (*STEADY, "burst"):
@@ -608,11 +848,15 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         elif opts.scenario == "idle":
             await asyncio.sleep(3.0)  # let buffers settle before reading RSS
         await workers.finish(expect, opts.grace)
+        if attacker is not None:
+            result["attacker"] = await attacker.result()
         window = time.monotonic() - window_start
         last = max((f["last_delivery"] for f in workers.finals), default=0.0)
         if opts.scenario in (*STEADY, "burst") and last > publish_wall:
             window = last - publish_wall  # from the first publish to the last delivery
         cpu = sampler.server_cpu() - cpu1
+        others = sampler.cpus_busy(server_cpus) - busy1 - cpu
+        elapsed = time.monotonic() - window_start
         gen_cpu = sampler.generator_cpu() - gen1
         if storm:  # what matters there is the storm itself
             gen_cpu, window = storm_gen_cpu, open_s
@@ -637,6 +881,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                     names.get(pid, str(pid)): round(t - per_process1.get(pid, 0.0), 3)
                     for pid, t in sampler.server_cpu_by_pid().items()}
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
+            _others(result, others, elapsed, server_cpus)
             result["deliveries"] = deliveries
             result["deliveries_per_s"] = round(deliveries / window)
             result["window_s"] = round(window, 2)
@@ -668,6 +913,8 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                 "ended_by_server": sum(o["ended_by_server"] for o in outcomes),
                 "codes": codes, "evictions": await _evictions(target),
             }
+        if opts.scenario == "hostile":
+            await _hostile_figures(result, target, cpu / elapsed)
         total_window = time.monotonic() - t0
         result["generator"] = {
             "processes": len(workers.procs), "cpu_s": round(gen_cpu, 2),
@@ -692,9 +939,31 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                 f"{opts.target}: the generator was busy {result['generator']['cpu_share']:.0%} "
                 "of its core: it, not the server, may have been the limit")
     finally:
+        if attacker is not None:
+            await attacker.stop()
         if sampler is not None:
             await sampler.stop()
         if workers is not None:
             await workers.stop()
         await target.stop()
     return result
+
+
+async def _hostile_figures(result: dict[str, Any], target: Target, busy: float) -> None:
+    """What relay did under the attack: its core's busy share, its own counters, errors in
+    its log, whether it is still running; and notes on what deserves a look."""
+    result["server"]["cpu_share"] = round(busy, 2)
+    result["relay_counters"] = await _relay_counters(target)
+    result["relay_log"] = _log_errors(target)
+    result["server"]["exited"] = target.exited()
+    name = result["attack"]
+    if result["server"]["exited"]:
+        result["notes"].append(f"{name}: relay exited during the run")
+    if result["relay_log"]["count"]:
+        result["notes"].append(f"{name}: relay logged {result['relay_log']['count']} error or "
+                               f"traceback lines: {result['relay_log']['first'][0]}")
+    attacker = result.get("attacker", {})
+    if "error" in attacker:
+        result["notes"].append(f"{name}: {attacker['error']}")
+    elif attacker.get("seconds"):
+        attacker["cpu_share"] = round(attacker.get("cpu_s", 0.0) / attacker["seconds"], 2)

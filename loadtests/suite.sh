@@ -21,12 +21,13 @@ run idle-100k     idle   --connections 100000 --envs 10 --connect-rate 4000 --ta
 run fanout-100k   fanout --connections 100000 --envs 10 --rate 5 --duration 20 --connect-rate 4000 --target nchan --server-workers 6
 # Slow consumers (issue 4): 5,000 readers and 500 connections that never read, one environment,
 # 30 s, beside the same run without them. 20 changes/s (100,000 deliveries/s) is what this
-# 2-core machine carries. With the kernel's send-buffer autotuning (the default), the 600 KB
-# each stalled connection is owed here all fit in kernel buffers and the relay never needs to
-# act; the first run shows that. The second bounds the kernel's share with
-# --socket-send-buffer 64 KiB and evicts after 10 s (default 30 s), so that backpressure,
-# coalescing and eviction happen within the run. The baselines have no such settings.
-run slow-consumers-default slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --target relay
+# 2-core machine carries. With the kernel's send-buffer autotuning (--socket-send-buffer 0, the
+# default until relay's public port was hardened; 64 KiB since), the 600 KB each stalled
+# connection is owed here all fit in kernel buffers and the relay never needs to act; the
+# first run shows that. The second bounds the kernel's share with --socket-send-buffer 64 KiB
+# (today's default) and evicts after 10 s (default 30 s), so that backpressure, coalescing and
+# eviction happen within the run. The baselines have no such settings.
+RELAY_SOCKET_SEND_BUFFER=0 run slow-consumers-default slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --target relay
 RELAY_SOCKET_SEND_BUFFER=65536 RELAY_SLOW_CONSUMER_TIMEOUT=10 run slow-consumers slow-consumers --connections 5000 --stalled 500 --envs 1 --rate 20 --payload-bytes 1000 --duration 30 --compare
 # The cluster (issue 5): 3 nodes and Redis (AOF, fsync always) against one node on the same
 # Redis, 100 environments, 10,000 connections spread over the nodes, 500 changes/s.
@@ -39,3 +40,7 @@ run cluster       cluster --connections 10000 --envs 100 --rate 500 --duration 3
 run drain         drain --connections 10000 --envs 100 --rate 200 --drain-after 5 --drain-window 30
 run drain-2cpus   drain --connections 10000 --envs 100 --rate 200 --drain-after 5 --drain-window 30 --server-cpus 0,1
 run drain-1000envs drain --connections 10000 --envs 1000 --rate 200 --drain-after 5 --drain-window 30
+# Hostile clients: 1,000 well-behaved connections (20 changes/s, 10 environments, 30 s) alone and
+# beside each attack of loadtests/attacker.py in turn, each on a fresh relay with its default
+# limits; the attacker shares the generator's core.
+run hostile       hostile --attack all

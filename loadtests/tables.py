@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.report import _get, cpu_by_process
+from loadtests.report import HOSTILE_COLUMNS, _get, cpu_by_process, hostile_rows, params_text
 
 # (label, path in a result, digits after the point)
 ROWS: list[tuple[str, str, int]] = [
@@ -38,6 +38,7 @@ ROWS: list[tuple[str, str, int]] = [
     ("drain: other nodes' p50 ms during", "drain.other_nodes_latency_ms.p50", 1),
     ("drain: other nodes' p99 ms during", "drain.other_nodes_latency_ms.p99", 1),
     ("drain: changes lost", "drain.lost", 0),
+    ("connections refused or not opened", "connections_refused", 0),
     ("missing", "missing", 0),
     ("out of order", "out_of_order", 0),
     ("stalled ended by server", "stalled.ended_by_server", 0),
@@ -46,6 +47,7 @@ ROWS: list[tuple[str, str, int]] = [
     ("server CPU us/delivery", "server.cpu_us_per_delivery", 2),
     ("server CPU us/handshake", "server.cpu_us_per_handshake", 0),
     ("server CPU in kernel", "server.cpu_system_share", 2),
+    ("other processes on the server's core", "server.others_cpu_share", 2),
     ("server RSS MB before", "server.rss_mb_before", 1),
     ("server RSS MB after", "server.rss_mb_after", 1),
     ("server RSS MB after, without stalled", "without_stalled.server.rss_mb_after", 1),
@@ -63,14 +65,31 @@ def _cell(value: Any, digits: int) -> str:
     return str(value)
 
 
+def hostile_table(path: Path, data: dict[str, Any]) -> str:
+    """The hostile scenario: one row per attack, then each attack's details."""
+    params = data["params"]
+    settings = f"`{params['relay']}`" if params.get("relay") else "its default limits"
+    lines = [f"### {path.stem}", "", f"`hostile`: {params_text(params)}; relay ran with "
+             f"{settings}.", "", "| " + " | ".join(HOSTILE_COLUMNS) + " |",
+             "|---|" + "---|" * (len(HOSTILE_COLUMNS) - 1)]
+    rows, details = hostile_rows(data)
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [""] + [f"- {line}" for line in details]
+    return "\n".join(lines) + "\n"
+
+
 def table(path: Path) -> str:
     data = json.loads(path.read_text())
+    if data.get("scenario") == "hostile":
+        return hostile_table(path, data)
     results: list[dict[str, Any]] = data.get("compare", [data])
     lines = [f"### {path.stem}", ""]
-    params = ", ".join(f"{k}={v}" for k, v in results[0]["params"].items() if v)
+    params = params_text(results[0]["params"])
     runs = results[0].get("repeat", {}).get("runs", 1)
     lines.append(f"`{results[0]['scenario']}`: {params}" + (f"; median of {runs} runs" if runs > 1
                                                            else "") + ".")
+    lines += [f"\n{r['target']} ran with `{r['params']['relay']}`." for r in results
+              if r["params"].get("relay")]
     lines += ["", "| | " + " | ".join(r["target"] for r in results) + " |",
               "|---|" + "---|" * len(results)]
     for label, key, digits in ROWS:

@@ -21,6 +21,7 @@ import aiohttp
 import msgpack
 
 from loadtests import haproxy
+from relay.config import DEFAULT_FD_RESERVE, open_files_limit
 
 BASELINES = Path(__file__).parent / "baselines"
 NCHAN_MODULE = Path("/usr/lib/nginx/modules/ngx_nchan_module.so")
@@ -30,6 +31,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def limits_off() -> dict[str, str]:
+    """relay's settings for the scenarios that measure throughput, latency and memory: its
+    per-address limits off, and one cap on public sockets, the open-files limit less the
+    descriptor reserve, as before relay had separate pending and per-address caps.
+
+    The generator holds thousands of connections from a few loopback addresses (one per
+    process) and opens them at 2,000/s; relay's defaults (1,000 sessions, 64 pending
+    connections, 20 new connections/s after a burst of 200 per address) would refuse most of
+    them, and the figures would measure fewer connections than asked. The hostile scenario
+    keeps the defaults."""
+    settings = {"max_sessions_per_ip": "0", "max_pending_per_ip": "0", "ip_connect_rate": "0"}
+    soft = open_files_limit()
+    if soft is not None:
+        # --max-connections counted every public socket, pending or not, up to this.
+        cap = str(max(16, soft - DEFAULT_FD_RESERVE))
+        settings.update(max_connections=cap, max_pending=cap)
+    return settings
+
+
+def relay_environment(settings: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """The environment of relay processes the harness starts: `settings` as RELAY_*
+    variables, under any the caller exported (those win, as they do for every other
+    setting). Returns it and every RELAY_* setting in it, by name (to report)."""
+    env = {**{"RELAY_" + k.upper(): v for k, v in settings.items()}, **os.environ}
+    given = {k.removeprefix("RELAY_").lower(): v for k, v in env.items()
+             if k.startswith("RELAY_")}
+    return env, dict(sorted(given.items()))
+
+
+def as_flags(settings: dict[str, str]) -> str:
+    """relay settings as the command-line flags they stand for."""
+    return " ".join(f"--{k.replace('_', '-')} {v}" for k, v in settings.items())
 
 
 def _pinned(cpus: set[int] | None) -> Any:
@@ -47,6 +82,7 @@ class Target:
     def __init__(self, workdir: Path, cpus: set[int] | None) -> None:
         self.workdir = workdir
         self.cpus = cpus
+        self.settings: dict[str, str] = {}  # RELAY_* settings of the relays started, by name
         self.proc: subprocess.Popen[bytes] | None = None
         self.session: aiohttp.ClientSession | None = None
         self.ws_base = ""
@@ -98,10 +134,19 @@ class Target:
                     raise RuntimeError(f"{self.name} did not start within {timeout}s")
                 await asyncio.sleep(0.1)
 
-    def _spawn(self, cmd: list[str]) -> None:
+    def _spawn(self, cmd: list[str], env: dict[str, str] | None = None) -> None:
         log = open(self.workdir / f"{self.name}.log", "wb")  # noqa: SIM115 - lives with proc
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_pinned(self.cpus))
+                                     preexec_fn=_pinned(self.cpus), env=env)
+
+    def log_paths(self) -> list[Path]:
+        """The server processes' logs (stdout and stderr)."""
+        return sorted(self.workdir.glob("*.log"))
+
+    def exited(self) -> list[str]:
+        """Server processes that exited before the harness stopped them."""
+        proc = self.proc
+        return [self.name] if proc is not None and proc.poll() is not None else []
 
 
 class RelayProtocolTarget(Target):
@@ -142,8 +187,10 @@ class RelayTarget(RelayProtocolTarget):
     name = "relay"
 
     def __init__(self, workdir: Path, cpus: set[int] | None, url: str = "",
-                 admin_url: str = "", admin_token: str = "", pid: int = 0) -> None:
+                 admin_url: str = "", admin_token: str = "", pid: int = 0,
+                 defaults: bool = False) -> None:
         super().__init__(workdir, cpus)
+        self.defaults = defaults  # relay's own limits (the hostile scenario), else limits_off()
         self.external_pid = pid
         if url:
             self.ws_base = url.removesuffix("/v1/stream")
@@ -155,10 +202,11 @@ class RelayTarget(RelayProtocolTarget):
             return
         port, admin = free_port(), free_port()
         shutil.rmtree(self.workdir / "relay-data", ignore_errors=True)
+        env, self.settings = relay_environment({} if self.defaults else limits_off())
         self._spawn([sys.executable, "-m", "relay", "serve", "--port", str(port),
                      "--admin-port", str(admin), "--data-dir", str(self.workdir / "relay-data"),
                      "--admin-token", self.token, "--node-id", "loadtest",
-                     "--log-level", "warning"])
+                     "--log-level", "warning"], env)
         self.ws_base = f"ws://127.0.0.1:{port}"
         self.http_base = f"http://127.0.0.1:{admin}"
         await self._wait_http(self.http_base + "/healthz")
@@ -255,6 +303,8 @@ class ClusterTarget(RelayProtocolTarget):
         self.proxy_urls: list[str] = []
         self.node_procs: dict[str, subprocess.Popen[bytes]] = {}
         self.drained: set[str] = set()  # admin bases of drained nodes: not published through
+        self.drained_names: set[str] = set()  # and their names (they exit: that is expected)
+        self.env: dict[str, str] | None = None  # of the processes started (None: this one's)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.names: dict[int, str] = {}
         self.ws_bases: list[str] = []
@@ -275,6 +325,8 @@ class ClusterTarget(RelayProtocolTarget):
         discovery = "static:" + ",".join(
             f"n{i}@127.0.0.1:{admin}" for i, (_, admin) in enumerate(ports))
         store = f"redis://127.0.0.1:{redis_port}/0"
+        # Behind HAProxy (the drain scenario) every connection comes from 127.0.0.1.
+        self.env, self.settings = relay_environment(limits_off())
         await asyncio.sleep(0.3)
         for i, (port, admin) in enumerate(ports):
             data = self.workdir / f"n{i}"
@@ -318,12 +370,16 @@ class ClusterTarget(RelayProtocolTarget):
     def _spawn_named(self, name: str, cmd: list[str]) -> None:
         log = open(self.workdir / f"{name}.log", "wb")  # noqa: SIM115 - lives with proc
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_pinned(self.cpus))
+                                preexec_fn=_pinned(self.cpus), env=self.env)
         self.procs.append(proc)
         self.names[proc.pid] = name
 
     def pids(self) -> list[int]:
         return [p.pid for p in self.procs]
+
+    def exited(self) -> list[str]:
+        return [self.names[p.pid] for p in self.procs
+                if p.poll() is not None and self.names[p.pid] not in self.drained_names]
 
     def process_names(self) -> dict[int, str]:
         return dict(self.names)
@@ -340,6 +396,7 @@ class ClusterTarget(RelayProtocolTarget):
         assert self.session is not None
         base = self.http_bases[int(node.removeprefix("n"))]
         self.drained.add(base)
+        self.drained_names.add(node)
         async with self.session.post(f"{base}/admin/v1/drain",
                                      json={"deadline_s": deadline_s, "window_s": window_s}) as r:
             if r.status != 202:
@@ -377,16 +434,17 @@ class ClusterTarget(RelayProtocolTarget):
 
 
 def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 1,
-                **external: Any) -> Target:
+                defaults: bool = False, **external: Any) -> Target:
     """`workers` > 1 only applies to nchan (nginx worker processes), and is the number of
-    relay nodes for `cluster`; relay is one process."""
+    relay nodes for `cluster`; relay is one process. `defaults`: relay with its own
+    admission limits (else `limits_off()`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "cluster":
         return ClusterTarget(workdir, cpus, workers)
     if name == "cluster-haproxy":  # the drain scenario: 2 HAProxy processes in front
         return ClusterTarget(workdir, cpus, workers, proxies=2)
     if name == "relay":
-        return RelayTarget(workdir, cpus, **external)
+        return RelayTarget(workdir, cpus, defaults=defaults, **external)
     if name == "naive":
         return NaiveTarget(workdir, cpus)
     if name == "nchan":

@@ -50,7 +50,7 @@ class Spec:
     envs: list[dict[str, Any]]  # [{"env", "url", "headers"}]
     first: int  # global index of this worker's first connection
     count: int
-    source_ip: str
+    source_ip: str  # a loopback address, or several joined by commas (connections in turn)
     connect_concurrency: int
     connect_rate: float  # connections/s this worker opens; 0 = as fast as possible
     read_buffer: int
@@ -68,6 +68,11 @@ class Stats:
         self.connected = 0
         self.errors: dict[str, int] = {}
         self.closed: dict[str, int] = {}
+        # Connections that ended before their snapshot: closed with a code (4101: refused by
+        # admission control), or dropped without one; and those that never opened at all.
+        self.refused: dict[str, int] = {}
+        self.dropped = 0
+        self.never_opened = 0
         self.out_of_order = 0
         self.resyncs = 0  # snapshots after a connection's first: caught up by state, not deltas
         self.reconnects = 0
@@ -129,8 +134,8 @@ class Conn(WSListener):
     """One subscriber. For the relay protocol, `held` is the version it holds; for nchan, the
     count and last sequence number of messages received."""
 
-    __slots__ = ("decode", "env", "held", "node", "on_closed", "received", "retry_ms", "stats",
-                 "target", "transport")
+    __slots__ = ("decode", "ended", "env", "held", "node", "on_closed", "received", "retry_ms",
+                 "stats", "target", "transport")
 
     def __init__(self, stats: Stats, env: str, decode: Decoder,
                  target: dict[str, Any] | None = None) -> None:
@@ -143,6 +148,7 @@ class Conn(WSListener):
         self.retry_ms: int | None = None  # from the last goaway
         self.target = target
         self.on_closed: Any = None  # called with the connection when it closes (reconnects)
+        self.ended = False  # closed before its snapshot (refused or dropped)
 
     def on_ws_connected(self, transport: WSTransport) -> None:
         self.transport = transport
@@ -150,6 +156,11 @@ class Conn(WSListener):
 
     def on_ws_disconnected(self, transport: WSTransport) -> None:
         self.stats.connected -= 1
+        if self.held < 0:  # never ready: refused (counted with its close code) or dropped
+            if not self.ended:
+                self.ended = True
+                self.stats.dropped += 1
+            return
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -158,6 +169,9 @@ class Conn(WSListener):
             if frame.msg_type is WSMsgType.CLOSE:
                 code = frame.get_close_code()
                 self.stats.closed[str(code)] = self.stats.closed.get(str(code), 0) + 1
+                if self.held < 0 and not self.ended:
+                    self.ended = True
+                    self.stats.refused[str(code)] = self.stats.refused.get(str(code), 0) + 1
                 # Answer and go, as SDKs do: the server waits for this before it lets go.
                 transport.send_close(code)
                 transport.disconnect()
@@ -252,6 +266,18 @@ def bound_socket(source_ip: str, rcvbuf: int = 0) -> socket.socket:
     return sock
 
 
+class HandshakeFailed(ConnectionError):
+    pass
+
+
+def opened(connected: tuple[WSTransport, WSListener | None]) -> None:
+    """picows' ws_connect returns (transport, None), not an exception, when the server resets
+    the connection before answering the upgrade (relay drops a client address over its
+    limits that way): a failed attempt."""
+    if connected[1] is None:
+        raise HandshakeFailed("reset before the upgrade's answer")
+
+
 class Reconnector:
     """Brings closed connections back (the drain scenario): after goaway's retry_ms, or a
     short pause, with `since` = the version held, through the same URL (the load balancer)."""
@@ -283,10 +309,10 @@ class Reconnector:
             if self.stopping:
                 return
             try:
-                await ws_connect(
+                opened(await ws_connect(
                     lambda: conn, url, extra_headers=conn.target["headers"],
-                    socket_factory=lambda _url: bound_socket(self.spec.source_ip),
-                    read_buffer_init_size=self.spec.read_buffer, websocket_handshake_timeout=30)
+                    socket_factory=lambda _url: bound_socket(self.spec.source_ip.split(",")[0]),
+                    read_buffer_init_size=self.spec.read_buffer, websocket_handshake_timeout=30))
                 self.stats.reconnects += 1
                 return
             except Exception as exc:
@@ -298,9 +324,11 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[St
                    reconnector: Reconnector | None = None) -> None:
     semaphore = asyncio.Semaphore(spec.connect_concurrency)
     decode = Decoder()
+    sources = spec.source_ip.split(",")
+    turn = iter(range(1 << 62))
 
     def source_socket(url: Any, rcvbuf: int = 0) -> socket.socket:
-        return bound_socket(spec.source_ip, rcvbuf)
+        return bound_socket(sources[next(turn) % len(sources)], rcvbuf)
     interval = 1.0 / spec.connect_rate if spec.connect_rate > 0 else 0.0
     start = time.monotonic()
 
@@ -311,11 +339,11 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[St
                                                                   target)
             for attempt in range(5):
                 try:
-                    await ws_connect(
+                    opened(await ws_connect(
                         lambda: conn, target["url"], extra_headers=target["headers"],
                         socket_factory=source_socket, read_buffer_init_size=spec.read_buffer,
                         websocket_handshake_timeout=30,
-                    )
+                    ))
                     conns.append(conn)
                     if reconnector is not None:
                         conn.on_closed = reconnector.closed
@@ -326,6 +354,7 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[St
                 except Exception as exc:
                     stats.error(f"{type(exc).__name__}: {getattr(exc, 'strerror', '') or exc}")
                     await asyncio.sleep(0.2 * (attempt + 1))
+            stats.never_opened += 1
 
     async def one_stalled(i: int) -> None:
         target = spec.envs[i % len(spec.envs)]
@@ -333,16 +362,17 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[St
             conn = StalledConn()
             for attempt in range(5):
                 try:
-                    await ws_connect(
+                    opened(await ws_connect(
                         lambda: conn, target["url"], extra_headers=target["headers"],
                         socket_factory=lambda url: source_socket(url, StalledConn.RCVBUF),
                         read_buffer_init_size=spec.read_buffer, websocket_handshake_timeout=30,
-                    )
+                    ))
                     stalled.append(conn)
                     return
                 except Exception as exc:
                     stats.error(f"stalled {type(exc).__name__}: {exc}")
                     await asyncio.sleep(0.2 * (attempt + 1))
+            stats.never_opened += 1
 
     # Stalled connections are spread among the others (one every `every`).
     total = spec.count + spec.stalled
@@ -368,18 +398,28 @@ async def open_all(spec: Spec, stats: Stats, conns: list[Conn], stalled: list[St
     await asyncio.gather(*tasks)
 
 
-async def all_ready(stats: Stats, conns: list[Conn], timeout: float = 30.0) -> None:
-    """Until every open connection holds its snapshot: a connection counts as open, and the
-    publishing starts, only then (on a cluster, an edge answers the upgrade before its owner's
-    snapshot arrives; a change published in between would be counted in the snapshot, not as
-    a delivery)."""
+async def all_ready(stats: Stats, conns: list[Conn], timeout: float = 30.0) -> list[Conn]:
+    """Until every open connection holds its snapshot, or was refused or dropped before it: a
+    connection counts as open, and the publishing starts, only then (on a cluster, an edge
+    answers the upgrade before its owner's snapshot arrives; a change published in between
+    would be counted in the snapshot, not as a delivery). Returns those that hold one: only
+    they are measured; the others are counted in `stats` and closed."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if stats.ready >= len(conns):
+        if stats.ready + sum(stats.refused.values()) + stats.dropped >= len(conns):
             break
         await asyncio.sleep(0.01)
-    if stats.ready < len(conns):
+    ready = [c for c in conns if c.held >= 0]
+    late = [c for c in conns if c.held < 0 and not c.ended]
+    if late:
         stats.error(f"no snapshot within {timeout:.0f} s")
+        stats.dropped += len(late)
+        for c in late:
+            c.ended = True
+            transport = getattr(c, "transport", None)  # (unset if never connected)
+            if transport is not None:
+                transport.disconnect()
+    return ready
 
 
 async def stalled_outcome(stalled: list[StalledConn]) -> dict[str, Any]:
@@ -439,9 +479,11 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
     tick_task = asyncio.create_task(ticker(stats, stop))
     t0 = time.monotonic()
     await open_all(spec, stats, conns, stalled, reconnector)
-    await all_ready(stats, conns)
+    conns = await all_ready(stats, conns)
     emit({"type": "opened", "connections": len(conns), "stalled": len(stalled),
-          "seconds": time.monotonic() - t0, "errors": stats.errors})
+          "seconds": time.monotonic() - t0, "errors": stats.errors,
+          "refused": stats.refused, "dropped": stats.dropped,
+          "never_opened": stats.never_opened})
     command = await read_command(reader)
     if command["cmd"] == "finish":
         expect: dict[str, int] = command["expect"]
