@@ -60,6 +60,8 @@ class Refusal(NamedTuple):
 def address_key(ip: str) -> str:
     """What an address is counted as: IPv4 as it is, IPv6 by its /64, an IPv4-mapped IPv6
     address as the IPv4 one. Unparseable text is counted as itself."""
+    if ip.count(".") == 3 and ":" not in ip:  # dotted IPv4, as the kernel writes it: as is
+        return ip
     try:
         addr = ipaddress.ip_address(ip.split("%", 1)[0])
     except ValueError:

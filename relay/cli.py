@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import http.client
 import json
 import logging
@@ -90,6 +91,10 @@ async def _serve(cfg: config_mod.Config) -> None:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot start: {exc.strerror or exc}") from None
+    # What the node has made by now (modules, the app, its tables) lives as long as the
+    # process: out of the collector's full passes, which then cost what connections and
+    # environments hold, not the whole program.
+    gc.freeze()
     print(_banner(node, cfg), flush=True)
     log = logging.getLogger("relay")
     loop = asyncio.get_running_loop()

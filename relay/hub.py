@@ -166,6 +166,7 @@ class Hub:
         metrics.sessions_behind.set_function(self.sessions_behind)
         self._dirty: dict[str, _Channel] = {}
         self._key_cache: dict[str, str] = {}
+        self._hashes: dict[str, str] = {}  # SDK key -> its HMAC hash, for keys seen lately
         self.keys: KeyHasher | None = None  # set by the node once its SDK-key secret is known
         # HMAC hash -> legacy SHA-256 hash of keys not in the cache, until their lookup is done.
         self._legacy: dict[str, str] = {}
@@ -184,7 +185,12 @@ class Hub:
         key not in the cache, its legacy hash is noted for `resolve`, which tries it when the
         store has no HMAC hash of the key yet (and migrates it)."""
         assert self.keys is not None, "the node sets hub.keys before serving"
-        key_hash = self.keys.hash(sdk_key)
+        key_hash = self._hashes.get(sdk_key)
+        if key_hash is None:  # (an HMAC costs a few us: a reconnect storm asks the same keys)
+            key_hash = self.keys.hash(sdk_key)
+            if len(self._hashes) >= _KEY_CACHE_MAX:
+                self._hashes.clear()
+            self._hashes[sdk_key] = key_hash
         if key_hash not in self._key_cache:
             if len(self._legacy) >= _KEY_CACHE_MAX:
                 self._legacy.clear()

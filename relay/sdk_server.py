@@ -82,6 +82,9 @@ _BARE_LF_RESPONSE = (
     b"Connection: close\r\n\r\nlines of a request must end in CRLF\n"
 )
 
+_WHOLE_HEAD = RequestHead(0)  # shared, never fed: "no part of the head has come yet"
+_NOTHING_QUEUED: list[bytes] = []  # shared, never appended to: most connections queue nothing
+
 # Why reading from a connection is paused (a bit each): its writes are backed up, or what it
 # sent is being parsed a budget at a time.
 _PAUSE_WRITE = 1
@@ -139,7 +142,9 @@ class SdkConnection(asyncio.Protocol):
         self._since: int | None = None  # the query's `since`, while waiting for auth
         self._close_armed = False  # the close timeout runs (armed once, never pushed back)
         self._closing_bytes = 0  # received after the server's close frame
-        self._head: RequestHead | None = RequestHead(server.config.max_request_head)
+        # The request head being collected: _WHOLE_HEAD until a read brings only part of it,
+        # then a RequestHead of its own; None once it is done.
+        self._head: RequestHead | None = _WHOLE_HEAD
         self._proxy_head: bytes | None = None  # a trusted peer's bytes until PROXY is decided
         self._greeting = b""  # the 101, until it goes out with what follows it
         self._inbox = b""  # received, not parsed yet (at most one read)
@@ -147,7 +152,7 @@ class SdkConnection(asyncio.Protocol):
         # the one frame every session shares, fed as the socket drains; and what was to be
         # sent after it (pongs, a goaway, a close).
         self._tail: memoryview | None = None
-        self._queued: list[bytes] = []
+        self._queued: list[bytes] = _NOTHING_QUEUED  # (a list of its own once needed)
         self._pump_armed = False
         self._paused = 0  # _PAUSE_* bits
         self._control = 0.0  # pings/pongs before auth (a count), then the bucket's tokens
@@ -243,6 +248,8 @@ class SdkConnection(asyncio.Protocol):
         so a client that does not read holds at most about twice the mark here, whatever the
         size of the snapshot it was sent."""
         if self._tail is not None:
+            if self._queued is _NOTHING_QUEUED:
+                self._queued = []
             self._queued.append(data)
         elif len(data) > self.server.config.write_high_water:
             self._tail = memoryview(data)
@@ -275,7 +282,7 @@ class SdkConnection(asyncio.Protocol):
             tail = self._tail
             self._tail = tail[room:] if len(tail) > room else None
             self._write(tail[:room])
-        queued, self._queued = self._queued, []
+        queued, self._queued = self._queued, _NOTHING_QUEUED
         for data in queued:
             if not self.lost:
                 self._send(data)
@@ -470,6 +477,16 @@ class SdkConnection(asyncio.Protocol):
         """Collect the upgrade request."""
         head = self._head
         assert head is not None
+        limit = self.server.config.max_request_head
+        if head is _WHOLE_HEAD:
+            whole = RequestHead.whole(data, limit)
+            if whole is not None:
+                self._head = None
+                self._handshake(whole[0])
+                if whole[1] and not self.lost:
+                    self._received(whole[1])
+                return
+            head = self._head = RequestHead(limit)
         status = head.feed(data)
         if status is HeadStatus.INCOMPLETE:
             return
@@ -546,7 +563,7 @@ class SdkConnection(asyncio.Protocol):
                     self._send(data)
                     continue
                 if self._tail is not None:  # a big frame cut short: say so with a reset
-                    self._tail, self._queued = None, []
+                    self._tail, self._queued = None, _NOTHING_QUEUED
                     transport.abort()
                     return
                 if self._tls is not None:

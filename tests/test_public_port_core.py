@@ -56,6 +56,20 @@ def test_any_segmentation_gives_the_same_head_and_rest(cuts: list[int], after: b
     assert reader.rest + data[pos:] == after
 
 
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from([b"GET / HTTP/1.1", b"Host: h", b"", b"X: \n", b"\r"]),
+                max_size=6).map(lambda lines: b"\r\n".join(lines)), st.binary(max_size=20))
+def test_a_whole_head_in_one_read_is_read_as_fed_pieces_are(head: bytes, after: bytes) -> None:
+    data = head + after
+    whole = RequestHead.whole(data, 64)
+    reader = RequestHead(limit=64)
+    status = reader.feed(data)
+    if whole is not None:
+        assert status is HeadStatus.COMPLETE and whole == (reader.head, reader.rest)
+    else:
+        assert status is not HeadStatus.COMPLETE
+
+
 @pytest.mark.parametrize("head", [
     b"GET /v1/stream HTTP/1.1\nHost: h\n\n",
     b"GET /v1/stream HTTP/1.1\r\nHost: h\n\r\n",
