@@ -211,7 +211,7 @@ _bodies = st.one_of(
 )
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=600, deadline=None)
 @given(_bodies)
 def test_any_admin_body_is_a_change_or_a_clear_refusal(raw: bytes) -> None:
     try:
