@@ -762,7 +762,11 @@ async def _run_once(opts: Options) -> dict[str, Any]:
     progress = Progress(opts.progress)
     result: dict[str, Any] = {"scenario": opts.scenario, "target": opts.target,
                               "params": opts.params(), "notes": list(opts.notes)}
-    await target.start()
+    try:
+        await target.start()
+    except BaseException:
+        await target.stop()  # what did start must not outlive the run
+        raise
     if target.settings:
         result["params"]["relay"] = as_flags(target.settings)
     workers: Workers | None = None

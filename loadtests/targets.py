@@ -117,13 +117,19 @@ class Target:
                 self.proc.kill()
                 self.proc.wait(5)
 
-    async def _wait_http(self, url: str, timeout: float = 30) -> None:
+    async def _wait_http(self, url: str, timeout: float = 30,
+                         proc: subprocess.Popen[bytes] | None = None,
+                         name: str = "") -> None:
+        """Until `url` answers; an error at once if the process (`proc`, by default this
+        target's own) has exited meanwhile."""
+        proc = proc or self.proc
+        name = name or self.name
         deadline = time.monotonic() + timeout
         async with aiohttp.ClientSession() as session:
             while True:
-                if self.proc is not None and self.proc.poll() is not None:
-                    raise RuntimeError(f"{self.name} exited with {self.proc.returncode}; "
-                                       f"see {self.workdir}")
+                if proc is not None and proc.poll() is not None:
+                    raise StartFailed(f"{name} exited with {proc.returncode}; "
+                                      f"see {self.workdir}")
                 try:
                     async with session.get(url) as resp:
                         if resp.status < 500:
@@ -147,6 +153,10 @@ class Target:
         """Server processes that exited before the harness stopped them."""
         proc = self.proc
         return [self.name] if proc is not None and proc.poll() is not None else []
+
+
+class StartFailed(RuntimeError):
+    """A server process exited before it answered."""
 
 
 class RelayProtocolTarget(Target):
@@ -312,6 +322,20 @@ class ClusterTarget(RelayProtocolTarget):
         self._turn = 0
 
     async def start(self) -> None:
+        """Start Redis, the nodes and the proxies. The ports are chosen free before the
+        processes bind them (static discovery needs them in advance), so another process can
+        take one meanwhile: then the whole cluster is started once more on other ports."""
+        try:
+            await self._start()
+        except StartFailed as exc:
+            await self.stop()
+            print(f"loadtests: {self.name}: {exc}; starting it again on other ports",
+                  file=sys.stderr)
+            self.procs, self.names, self.node_procs = [], {}, {}
+            self.ws_bases, self.http_bases, self.proxy_urls = [], [], []
+            await self._start()
+
+    async def _start(self) -> None:
         redis = shutil.which("redis-server")
         if redis is None:
             raise RuntimeError("redis-server is not installed: run scripts/install-test-deps.sh")
@@ -340,8 +364,8 @@ class ClusterTarget(RelayProtocolTarget):
             self.ws_bases.append(f"ws://127.0.0.1:{port}")
             self.http_bases.append(f"http://127.0.0.1:{admin}")
             self.node_procs[f"n{i}"] = self.procs[-1]
-        for base in self.http_bases:
-            await self._wait_http(base + "/healthz")
+        for (name, proc), base in zip(self.node_procs.items(), self.http_bases, strict=True):
+            await self._wait_http(base + "/healthz", proc=proc, name=name)
         self.ws_base, self.http_base = self.ws_bases[0], self.http_bases[0]
         await self._wait_ring()
         servers = [(f"n{i}", port, admin) for i, (port, admin) in enumerate(ports)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 import subprocess
@@ -419,3 +420,23 @@ async def test_a_connection_the_server_reset_counts_as_dropped_even_if_a_write_f
     assert attack.tally.dropped == 1
     server.close()
     await server.wait_closed()
+
+
+def test_a_cluster_that_cannot_start_leaves_no_process_behind(tmp_path: Path) -> None:
+    """Nodes that exit at once (here: a setting they refuse) are seen at once, the cluster is
+    tried once more, and nothing it started outlives the run (a failed start used to leave
+    Redis and the nodes that did start running, and waited 30 s for the one that died)."""
+    import psutil
+
+    work = tmp_path / "work"
+    result = subprocess.run(
+        [sys.executable, "-m", "loadtests", "cluster", "--connections", "10", "--envs", "2",
+         "--rate", "5", "--duration", "1", "--no-progress", "--workdir", str(work)],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "RELAY_HISTORY": "0"},
+    )
+    assert result.returncode != 0
+    assert "exited with" in result.stderr and "starting it again" in result.stderr
+    left = [p for p in psutil.process_iter(["cmdline"])
+            if any(str(work) in part for part in (p.info["cmdline"] or []))]
+    assert not left, [p.info["cmdline"] for p in left]
