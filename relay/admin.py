@@ -1,6 +1,6 @@
 """The internal admin API (aiohttp): environments, flags, status, health and metrics.
 
-Every error is JSON `{"error": "..."}` with the status PROTOCOL.md names: 400 bad body,
+Every error is JSON `{"error": "..."}` with the status docs/protocol.md names: 400 bad body,
 401 no or bad token, 404 unknown environment or route, 408 body not sent in time, 409 key
 conflict, 413 too large, 503 store unavailable. Every answer is strict JSON (no NaN or
 Infinity); bodies hold finite numbers only, and a flag value's integers are msgpack's (64-bit).

@@ -36,7 +36,7 @@ from relay import protocol
 
 log = logging.getLogger("relay.client")
 
-# Close codes after which reconnecting cannot help (PROTOCOL.md: "client should: stop").
+# Close codes after which reconnecting cannot help (docs/protocol.md: "client should: stop").
 FATAL_CLOSE_CODES = frozenset({
     protocol.CLOSE_NORMAL, protocol.CLOSE_TOO_BIG,
     protocol.CLOSE_BAD_CREDENTIALS, protocol.CLOSE_PROTOCOL_ERROR,

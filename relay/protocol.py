@@ -17,7 +17,7 @@ PROTO_VERSION: Final = 1
 SUBPROTOCOL: Final = "relay.v1"
 STREAM_PATH: Final = "/v1/stream"
 
-# Close codes (PROTOCOL.md, "Close codes").
+# Close codes (docs/protocol.md, "Close codes").
 CLOSE_NORMAL: Final = 1000
 CLOSE_GOING_AWAY: Final = 1001
 CLOSE_TOO_BIG: Final = 1009

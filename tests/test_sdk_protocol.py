@@ -1,4 +1,4 @@
-"""The wire protocol over real sockets against an in-process node (PROTOCOL.md, v1)."""
+"""The wire protocol over real sockets against an in-process node (docs/protocol.md, v1)."""
 
 from __future__ import annotations
 
