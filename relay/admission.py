@@ -115,12 +115,13 @@ class _Address:
 class Ticket:
     """What one connection holds: a pending slot or a session slot, and its address's."""
 
-    __slots__ = ("address", "pending", "session")
+    __slots__ = ("address", "auth_held", "pending", "session")
 
     def __init__(self) -> None:
         self.pending = True
         self.session = False
         self.address: _Address | None = None
+        self.auth_held = False  # a key lookup holds a token of its address's failure budget
 
     @property
     def key(self) -> str | None:
@@ -202,25 +203,43 @@ class Admission:
 
     def may_authenticate(self, ticket: Ticket, now: float) -> Refusal | None:
         """Before an SDK key is looked up: refused while the address's failures are over
-        budget (no store lookup for it)."""
+        budget (no store lookup for it). Otherwise the lookup holds one token of the budget
+        until `auth_done`, so an address cannot start more lookups at once than its budget
+        allows either."""
         limits = self.limits
         entry = ticket.address
-        if entry is None or limits.auth_failure_rate <= 0 or entry.failures is None:
+        if entry is None or limits.auth_failure_rate <= 0:
             return None
+        if entry.failures is None:
+            entry.failures = _Bucket(limits.auth_failure_burst, now)
         entry.failures.refill(now, limits.auth_failure_rate, limits.auth_failure_burst)
-        if entry.failures.tokens >= 1.0:
-            return None
-        wait = (1.0 - entry.failures.tokens) / limits.auth_failure_rate
-        return Refusal(IP_AUTH_FAILURES, _retry_ms(wait), False)
+        if entry.failures.tokens < 1.0:
+            wait = (1.0 - entry.failures.tokens) / limits.auth_failure_rate
+            return Refusal(IP_AUTH_FAILURES, _retry_ms(wait), False)
+        entry.failures.tokens -= 1.0
+        ticket.auth_held = True
+        return None
 
-    def auth_failed(self, ticket: Ticket, now: float) -> None:
+    def auth_done(self, ticket: Ticket, now: float, *, failed: bool) -> None:
+        """An authentication ended: a failure costs a token of the address's budget (the one
+        its lookup held, if it held one); a success gives back the one its lookup held."""
         limits = self.limits
         entry = ticket.address
+        held, ticket.auth_held = ticket.auth_held, False
         if entry is None or limits.auth_failure_rate <= 0:
             return
         if entry.failures is None:
             entry.failures = _Bucket(limits.auth_failure_burst, now)
-        entry.failures.take(now, limits.auth_failure_rate, limits.auth_failure_burst)
+        if failed:
+            if not held:
+                entry.failures.take(now, limits.auth_failure_rate, limits.auth_failure_burst)
+        elif held:
+            entry.failures.refill(now, limits.auth_failure_rate, limits.auth_failure_burst)
+            entry.failures.tokens = min(float(limits.auth_failure_burst),
+                                        entry.failures.tokens + 1.0)
+
+    def auth_failed(self, ticket: Ticket, now: float) -> None:
+        self.auth_done(ticket, now, failed=True)
 
     def start_session(self, ticket: Ticket) -> Refusal | None:
         """The connection authenticated: a session slot (and its address's), or a refusal.

@@ -375,8 +375,8 @@ def check(config: Config) -> None:
         "slow_consumer_timeout", "membership_interval", "write_stall_timeout",
     )
     for name in positive:
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"{_flag(name)} must be positive")
+        if not 0 < getattr(config, name) < float("inf"):  # (NaN too)
+            raise ConfigError(f"{_flag(name)} must be a positive number of seconds")
     try:
         DrainPlan.make(config.drain_deadline, config.drain_window)
     except DrainError as exc:

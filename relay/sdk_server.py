@@ -811,6 +811,8 @@ class SdkConnection(asyncio.Protocol):
                 server.unknown_keys.add(self.key_hash, server.loop.time())
                 self._refuse("unknown_key", "unknown SDK key")
                 return
+            assert self.ticket is not None
+            server.admission.auth_done(self.ticket, server.loop.time(), failed=False)
             if self.proto.state is not _OPEN or not self._session_slot():
                 return
             self.env = env
@@ -823,6 +825,8 @@ class SdkConnection(asyncio.Protocol):
                 hub.detach(self)  # closed while the environment was loading
         except StoreError as exc:
             log.warning("SDK auth: store unavailable: %s", exc)
+            if self.ticket is not None:  # (not the client's failure)
+                server.admission.auth_done(self.ticket, server.loop.time(), failed=False)
             self.close(protocol.CLOSE_INTERNAL, "store unavailable")
         finally:
             self._auth_task = None

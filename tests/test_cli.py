@@ -106,7 +106,7 @@ def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
     marks = run(None, "serve", "--write-high-water", "1000", "--write-low-water", "1000")
     assert "--write-low-water must be at least 0 and below" in one_line_error(marks)
     timeout = run(None, "serve", "--slow-consumer-timeout", "0")
-    assert "--slow-consumer-timeout must be positive" in one_line_error(timeout)
+    assert "--slow-consumer-timeout must be a positive number" in one_line_error(timeout)
     alone = run(None, "serve", "--discovery", "static:a@127.0.0.1:1", "--peer-token", "t")
     assert "a cluster needs a shared store" in one_line_error(alone)
     no_token = run(None, "serve", "--discovery", "redis", "--store", "redis://127.0.0.1:9")
@@ -326,3 +326,8 @@ def test_status_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
         " --json | head -1", shell=True, capture_output=True, text=True, timeout=30)
     assert result.stdout.strip() == "{"
     assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
+
+
+def test_a_timeout_that_is_not_a_number_is_refused() -> None:
+    result = run(None, "serve", "--close-timeout", "nan", "--dry-run")
+    assert "--close-timeout must be a positive number of seconds" in one_line_error(result)

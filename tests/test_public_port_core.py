@@ -268,6 +268,26 @@ def test_auth_failures_refuse_an_address_without_a_lookup() -> None:
     assert admission.may_authenticate(ticket, 2.0) is None
 
 
+def test_lookups_under_way_hold_the_failure_budget() -> None:
+    """50 connections of one address authenticating at once started 50 store lookups against
+    a budget of 20: each lookup now holds a token until it ends, a success gives it back."""
+    admission = adm.Admission(_limits(max_pending=100, auth_failure_rate=0.5,
+                                      auth_failure_burst=20))
+    tickets = []
+    for _ in range(50):
+        ticket = admission.accept()
+        assert ticket is not None and admission.identify(ticket, "192.0.2.1", 0) is None
+        tickets.append(ticket)
+    started = [t for t in tickets if admission.may_authenticate(t, 0) is None]
+    assert len(started) == 20
+    for ticket in started[:10]:
+        admission.auth_done(ticket, 0, failed=False)  # found: their tokens come back
+    for ticket in started[10:]:
+        admission.auth_failed(ticket, 0)  # unknown: their tokens stay spent, once
+    again = [t for t in tickets[20:] if admission.may_authenticate(t, 0) is None]
+    assert len(again) == 10
+
+
 @settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(["accept", "identify", "session", "release",
                                            "fail"]),
