@@ -170,6 +170,7 @@ class Hub:
         self.keys: KeyHasher | None = None  # set by the node once its SDK-key secret is known
         # HMAC hash -> legacy SHA-256 hash of keys not in the cache, until their lookup is done.
         self._legacy: dict[str, str] = {}
+        self._lookups: dict[str, asyncio.Future[str | None]] = {}  # store lookups under way
         # Keys of environments whose keys changed while this node ran: a session that was
         # attaching when its key was revoked is refused once the load completes.
         self._env_keys: dict[str, frozenset[str]] = {}
@@ -197,23 +198,47 @@ class Hub:
             self._legacy[key_hash] = legacy_hash_key(sdk_key)
         return key_hash
 
-    async def resolve(self, key_hash: str) -> str | None:
+    def resolve(self, key_hash: str) -> asyncio.Future[str | None]:
         """The environment a hashed SDK key reads; cached so reconnect storms skip the store.
-        A key the store holds only under its legacy hash is migrated to its HMAC hash."""
-        env = self._key_cache.get(key_hash)
-        if env is None:
-            legacy = self._legacy.get(key_hash)
-            env = await self.store.env_for_key(key_hash)
-            if env is None and legacy is not None:
-                assert self.keys is not None
-                env = await self.store.migrate_key(legacy, key_hash, self.keys.keep_legacy)
-            # (Kept after a store error: a lookup of the same key that started meanwhile may
-            # still need it.)
-            self._legacy.pop(key_hash, None)
-            if env is not None and self.key_valid(key_hash, env):
-                if len(self._key_cache) >= _KEY_CACHE_MAX:
-                    self._key_cache.clear()
-                self._key_cache[key_hash] = env
+        Lookups of one key at once share one store lookup (a storm of a key not cached yet,
+        after a restart or an upgrade, costs one): the lookup is under way when this returns,
+        so the next connection of the same tick joins it. Await it shielded: it is shared."""
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            env = self._key_cache.get(key_hash)
+            if env is not None:
+                known: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+                known.set_result(env)
+                return known
+            lookup = asyncio.ensure_future(self._look_up(key_hash))
+            self._lookups[key_hash] = lookup
+            lookup.add_done_callback(lambda done: self._lookup_done(key_hash, done))
+        return lookup
+
+    def looking_up(self, key_hash: str) -> bool:
+        """A store lookup of this key is under way: joining it costs the store nothing."""
+        return key_hash in self._lookups
+
+    def _lookup_done(self, key_hash: str, lookup: asyncio.Future[str | None]) -> None:
+        if self._lookups.get(key_hash) is lookup:
+            del self._lookups[key_hash]
+        if not lookup.cancelled():
+            lookup.exception()  # (retrieved: every session waiting on it may have gone)
+
+    async def _look_up(self, key_hash: str) -> str | None:
+        """One store lookup. A key the store holds only under its legacy hash is migrated to
+        its HMAC hash."""
+        legacy = self._legacy.get(key_hash)
+        env = await self.store.env_for_key(key_hash)
+        if env is None and legacy is not None:
+            assert self.keys is not None
+            env = await self.store.migrate_key(legacy, key_hash, self.keys.keep_legacy)
+        # (Kept after a store error: the next lookup of the key may still need it.)
+        self._legacy.pop(key_hash, None)
+        if env is not None and self.key_valid(key_hash, env):
+            if len(self._key_cache) >= _KEY_CACHE_MAX:
+                self._key_cache.clear()
+            self._key_cache[key_hash] = env
         return env
 
     def key_valid(self, key_hash: str, env: str) -> bool:
@@ -740,6 +765,8 @@ class Hub:
         for channel in self._channels.values():
             if channel.idle_timer is not None:
                 channel.idle_timer.cancel()
-        for task in list(self._tasks):
+        lookups = list(self._lookups.values())
+        running: list[asyncio.Future[Any]] = [*self._tasks, *lookups]
+        for task in running:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *lookups, return_exceptions=True)

@@ -775,7 +775,8 @@ class SdkConnection(asyncio.Protocol):
         self._control_at = server.loop.time()
         self.key_hash = server.hub.hash_key(key)
         hub = server.hub
-        if hub.cached_env(self.key_hash) is None:  # (a known key costs no lookup: let it in)
+        if hub.cached_env(self.key_hash) is None and not hub.looking_up(self.key_hash):
+            # (A known key, or one being looked up already, costs no store lookup: let it in.)
             assert self.ticket is not None
             refusal = server.admission.may_authenticate(self.ticket, server.loop.time())
             if refusal is not None:
@@ -800,13 +801,14 @@ class SdkConnection(asyncio.Protocol):
                 for frame in frames[1:]:
                     self._send(frame)
                 return
-        self._auth_task = server.loop.create_task(self._authenticate(since))
+        lookup = hub.resolve(self.key_hash)  # (now: the next connection with this key joins it)
+        self._auth_task = server.loop.create_task(self._authenticate(lookup, since))
 
-    async def _authenticate(self, since: int | None) -> None:
+    async def _authenticate(self, lookup: asyncio.Future[str | None], since: int | None) -> None:
         server = self.server
         hub = server.hub
         try:
-            env = await hub.resolve(self.key_hash)
+            env = await asyncio.shield(lookup)  # (a session that goes cancels only its wait)
             if env is None:
                 server.unknown_keys.add(self.key_hash, server.loop.time())
                 self._refuse("unknown_key", "unknown SDK key")

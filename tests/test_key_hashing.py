@@ -201,6 +201,33 @@ async def test_a_reconnect_storm_of_one_legacy_key_is_served(make_node: MakeNode
         await ws.close()
 
 
+async def test_a_storm_of_one_key_not_cached_costs_one_lookup(make_node: MakeNode) -> None:
+    """After a restart no key is cached: 40 SDKs of one address (a NAT) with one key are all
+    served by one shared store lookup, though their address may start only 5 at once."""
+    node = await make_node(ip_auth_failure_burst=5)
+    admin = Admin(node.admin_url)
+    await admin.put_env("prod", ["storm-key"])
+    await admin.close()
+    await node.stop()
+    node = await make_node(data_dir=node.config.data_dir, ip_auth_failure_burst=5)
+    lookups = []
+    env_for_key = node.store.env_for_key
+
+    async def counted(key_hash: str) -> str | None:
+        lookups.append(key_hash)
+        return await env_for_key(key_hash)
+
+    node.store.env_for_key = counted  # type: ignore[method-assign]
+    sockets = [await open_stream(node.ws_url) for _ in range(40)]
+    auth = msgpack.packb({"t": "auth", "key": "storm-key"})
+    await asyncio.gather(*(ws.send(auth) for ws in sockets))
+    frames = await asyncio.gather(*(recv_frame(ws) for ws in sockets))
+    assert [(f["t"], f["env"]) for f in frames] == [("hello", "prod")] * 40
+    assert len(lookups) == 1
+    for ws in sockets:
+        await ws.close()
+
+
 async def test_a_lost_secret_is_refused_at_start(tmp_path: Path) -> None:
     """A data dir whose sdk-key-secret is not the one its keys were hashed under (the file
     lost, a backup of relay.db alone) would refuse every SDK key: relay refuses to start."""
