@@ -91,12 +91,7 @@ def create_secret_file(path: Path, text: str) -> bool:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                  0o600)
     try:
-        try:
-            os.fchmod(fd, 0o600)
-            os.write(fd, (text + "\n").encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fill(fd, text)
         try:
             os.link(tmp, path)  # fails if path exists: no replace, unlike rename
         except FileExistsError:
@@ -116,13 +111,18 @@ def _create_in_place(path: Path, text: str) -> bool:
                      0o600)
     except FileExistsError:
         return False
+    _fill(fd, text)
+    return True
+
+
+def _fill(fd: int, text: str) -> None:
+    """Write a new private file's one line, durably, and close it."""
     try:
         os.fchmod(fd, 0o600)
         os.write(fd, (text + "\n").encode())
         os.fsync(fd)
     finally:
         os.close(fd)
-    return True
 
 
 def read_private_bytes(path: str | Path, what: str) -> bytes:

@@ -13,6 +13,7 @@ import msgpack
 
 from relay.node import Node
 from tests.helpers import Admin, close_code, open_stream, recv_frame, wait_until
+from tests.rawws import client_frame
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
@@ -23,19 +24,6 @@ def _upgrade(path: str = "/v1/stream", *headers: str) -> bytes:
              "Connection: Upgrade", f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13",
              "Sec-WebSocket-Protocol: relay.v1", *headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def _client_frame(opcode: int, payload: bytes = b"", declared: int | None = None) -> bytes:
-    """A masked client frame (all-zero mask, so the payload goes as it is)."""
-    length = len(payload) if declared is None else declared
-    head = bytes([0x80 | opcode])
-    if length < 126:
-        head += bytes([0x80 | length])
-    elif length < 1 << 16:
-        head += bytes([0x80 | 126]) + struct.pack("!H", length)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", length)
-    return head + b"\x00\x00\x00\x00" + payload
 
 
 async def _read_until_eof(reader: asyncio.StreamReader, timeout: float = 10) -> bytes:
@@ -87,7 +75,7 @@ async def test_a_client_that_keeps_talking_after_close_is_cut_off(make_node: Nod
 
         async def chatter() -> None:
             while True:
-                writer.write(_client_frame(0x9))  # ping, forever, never a close frame
+                writer.write(client_frame(0x9))  # ping, forever, never a close frame
                 await asyncio.sleep(0.05)
 
         talker = asyncio.create_task(chatter())
@@ -172,7 +160,7 @@ async def test_frames_sent_with_the_upgrade_meet_an_open_connection(
     await admin.put_env("prod", ["k"])
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
     # The upgrade and an oversized frame header in one packet: 101, then close 1009.
-    writer.write(_upgrade() + _client_frame(0x2, declared=(1 << 20) + 1))
+    writer.write(_upgrade() + client_frame(0x2, declared=(1 << 20) + 1))
     data = await _read_until_eof(reader)
     assert data.startswith(b"HTTP/1.1 101")
     close = data[data.index(b"\r\n\r\n") + 4:]
@@ -180,7 +168,7 @@ async def test_frames_sent_with_the_upgrade_meet_an_open_connection(
     writer.close()
     # The upgrade and a complete auth frame in one packet: served as usual.
     reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
-    writer.write(_upgrade() + _client_frame(0x2, msgpack.packb({"t": "auth", "key": "k"})))
+    writer.write(_upgrade() + client_frame(0x2, msgpack.packb({"t": "auth", "key": "k"})))
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101")
     first = await reader.readexactly(2)
@@ -222,7 +210,7 @@ async def test_what_a_client_sends_is_parsed_a_budget_at_a_time(make_node: NodeF
                 loop.call_soon(tick)
 
         tick()
-        writer.write(_client_frame(0x9, b"p" * 10) * 4000)  # 64 KB of pings in one write
+        writer.write(client_frame(0x9, b"p" * 10) * 4000)  # 64 KB of pings in one write
         await wait_until(lambda: sum(n for n, _ in fed) >= 64_000, "not all parsed")
         ticking = False
         assert max(n for n, _ in fed) <= READ_BUDGET
