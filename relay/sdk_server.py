@@ -114,10 +114,10 @@ class SdkConnection(asyncio.Protocol):
 
     __slots__ = (
         "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
-        "_control_at", "_fragments", "_greeting", "_head", "_inbox", "_paused", "_proxy_head",
-        "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls", "_tls_wait",
-        "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip", "proto",
-        "server", "ticket", "transport", "writing_paused",
+        "_control_at", "_fragments", "_greeting", "_head", "_high_water", "_inbox", "_paused",
+        "_proxy_head", "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls",
+        "_tls_wait", "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip",
+        "proto", "server", "ticket", "transport", "writing_paused",
     )
 
     def __init__(self, server: SdkServer) -> None:
@@ -152,6 +152,7 @@ class SdkConnection(asyncio.Protocol):
         # the one frame every session shares, fed as the socket drains; and what was to be
         # sent after it (pongs, a goaway, a close).
         self._tail: memoryview | None = None
+        self._high_water = server.config.write_high_water  # a bigger write is fed in parts
         self._queued: list[bytes] = _NOTHING_QUEUED  # (a list of its own once needed)
         self._pump_armed = False
         self._paused = 0  # _PAUSE_* bits
@@ -251,7 +252,7 @@ class SdkConnection(asyncio.Protocol):
             if self._queued is _NOTHING_QUEUED:
                 self._queued = []
             self._queued.append(data)
-        elif len(data) > self.server.config.write_high_water:
+        elif len(data) > self._high_water:
             self._tail = memoryview(data)
             self._feed_tail()
         else:
@@ -274,7 +275,7 @@ class SdkConnection(asyncio.Protocol):
         what was queued behind it."""
         transport = self.transport
         assert transport is not None
-        high = self.server.config.write_high_water
+        high = self._high_water
         while self._tail is not None and not self.lost:
             room = high + 1 - transport.get_write_buffer_size()
             if room <= 0:
@@ -339,7 +340,10 @@ class SdkConnection(asyncio.Protocol):
         above --write-high-water and evicts those that stay behind (relay/outbound.py)."""
         if self.proto.state is not _OPEN or self.lost:
             return False
-        self._send(data)
+        if self._tail is None and self._tls is None and len(data) <= self._high_water:
+            self.transport.write(data)  # type: ignore[union-attr]  # (the fan-out's common case)
+        else:
+            self._send(data)
         return True
 
     def buffered(self) -> int:
