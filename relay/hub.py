@@ -1,9 +1,12 @@
-"""The edge's fan-out: per-environment channels of local SDK sessions, fed by the store.
+"""The edge's fan-out: the I/O around per-environment channels of local SDK sessions.
 
-Each environment with local sessions has a channel holding its `EnvState` (the warm cache new
-sessions are served from) and its sessions. A committed change is encoded once; frames owed in
-one event-loop tick are joined and written to every session with one write each (uvloop sets
-TCP_NODELAY, so batching per tick is what keeps a burst from costing one send() per frame).
+Each environment with local sessions has an `EnvChannel` (relay/env_channel.py: its `EnvState`,
+the warm cache new sessions are served from, its sessions, and every decision of the fan-out,
+without I/O). The hub keeps what needs the event loop: the registry, load/resync/encode tasks,
+timers, the tick's `call_soon`, metrics, and the writes. A committed change is encoded once;
+frames owed in one event-loop tick are joined and written to every session with one write each
+(uvloop sets TCP_NODELAY, so batching per tick is what keeps a burst from costing one send()
+per frame).
 
 In a cluster (relay/cluster.py), an environment this node does not own is followed through a
 peer link to its owner (`Upstream`): the channel then takes changes from there, not from the
@@ -27,10 +30,9 @@ from typing import Any, Protocol
 
 from relay import peer_protocol, protocol
 from relay.changes import Change
+from relay.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
 from relay.envstate import (
     DEFAULT_HISTORY_BYTES,
-    STEP,
-    Applied,
     EncodedChange,
     EnvState,
     Steps,
@@ -38,14 +40,12 @@ from relay.envstate import (
     run_steps,
 )
 from relay.metrics import Metrics
-from relay.outbound import EVICT_HISTORY, Outbox
 from relay.store.base import KeyHasher, Store, legacy_hash_key
 from relay.tasks import run_in_steps
 
 log = logging.getLogger("relay.hub")
 
 _KEY_CACHE_MAX = 100_000
-_JOIN_COPY_MAX = 64 << 10  # a bigger catch-up is written as the shared frame, not copied
 _RESYNC_RETRY_S = 1.0
 
 
@@ -101,23 +101,17 @@ class Upstream(Protocol):
         ...
 
 
-class _Channel:
+class _Env:
+    """The hub's record of one environment: its `EnvChannel` (the decisions) and what needs
+    the event loop (tasks, the idle timer, its gauge, the cluster's links)."""
+
     __slots__ = (
-        "buffered", "encode_task", "env", "followers", "gauge", "hello", "idle_timer", "load_task",
-        "pending", "pending_base", "pending_ts", "pending_v", "resync_task", "sessions", "state",
+        "channel", "encode_task", "followers", "gauge", "idle_timer", "load_task", "resync_task",
         "via_peer",
     )
 
-    def __init__(self, env: str) -> None:
-        self.env = env
-        self.state: EnvState | None = None
-        self.sessions: dict[SessionSink, Outbox] = {}
-        self.pending: list[bytes] = []  # frames owed to every session this tick
-        self.pending_ts: list[float] = []  # commit times of the changes in `pending`
-        self.pending_base = 0  # `pending` takes clients from this version ...
-        self.pending_v = 0  # ... to this one
-        self.buffered: list[Change] = []  # changes seen while loading, resyncing or encoding
-        self.hello: tuple[int, bytes] = (-1, b"")
+    def __init__(self, env: str, node_id: str) -> None:
+        self.channel: EnvChannel[SessionSink] = EnvChannel(env, node_id)
         self.load_task: asyncio.Task[None] | None = None
         self.resync_task: asyncio.Task[None] | None = None
         # A big change, or a newer full state, encoded in steps.
@@ -130,9 +124,12 @@ class _Channel:
         self.followers: dict[Follower, list[bytes] | None] = {}
 
     @property
-    def busy(self) -> bool:
-        """Changes wait in `buffered`, in order, until a resync or an encoding is over."""
-        return self.resync_task is not None or self.encode_task is not None
+    def env(self) -> str:
+        return self.channel.env
+
+    @property
+    def state(self) -> EnvState | None:
+        return self.channel.state
 
 
 class Hub:
@@ -158,13 +155,13 @@ class Hub:
         self.slow_consumer_timeout = slow_consumer_timeout
         self.max_session_buffer = max_session_buffer
         self.write_stall_timeout = write_stall_timeout
-        self._channels: dict[str, _Channel] = {}
+        self._channels: dict[str, _Env] = {}
         self._closed = False
-        # Sessions whose socket buffer is above the high-water mark: what the sweep looks at.
-        self._paused: dict[SessionSink, Outbox] = {}
+        self._sweep_limits = SweepLimits(slow_consumer_timeout, max_session_buffer,
+                                         write_stall_timeout)
         self._sweep_timer: asyncio.TimerHandle | None = None
         metrics.sessions_behind.set_function(self.sessions_behind)
-        self._dirty: dict[str, _Channel] = {}
+        self._dirty: dict[str, _Env] = {}  # environments owed a flush this tick
         self._key_cache: dict[str, str] = {}
         self._hashes: dict[str, str] = {}  # SDK key -> its HMAC hash, for keys seen lately
         self.keys: KeyHasher | None = None  # set by the node once its SDK-key secret is known
@@ -252,9 +249,9 @@ class Hub:
         for key_hash, cached_env in list(self._key_cache.items()):
             if cached_env == env and key_hash not in key_hashes:
                 del self._key_cache[key_hash]
-        channel = self._channels.get(env)
-        if channel is not None:
-            for session in list(channel.sessions):
+        entry = self._channels.get(env)
+        if entry is not None:
+            for session in list(entry.channel.sessions):
                 if session.key_hash not in key_hashes:
                     session.close(protocol.CLOSE_BAD_CREDENTIALS, "SDK key revoked")
 
@@ -266,22 +263,18 @@ class Hub:
         Returns False (and attaches nothing) if the session's key was revoked meanwhile.
         Raises StoreError if the environment cannot be loaded.
         """
-        channel = self._channels.get(session.env)
-        if channel is None:
-            channel = _Channel(session.env)
-            self._channels[session.env] = channel
-            channel.load_task = self._spawn(self._load(channel))
-        if channel.state is None:
-            assert channel.load_task is not None
+        entry = self._entry(session.env)
+        if entry.state is None:
+            assert entry.load_task is not None
             try:
-                await asyncio.shield(channel.load_task)
+                await asyncio.shield(entry.load_task)
             except asyncio.CancelledError:
-                self._arm_idle_timer(channel)  # the load goes on; drop the channel if unused
+                self._arm_idle_timer(entry)  # the load goes on; drop the channel if unused
                 raise
         if not self.key_valid(session.key_hash, session.env):
-            self._arm_idle_timer(channel)
+            self._arm_idle_timer(entry)
             return False
-        frames = self._join(channel, session, since)
+        frames = self._join(entry, session, since)
         if all(session.write(frame) for frame in frames):
             self._count_sent(2, sum(map(len, frames)))
         return True
@@ -295,14 +288,14 @@ class Hub:
         is loaded here. The session joins now; the caller writes the returned `hello` and
         catch-up (after whatever it still owes the client, such as its 101 response, in the
         same write when it is small). None when only `attach` can do it."""
-        channel = self._channels.get(session.env)
+        entry = self._channels.get(session.env)
         if (
-            channel is None
-            or channel.state is None
+            entry is None
+            or entry.state is None
             or not self.key_valid(session.key_hash, session.env)
         ):
             return None
-        frames = self._join(channel, session, since)
+        frames = self._join(entry, session, since)
         self._count_sent(2, sum(map(len, frames)))  # the caller writes them to an open connection
         return frames
 
@@ -310,141 +303,118 @@ class Hub:
         self.metrics.frames_sent.inc(frames)
         self.metrics.bytes_sent.inc(size)
 
-    def _join(
-        self, channel: _Channel, session: SessionSink, since: int | None
-    ) -> tuple[bytes, ...]:
-        """Add the session to a loaded channel; return its `hello` and catch-up frames: joined
-        when small (one write), apart when the catch-up is big, so that sessions write the
-        environment's one shared snapshot and no copy of it each.
+    def _entry(self, env: str) -> _Env:
+        """The environment's record, created (and its load started) if it has none."""
+        entry = self._channels.get(env)
+        if entry is None:
+            entry = _Env(env, self.node_id)
+            self._channels[env] = entry
+            entry.load_task = self._spawn(self._load(entry))
+        return entry
+
+    def _join(self, entry: _Env, session: SessionSink, since: int | None) -> tuple[bytes, ...]:
+        """Add the session to a loaded channel; return its `hello` and catch-up frames.
 
         Synchronous, and the caller writes the frames before yielding: the session joins
         exactly between two fan-outs."""
-        state = channel.state
-        assert state is not None
-        self._flush_channel(channel)  # (which may evict a session, and arm the idle timer)
-        if channel.idle_timer is not None:
-            channel.idle_timer.cancel()
-            channel.idle_timer = None
-        if channel.hello[0] != state.v:
-            channel.hello = (
-                state.v,
-                protocol.ws_binary_frame(protocol.hello(state.env, self.node_id, state.v)),
-            )
-        catch_up = state.catch_up_frame(since)
-        frames = ((channel.hello[1] + catch_up,) if len(catch_up) <= _JOIN_COPY_MAX
-                  else (channel.hello[1], catch_up))
-        box = Outbox(state.v)
-        channel.sessions[session] = box
+        self._flush_entry(entry)  # (which may evict a session, and arm the idle timer)
+        if entry.idle_timer is not None:
+            entry.idle_timer.cancel()
+            entry.idle_timer = None
+        frames = entry.channel.join(session, since)
         if session.writing_paused:  # its 101 alone filled the buffer
-            self._pause(session, box)
-        if channel.gauge is None:
-            channel.gauge = self.metrics.connections.labels(session.env)
-        channel.gauge.inc()
+            self.session_paused(session)
+        if entry.gauge is None:
+            entry.gauge = self.metrics.connections.labels(session.env)
+        entry.gauge.inc()
         return frames
 
     def detach(self, session: SessionSink) -> None:
-        channel = self._channels.get(session.env)
-        if channel is None or session not in channel.sessions:
+        entry = self._channels.get(session.env)
+        if entry is None or not entry.channel.leave(session):
             return
-        del channel.sessions[session]
-        self._paused.pop(session, None)
-        if channel.gauge is not None:
-            channel.gauge.dec()
-        self._arm_idle_timer(channel)
+        if entry.gauge is not None:
+            entry.gauge.dec()
+        self._arm_idle_timer(entry)
 
-    def _arm_idle_timer(self, channel: _Channel) -> None:
+    def _arm_idle_timer(self, entry: _Env) -> None:
         """Drop the channel after idle_ttl if it has no sessions (nor followers) by then."""
-        if not channel.sessions and not channel.followers and channel.idle_timer is None:
+        if not entry.channel.sessions and not entry.followers and entry.idle_timer is None:
             loop = asyncio.get_running_loop()
-            channel.idle_timer = loop.call_later(self.idle_ttl, self._drop_if_idle, channel)
+            entry.idle_timer = loop.call_later(self.idle_ttl, self._drop_if_idle, entry)
 
     # --- backpressure ---------------------------------------------------------------------------
 
     def session_paused(self, session: SessionSink) -> None:
         """Its socket buffer passed the high-water mark: write it nothing until it drains."""
-        channel = self._channels.get(session.env)
-        box = channel.sessions.get(session) if channel is not None else None
-        if box is not None:
-            self._pause(session, box)
+        entry = self._channels.get(session.env)
+        if entry is not None and entry.channel.pause(
+            session, asyncio.get_running_loop().time(), session.unsent()
+        ):
+            self._arm_sweep()
 
-    def _pause(self, session: SessionSink, box: Outbox) -> None:
-        box.pause(asyncio.get_running_loop().time(), session.unsent())
-        self._paused[session] = box
+    def session_resumed(self, session: SessionSink) -> None:
+        """Its socket buffer drained below the low-water mark: one delta brings it up to date."""
+        entry = self._channels.get(session.env)
+        if entry is None:
+            return
+        owed = entry.channel.resume(session)
+        if isinstance(owed, str):
+            session.evict(owed)  # what it missed is gone: it reconnects for a snapshot
+        elif owed is not None:
+            self._write_catch_up(owed)
+
+    def _write_catch_up(self, catch_up: CatchUp[SessionSink]) -> None:
+        if catch_up.session.write(catch_up.frame):
+            self._count_sent(1, len(catch_up.frame))
+            if catch_up.missed > 1:  # one change alone was not coalesced with anything
+                self.metrics.coalesced_changes.inc(catch_up.missed)
+
+    def _arm_sweep(self) -> None:
         if self._sweep_timer is None:
             self._sweep_timer = asyncio.get_running_loop().call_later(
                 self._sweep_interval(), self._sweep
             )
 
-    def session_resumed(self, session: SessionSink) -> None:
-        """Its socket buffer drained below the low-water mark: one delta brings it up to date."""
-        channel = self._channels.get(session.env)
-        box = channel.sessions.get(session) if channel is not None else None
-        if channel is None or box is None:
-            return
-        box.resume()
-        self._paused.pop(session, None)
-        if channel.state is not None and box.owes(channel.state.v):
-            self._catch_up(channel, session, box)
-
-    def _catch_up(self, channel: _Channel, session: SessionSink, box: Outbox) -> None:
-        """Write one delta from the version the session holds to the current one."""
-        state = channel.state
-        assert state is not None
-        if box.held < state.oldest_base:
-            session.evict(EVICT_HISTORY)  # what it missed is gone: it reconnects for a snapshot
-            return
-        frame = state.catch_up_frame(box.held)
-        missed = state.v - box.held
-        box.caught_up(state.v)
-        if session.write(frame):
-            self._count_sent(1, len(frame))
-            if missed > 1:  # one change alone was not coalesced with anything
-                self.metrics.coalesced_changes.inc(missed)
-
     def _sweep_interval(self) -> float:
-        return min(1.0, self.slow_consumer_timeout / 4, self.write_stall_timeout / 4)
+        limits = self._sweep_limits
+        return min(1.0, limits.slow_consumer_timeout / 4, limits.write_stall_timeout / 4)
 
     def _sweep(self) -> None:
         """Evict the paused sessions that stayed behind too long, owe too many bytes, or missed
         changes history no longer holds. Runs while any session is paused."""
         self._sweep_timer = None
         now = asyncio.get_running_loop().time()
-        for session, box in list(self._paused.items()):
-            channel = self._channels.get(session.env)
-            if channel is None or channel.state is None:
-                continue
-            reason = box.eviction(
-                now, timeout=self.slow_consumer_timeout, buffered=session.buffered(),
-                unsent=session.unsent(),
-                max_buffered=self.max_session_buffer, oldest_base=channel.state.oldest_base,
-                stall_timeout=self.write_stall_timeout,
-            )
-            if reason is not None:
-                session.evict(reason)  # closes it, which detaches it
-        if self._paused:
-            self._sweep_timer = asyncio.get_running_loop().call_later(
-                self._sweep_interval(), self._sweep
-            )
+        paused = False
+        for entry in list(self._channels.values()):
+            if entry.channel.paused_count:
+                for session, reason in entry.channel.sweep(now, self._sweep_limits):
+                    session.evict(reason)  # closes it, which detaches it
+                paused = paused or entry.channel.paused_count > 0
+        if paused:
+            self._arm_sweep()
 
     def sessions_behind(self) -> int:
         """Sessions that missed at least one change and have not caught up yet."""
-        return sum(1 for box in self._paused.values() if box.behind_since is not None)
+        return sum(entry.channel.behind_count() for entry in self._channels.values()
+                   if entry.channel.paused_count)
 
     def sessions(self) -> list[SessionSink]:
-        return [s for channel in self._channels.values() for s in channel.sessions]
+        return [s for entry in self._channels.values() for s in entry.channel.sessions]
 
     def follower_count(self) -> int:
         """Peers' subscriptions to environments this node owns (or owned)."""
-        return sum(len(channel.followers) for channel in self._channels.values())
+        return sum(len(entry.followers) for entry in self._channels.values())
 
     def session_count(self) -> int:
-        return sum(len(channel.sessions) for channel in self._channels.values())
+        return sum(len(entry.channel.sessions) for entry in self._channels.values())
 
     def env_summary(self) -> dict[str, dict[str, int]]:
         """Per loaded environment: version held and local sessions (for status)."""
         return {
-            env: {"v": ch.state.v if ch.state else -1, "sessions": len(ch.sessions)}
-            for env, ch in self._channels.items()
+            env: {"v": entry.state.v if entry.state else -1,
+                  "sessions": len(entry.channel.sessions)}
+            for env, entry in self._channels.items()
         }
 
     # --- cluster ------------------------------------------------------------------------------
@@ -454,70 +424,66 @@ class Hub:
 
     def version(self, env: str) -> int | None:
         """The version held for `env`, if it is loaded."""
-        channel = self._channels.get(env)
-        return None if channel is None or channel.state is None else channel.state.v
+        entry = self._channels.get(env)
+        return None if entry is None or entry.state is None else entry.state.v
 
     def set_source(self, env: str, via_peer: bool) -> None:
         """Take `env`'s changes from a peer (the cluster just subscribed with our version) or
         from the store again (this node owns it now, or the owner's link is down): then
         whatever came meanwhile is read from the store."""
-        channel = self._channels.get(env)
-        if channel is None or channel.via_peer == via_peer or channel.state is None:
+        entry = self._channels.get(env)
+        if entry is None or entry.via_peer == via_peer or entry.state is None:
             return
-        if via_peer and channel.followers:
+        if via_peer and entry.followers:
             return  # it serves edges: it follows the store itself (no cycles of edges)
-        channel.via_peer = via_peer
-        if not via_peer and channel.resync_task is None:
-            channel.resync_task = self._spawn(self._resync(channel))
+        entry.via_peer = via_peer
+        if not via_peer:
+            self._start_resync(entry)
 
     def on_upstream(self, message: peer_protocol.PeerMessage) -> None:
         """A message from the owner of an environment this node follows as an edge."""
-        channel = self._channels.get(message.env)
-        if channel is None or not channel.via_peer:
+        entry = self._channels.get(message.env)
+        if entry is None or not entry.via_peer:
             return  # not (or no longer) followed through a peer: the store is the source
         if isinstance(message, Change):
             self.metrics.upstream_lag.labels(message.env).set(max(0.0, time.time() - message.ts))
-            self._take(channel, message)
+            self._take(entry, message)
         elif isinstance(message, peer_protocol.Changes):
             for change in message.changes:
-                self._take(channel, change)
-        elif isinstance(message, peer_protocol.State) and channel.state is not None:
-            if channel.resync_task is not None:
+                self._take(entry, change)
+        elif isinstance(message, peer_protocol.State) and entry.state is not None:
+            if entry.resync_task is not None:
                 pass  # (a resync brings it up to date anyway)
-            elif channel.encode_task is not None:  # the store is as new: read it once done
-                channel.resync_task = self._spawn(self._resync(channel))
-            elif message.v > channel.state.v:
-                channel.encode_task = self._spawn(self._jump_task(channel, message))
+            elif entry.encode_task is not None:  # the store is as new: read it once done
+                self._start_resync(entry)
+            elif message.v > entry.state.v:
+                entry.channel.encoding = True
+                entry.encode_task = self._spawn(self._jump_task(entry, message))
 
     async def add_follower(self, env: str, follower: Follower, since: int | None) -> None:
         """A remote edge follows `env` from here: send what it lacks, then every change.
         Raises UnknownEnv or StoreError."""
-        channel = self._channels.get(env)
-        if channel is None:
-            channel = _Channel(env)
-            self._channels[env] = channel
-            channel.load_task = self._spawn(self._load(channel))
-        if channel.state is None:
-            assert channel.load_task is not None
-            await asyncio.shield(channel.load_task)
-        state = channel.state
+        entry = self._entry(env)
+        if entry.state is None:
+            assert entry.load_task is not None
+            await asyncio.shield(entry.load_task)
+        state = entry.state
         assert state is not None
-        if channel.idle_timer is not None:
-            channel.idle_timer.cancel()
-            channel.idle_timer = None
-        if channel.via_peer:  # the ring differs between nodes for now: serve from the store
-            channel.via_peer = False
+        if entry.idle_timer is not None:
+            entry.idle_timer.cancel()
+            entry.idle_timer = None
+        if entry.via_peer:  # the ring differs between nodes for now: serve from the store
+            entry.via_peer = False
             if self.upstream is not None:
                 self.upstream.unfollow(env)
-            if channel.resync_task is None:
-                channel.resync_task = self._spawn(self._resync(channel))
-        self._flush_channel(channel)
+            self._start_resync(entry)
+        self._flush_entry(entry)
         # What it lacks, decoded in steps from the state and history held now; the changes
         # told to followers meanwhile wait for it, in order.
         changes = None if since is None else state.changes_after_steps(since)
         v, flags = state.v, state.flag_versions_steps() if changes is None else None
-        if channel.followers.get(follower) is None:
-            channel.followers[follower] = []
+        if entry.followers.get(follower) is None:
+            entry.followers[follower] = []
         try:
             if changes is not None:
                 message = peer_protocol.changes(env, await run_in_steps(changes))
@@ -525,141 +491,121 @@ class Hub:
                 assert flags is not None
                 message = peer_protocol.state(env, v, await run_in_steps(flags))
         except BaseException:
-            if channel.followers.get(follower) is not None:
-                del channel.followers[follower]
-                self._arm_idle_timer(channel)
+            if entry.followers.get(follower) is not None:
+                del entry.followers[follower]
+                self._arm_idle_timer(entry)
             raise
-        queued = channel.followers.get(follower)
+        queued = entry.followers.get(follower)
         if queued is None:  # removed meanwhile (or served by another subscription)
             return
         follower.send(message)
         for data in queued:
             follower.send(data)
-        channel.followers[follower] = None
+        entry.followers[follower] = None
 
     def remove_follower(self, env: str, follower: Follower) -> None:
-        channel = self._channels.get(env)
-        if channel is not None and follower in channel.followers:
-            del channel.followers[follower]
-            self._arm_idle_timer(channel)
+        entry = self._channels.get(env)
+        if entry is not None and follower in entry.followers:
+            del entry.followers[follower]
+            self._arm_idle_timer(entry)
 
     # --- changes ------------------------------------------------------------------------------
 
     def on_change(self, change: Change) -> None:
         """A committed change (store listener). Applied in version order, or resynced."""
-        channel = self._channels.get(change.env)
-        if channel is None or channel.via_peer:  # an edge takes it from the owner
+        entry = self._channels.get(change.env)
+        if entry is None or entry.via_peer:  # an edge takes it from the owner
             return
-        self._take(channel, change)
+        self._take(entry, change)
 
-    def _take(self, channel: _Channel, change: Change) -> None:
-        if channel.state is None or channel.busy:
-            channel.buffered.append(change)
-            return
-        self._apply(channel, change)
-
-    def _apply(self, channel: _Channel, change: Change) -> None:
+    def _take(self, entry: _Env, change: Change) -> None:
         """Apply the next change, or resync on a gap. A change of more than STEP flags is
-        encoded in steps by a task; the changes after it wait in `buffered` meanwhile."""
-        assert channel.state is not None
-        result = channel.state.admits(change)
-        if result is Applied.APPLIED:
-            steps = encode_change(change)
-            if len(change.put) + len(change.dels) > STEP:
-                channel.encode_task = self._spawn(self._encode(channel, steps))
-            else:
-                self._applied(channel, run_steps(steps))
-        elif result is Applied.GAP:
+        encoded in steps by a task; the changes after it are held meanwhile."""
+        channel = entry.channel
+        take = channel.take(change)
+        if take is Take.APPLY:
+            self._applied(entry, run_steps(encode_change(change)))
+        elif take is Take.ENCODE:
+            entry.encode_task = self._spawn(self._encode(entry, encode_change(change)))
+        elif take is Take.GAP:
+            assert channel.state is not None
             log.warning(
                 "env %s: got v=%d while holding v=%d; resyncing from the store",
                 channel.env, change.v, channel.state.v,
             )
-            channel.buffered.append(change)
-            channel.resync_task = self._spawn(self._resync(channel))
+            entry.resync_task = self._spawn(self._resync(entry))
 
-    async def _encode(self, channel: _Channel, steps: Steps[EncodedChange]) -> None:
+    def _take_all(self, entry: _Env, changes: list[Change]) -> None:
+        """Take changes in version order; those after a gap, or after a change being
+        encoded, are held again."""
+        for change in sorted(changes, key=lambda c: c.v):
+            self._take(entry, change)
+
+    def _start_resync(self, entry: _Env) -> None:
+        if entry.resync_task is None:
+            entry.channel.resyncing = True
+            entry.resync_task = self._spawn(self._resync(entry))
+
+    async def _encode(self, entry: _Env, steps: Steps[EncodedChange]) -> None:
         try:
             encoded = await run_in_steps(steps)
         finally:
-            channel.encode_task = None
-        self._applied(channel, encoded)
-        self._apply_buffered(channel)
+            entry.encode_task = None
+            entry.channel.encoding = False
+        self._applied(entry, encoded)
+        self._take_all(entry, entry.channel.take_held())
 
-    def _applied(self, channel: _Channel, encoded: EncodedChange) -> None:
+    def _applied(self, entry: _Env, encoded: EncodedChange) -> None:
         """Apply an encoded change and send its frame on. (A jump to a newer state while it
         was encoded makes it a duplicate: dropped.)"""
-        assert channel.state is not None
-        if channel.state.apply_encoded(encoded) is not Applied.APPLIED:
+        if not entry.channel.applied(encoded):
             return
-        change = encoded.change
-        if channel.sessions:
-            self._enqueue(channel, encoded.frame, change.v - 1, change.v, change.ts)
-        if channel.followers:
-            self._tell_followers(channel, peer_protocol.change(change))
+        self._owed(entry)
+        if entry.followers:
+            self._tell_followers(entry, peer_protocol.change(encoded.change))
 
-    def _apply_all(self, channel: _Channel, changes: list[Change]) -> None:
-        """Apply changes in version order; those after a gap, or after a change being
-        encoded, wait."""
-        for change in sorted(changes, key=lambda c: c.v):
-            if channel.busy:
-                channel.buffered.append(change)
-            else:
-                self._apply(channel, change)
-
-    def _apply_buffered(self, channel: _Channel) -> None:
-        buffered, channel.buffered = channel.buffered, []
-        self._apply_all(channel, buffered)
-
-    def _enqueue(self, channel: _Channel, frame: bytes, base: int, v: int, ts: float) -> None:
-        if not channel.pending:
-            channel.pending_base = base
-        channel.pending_v = v
-        channel.pending.append(frame)
-        channel.pending_ts.append(ts)
-        if not self._dirty:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._dirty[channel.env] = channel
+    def _owed(self, entry: _Env) -> None:
+        """The channel owes its sessions frames: flush it at the end of this tick."""
+        if entry.channel.pending:
+            if not self._dirty:
+                asyncio.get_running_loop().call_soon(self._flush)
+            self._dirty[entry.env] = entry
 
     def _flush(self) -> None:
         dirty, self._dirty = self._dirty, {}
-        for channel in dirty.values():
-            self._flush_channel(channel)
+        for entry in dirty.values():
+            self._flush_entry(entry)
 
-    def _flush_channel(self, channel: _Channel) -> None:
+    def _flush_entry(self, entry: _Env) -> None:
         """Write the frames owed this tick, joined, with one write per session that keeps up."""
-        pending = channel.pending
-        if not pending:
-            return
-        data = pending[0] if len(pending) == 1 else b"".join(pending)
-        base, v = channel.pending_base, channel.pending_v
-        now = asyncio.get_running_loop().time()
+        flush = entry.channel.flush(asyncio.get_running_loop().time())
+        if flush is not None:
+            self._write_flush(flush)
+
+    def _write_flush(self, flush: Flush[SessionSink]) -> None:
+        data = flush.data
         written = 0
-        lagging = []
-        # A copy: a write can close its session, which leaves the channel.
-        for session, box in tuple(channel.sessions.items()):
-            if box.offer(base, v, now):
-                if session.write(data):
-                    written += 1
-            elif not box.paused and box.held < v:
-                lagging.append((session, box))  # not paused, yet it missed something
-        for session, box in lagging:
-            self._catch_up(channel, session, box)
+        for session in flush.to:
+            if session.write(data):
+                written += 1
+        for catch_up in flush.catch_ups:
+            self._write_catch_up(catch_up)
+        for session, reason in flush.evictions:
+            session.evict(reason)
         if written:
             m = self.metrics
-            m.frames_sent.inc(written * len(pending))
+            m.frames_sent.inc(written * flush.frames)
             m.bytes_sent.inc(written * len(data))
             now = time.time()
-            for ts in channel.pending_ts:
+            for ts in flush.commit_ts:
                 m.publish_latency.observe(now - ts)
-        channel.pending = []
-        channel.pending_ts = []
 
     # --- loading and resync -------------------------------------------------------------------
 
-    async def _load(self, channel: _Channel) -> None:
+    async def _load(self, entry: _Env) -> None:
         try:
             snapshot = await self.store.load(
-                channel.env, self.max_history, history_bytes=self.max_history_bytes
+                entry.env, self.max_history, history_bytes=self.max_history_bytes
             )
             # In steps: an environment's flags and history are encoded once, here.
             state = await run_in_steps(EnvState.build(
@@ -667,48 +613,49 @@ class Hub:
                 self.max_history_bytes,
             ))
         except BaseException:
-            if self._channels.get(channel.env) is channel:
-                del self._channels[channel.env]
+            if self._channels.get(entry.env) is entry:
+                del self._channels[entry.env]
             raise
-        channel.state = state
+        entry.channel.state = state
         self.metrics.envs_loaded.set(len(self._channels))
-        self._apply_buffered(channel)
-        if self.upstream is not None and not channel.followers:
-            channel.via_peer = self.upstream.follow(channel.env, channel.state.v)
+        self._take_all(entry, entry.channel.take_held())
+        if self.upstream is not None and not entry.followers:
+            entry.via_peer = self.upstream.follow(entry.env, state.v)
 
-    async def _resync(self, channel: _Channel) -> None:
+    async def _resync(self, entry: _Env) -> None:
         """Fill a version gap from the store's log, or jump to its state if the log is gone."""
-        state = channel.state
+        state = entry.state
         assert state is not None
         self.metrics.store_resyncs.inc()
-        while True:
-            try:
-                changes = await self.store.changes_since(channel.env, state.v)
-                if changes is None:
-                    snapshot = await self.store.load(channel.env, 0)
-                    await self._jump(channel, snapshot.v, snapshot.flags)
-                    changes = []
-                break
-            except Exception as exc:
-                log.warning("env %s: resync failed (%s); retrying", channel.env, exc)
-                await asyncio.sleep(_RESYNC_RETRY_S)
-        channel.resync_task = None
-        buffered, channel.buffered = channel.buffered, []
-        self._apply_all(channel, changes + buffered)
-
-    async def _jump_task(self, channel: _Channel, state: peer_protocol.State) -> None:
         try:
-            await self._jump(channel, state.v, state.flags)
+            while True:
+                try:
+                    changes = await self.store.changes_since(entry.env, state.v)
+                    if changes is None:
+                        snapshot = await self.store.load(entry.env, 0)
+                        await self._jump(entry, snapshot.v, snapshot.flags)
+                        changes = []
+                    break
+                except Exception as exc:
+                    log.warning("env %s: resync failed (%s); retrying", entry.env, exc)
+                    await asyncio.sleep(_RESYNC_RETRY_S)
         finally:
-            channel.encode_task = None
-        self._apply_buffered(channel)
+            entry.resync_task = None
+            entry.channel.resyncing = False
+        self._take_all(entry, changes + entry.channel.take_held())
 
-    async def _jump(
-        self, channel: _Channel, v: int, flags: Mapping[str, tuple[int, Any]]
-    ) -> None:
+    async def _jump_task(self, entry: _Env, state: peer_protocol.State) -> None:
+        try:
+            await self._jump(entry, state.v, state.flags)
+        finally:
+            entry.encode_task = None
+            entry.channel.encoding = False
+        self._take_all(entry, entry.channel.take_held())
+
+    async def _jump(self, entry: _Env, v: int, flags: Mapping[str, tuple[int, Any]]) -> None:
         """Take a newer full state whose changes are gone, encoded in steps (the channel is
         busy meanwhile): one delta to sessions, the state to followers."""
-        state = channel.state
+        state = entry.state
         assert state is not None
         if v <= state.v:
             return
@@ -717,32 +664,31 @@ class Hub:
             if v <= state.v:
                 return
             jump = run_steps(state.jump_steps(v, flags))
-        state.apply_jump(jump)
-        if channel.sessions:
-            self._enqueue(channel, jump.frame, jump.base, jump.v, time.time())
-        if channel.followers:
-            self._tell_followers(channel, peer_protocol.state(channel.env, v, flags))
+        entry.channel.jumped(jump, time.time())
+        self._owed(entry)
+        if entry.followers:
+            self._tell_followers(entry, peer_protocol.state(entry.env, v, flags))
 
-    def _tell_followers(self, channel: _Channel, data: bytes) -> None:
-        for follower, queued in tuple(channel.followers.items()):
+    def _tell_followers(self, entry: _Env, data: bytes) -> None:
+        for follower, queued in tuple(entry.followers.items()):
             if queued is None:
                 follower.send(data)
             else:
                 queued.append(data)
 
-    def _drop_if_idle(self, channel: _Channel) -> None:
-        channel.idle_timer = None
+    def _drop_if_idle(self, entry: _Env) -> None:
+        entry.idle_timer = None
         if (
-            not channel.sessions
-            and not channel.followers
-            and self._channels.get(channel.env) is channel
+            not entry.channel.sessions
+            and not entry.followers
+            and self._channels.get(entry.env) is entry
         ):
-            if channel.via_peer and self.upstream is not None:
-                self.upstream.unfollow(channel.env)
-            del self._channels[channel.env]
+            if entry.via_peer and self.upstream is not None:
+                self.upstream.unfollow(entry.env)
+            del self._channels[entry.env]
             self.metrics.envs_loaded.set(len(self._channels))
             with contextlib.suppress(KeyError):  # no session ever attached
-                self.metrics.connections.remove(channel.env)
+                self.metrics.connections.remove(entry.env)
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(coro)
@@ -762,9 +708,9 @@ class Hub:
         if self._sweep_timer is not None:
             self._sweep_timer.cancel()
             self._sweep_timer = None
-        for channel in self._channels.values():
-            if channel.idle_timer is not None:
-                channel.idle_timer.cancel()
+        for entry in self._channels.values():
+            if entry.idle_timer is not None:
+                entry.idle_timer.cancel()
         lookups = list(self._lookups.values())
         running: list[asyncio.Future[Any]] = [*self._tasks, *lookups]
         for task in running:
