@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import hmac
 import json
 import logging
 import math
@@ -22,13 +21,14 @@ import sys
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
 
-import msgpack
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from relay import protocol
+from relay import codec, protocol
+from relay.bearer import bearer, same_token
 from relay.drain import DrainError, DrainPlan, DrainRefused
+from relay.node_state import NodeState
 from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, legacy_hash_key
 
 if TYPE_CHECKING:
@@ -186,7 +186,7 @@ def parse_change(raw: bytes, max_keys: int, max_bytes: int) -> tuple[dict[str, A
     for key in [*put, *dels]:
         _check_flag_key(key)
     try:
-        size = len(protocol.pack(put)) + len(msgpack.packb(dels, use_bin_type=True))
+        size = len(protocol.pack(put)) + len(codec.pack(dels))
     except OverflowError:
         raise BadRequest("a flag value cannot be encoded: integers must be from -2**63 to "
                          "2**64-1") from None
@@ -299,15 +299,13 @@ class AdminApi:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         if request.path.startswith("/admin/"):
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not token:
+            token = bearer(request.headers.get("Authorization"))
+            if token is None:
                 return _error(
                     401, "missing admin token: send Authorization: Bearer <admin-token>",
                     **{"WWW-Authenticate": "Bearer"},
                 )
-            given = token.strip().encode("utf-8", "surrogateescape")
-            if not hmac.compare_digest(given, self.node.admin_token.encode()):
+            if not same_token(token, self.node.admin_token):
                 return _error(401, "bad admin token", **{"WWW-Authenticate": "Bearer"})
         return await handler(request)
 
@@ -418,13 +416,15 @@ class AdminApi:
         """Also what peers' membership probes read: the node's id and connections (sessions);
         `open` counts connections not yet closed, those a drain waits for."""
         state = self.node.state
+        ready = state is NodeState.READY
+        drain = (state in (NodeState.DRAINING, NodeState.STOPPED)
+                 and self.node.drain_time_left() is not None)
         return _json(
-            {"ready": state == "ready", "state": state, "node": self.node.config.node_id,
+            {"ready": ready, "state": state.value, "node": self.node.config.node_id,
              "connections": self.node.hub.session_count(),
              "open": self.node.sdk.held(),
-             **({"drain": self.node.drain_info()} if state in ("draining", "stopped")
-                and self.node.drain_time_left() is not None else {})},
-            200 if state == "ready" else 503)
+             **({"drain": self.node.drain_info()} if drain else {})},
+            200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.node.metrics.registry)

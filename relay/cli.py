@@ -27,6 +27,7 @@ from typing import Any, NoReturn
 from relay import __version__, credentials, redact
 from relay import config as config_mod
 from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
+from relay.node_state import NodeState
 from relay.private_files import read_secret_file
 from relay.store import describe as describe_store
 
@@ -107,7 +108,7 @@ async def _serve(cfg: config_mod.Config) -> None:
         a drain already under way goes on); the second stops at once."""
         nonlocal sigterms
         sigterms += 1
-        if sigterms > 1 or node.state not in ("ready", "draining"):
+        if sigterms > 1 or node.state not in (NodeState.READY, NodeState.DRAINING):
             stop.set()
             return
         log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable
@@ -33,6 +32,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from websockets.typing import Subprotocol
 
 from relay import protocol
+from relay.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("relay.client")
 
@@ -142,10 +142,7 @@ class RelayClient:
         if self._ws is not None:
             with contextlib.suppress(Exception):
                 await self._ws.close()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         self._wake_all(None)
         async with self._updated:
             self._updated.notify_all()
@@ -227,7 +224,7 @@ class RelayClient:
             await self._fail(error)
 
     async def _connect_loop(self) -> None:
-        attempt = 0
+        backoff = Backoff(self.backoff_base, self.backoff_max, jitter=1.0)
         while not self._closing:
             self._goaway_retry = None
             self._synced = False
@@ -274,14 +271,12 @@ class RelayClient:
             if self._closing:
                 break
             if self._synced:
-                attempt = 0  # that connection worked: start backing off afresh
+                backoff.reset()  # that connection worked: start backing off afresh
             delay = self._goaway_retry
             if delay is None:
-                ceiling = self.backoff_base * 2 ** min(attempt, 30)
-                delay = random.uniform(0, min(self.backoff_max, ceiling))
-                attempt += 1
+                delay = backoff.next()
             else:
-                attempt = 0
+                backoff.reset()
             self.stats.reconnects += 1
             await asyncio.sleep(delay)
 

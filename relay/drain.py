@@ -10,7 +10,6 @@ range, which smooths the batches into a flat rate.
 from __future__ import annotations
 
 import math
-import random
 from dataclasses import dataclass
 
 # The drain window, when not given, is this share of the deadline: the rest is the margin for
@@ -70,6 +69,3 @@ class DrainPacer:
         self.sent += n
         return n
 
-
-def retry_ms(rng: random.Random | None = None) -> int:
-    return (rng or random).randint(*RETRY_MS)

@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from relay import protocol
+from relay import codec, protocol
 from relay.changes import Change, Delta
 
 # How many distinct catch-up frames (one per `since`) to keep for the current version; their
@@ -182,7 +182,7 @@ def _payload(frame: bytes) -> bytes:
 
 
 def _decode(frame: bytes) -> dict[str, Any]:
-    obj: dict[str, Any] = msgpack.unpackb(_payload(frame), raw=False, strict_map_key=False)
+    obj: dict[str, Any] = codec.unpack(_payload(frame))
     return obj
 
 
@@ -198,10 +198,8 @@ def _decode_flags_steps(flags: list[tuple[str, _Flag]]) -> Steps[dict[str, tuple
     out: dict[str, tuple[int, Any]] = {}
     for i in range(0, len(flags), STEP):
         chunk = flags[i : i + STEP]
-        decoded = msgpack.unpackb(
-            map_header(len(chunk)) + b"".join(entry for _, (_, entry) in chunk),
-            raw=False, strict_map_key=False,
-        )
+        decoded = codec.unpack(
+            map_header(len(chunk)) + b"".join(entry for _, (_, entry) in chunk))
         out.update((key, (f["v"], f["value"])) for key, f in decoded.items())
         yield
     return out

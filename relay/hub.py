@@ -28,8 +28,9 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
-from relay import peer_protocol, protocol
+from relay import peer_protocol
 from relay.changes import Change
+from relay.disconnects import REVOKED, Disconnect
 from relay.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
 from relay.envstate import (
     DEFAULT_HISTORY_BYTES,
@@ -50,11 +51,10 @@ _RESYNC_RETRY_S = 1.0
 
 
 class SessionSink(Protocol):
-    """What the hub needs of an SDK session: where to write, and how to end it."""
+    """What the hub needs of an SDK session: where to write, and how to end it. (Which
+    environment it reads is the hub's business: the session keeps a `Subscription`.)"""
 
-    env: str
-    key_hash: str
-    writing_paused: bool  # its socket's write buffer is above the high-water mark
+    key_hash: str  # its SDK key's hash: a session whose key is revoked is closed
 
     def write(self, data: bytes) -> bool:
         """Write whole frames if the connection is open; False if it is not."""
@@ -71,8 +71,8 @@ class SessionSink(Protocol):
         progress."""
         ...
 
-    def close(self, code: int, reason: str) -> None:
-        """Start closing the connection with a close code (returns at once)."""
+    def disconnect(self, how: Disconnect) -> None:
+        """Close the connection as the table says (relay/disconnects.py; returns at once)."""
         ...
 
     def evict(self, reason: str) -> None:
@@ -130,6 +130,36 @@ class _Env:
     @property
     def state(self) -> EnvState | None:
         return self.channel.state
+
+
+class Subscription:
+    """A session's place in its environment's fan-out, kept by the connection: what it tells
+    the hub of its socket (paused, resumed) and that it is gone (leave, idempotent)."""
+
+    __slots__ = ("_entry", "_hub", "_session")
+
+    def __init__(self, hub: Hub, entry: _Env, session: SessionSink) -> None:
+        self._hub = hub
+        self._entry: _Env | None = entry
+        self._session = session
+
+    @property
+    def env(self) -> str:
+        """The environment joined ("" once left)."""
+        return self._entry.env if self._entry is not None else ""
+
+    def paused(self) -> None:
+        if self._entry is not None:
+            self._hub._paused(self._entry, self._session)
+
+    def resumed(self) -> None:
+        if self._entry is not None:
+            self._hub._resumed(self._entry, self._session)
+
+    def leave(self) -> None:
+        entry, self._entry = self._entry, None
+        if entry is not None:
+            self._hub._leave(entry, self._session)
 
 
 class Hub:
@@ -253,17 +283,19 @@ class Hub:
         if entry is not None:
             for session in list(entry.channel.sessions):
                 if session.key_hash not in key_hashes:
-                    session.close(protocol.CLOSE_BAD_CREDENTIALS, "SDK key revoked")
+                    session.disconnect(REVOKED)
 
     # --- sessions -----------------------------------------------------------------------------
 
-    async def attach(self, session: SessionSink, since: int | None) -> bool:
-        """Send the session `hello` and its catch-up, then include it in every later fan-out.
+    def loaded(self, env: str) -> bool:
+        """The environment is held here: a session can `join` it now, without waiting."""
+        entry = self._channels.get(env)
+        return entry is not None and entry.state is not None
 
-        Returns False (and attaches nothing) if the session's key was revoked meanwhile.
-        Raises StoreError if the environment cannot be loaded.
-        """
-        entry = self._entry(session.env)
+    async def load(self, env: str) -> None:
+        """Load the environment (once, whoever asks) so that sessions can `join` it. Raises
+        StoreError if it cannot be loaded."""
+        entry = self._entry(env)
         if entry.state is None:
             assert entry.load_task is not None
             try:
@@ -271,33 +303,37 @@ class Hub:
             except asyncio.CancelledError:
                 self._arm_idle_timer(entry)  # the load goes on; drop the channel if unused
                 raise
-        if not self.key_valid(session.key_hash, session.env):
-            self._arm_idle_timer(entry)
-            return False
-        frames = self._join(entry, session, since)
-        if all(session.write(frame) for frame in frames):
-            self._count_sent(2, sum(map(len, frames)))
-        return True
+
+    def join(
+        self, session: SessionSink, env: str, since: int | None, *, paused: bool = False
+    ) -> tuple[Subscription, tuple[bytes, ...]] | None:
+        """The session joins the loaded environment now, between two fan-outs: its
+        subscription, and its `hello` and catch-up, which the caller writes before it yields
+        (after whatever it still owes the client, such as its 101 response, in the same write
+        when they are small). `paused`: its socket is above the high-water mark already.
+        None if its key was revoked meanwhile (or the environment is not loaded)."""
+        entry = self._channels.get(env)
+        if entry is None or entry.state is None or not self.key_valid(session.key_hash, env):
+            if entry is not None:
+                self._arm_idle_timer(entry)
+            return None
+        self._flush_entry(entry)  # (which may evict a session, and arm the idle timer)
+        if entry.idle_timer is not None:
+            entry.idle_timer.cancel()
+            entry.idle_timer = None
+        frames = entry.channel.join(session, since)
+        subscription = Subscription(self, entry, session)
+        if paused:  # its 101 alone filled the buffer
+            subscription.paused()
+        if entry.gauge is None:
+            entry.gauge = self.metrics.connections.labels(env)
+        entry.gauge.inc()
+        self._count_sent(2, sum(map(len, frames)))
+        return subscription, frames
 
     def cached_env(self, key_hash: str) -> str | None:
         """The environment of a key this node has looked up already, without the store."""
         return self._key_cache.get(key_hash)
-
-    def attach_warm(self, session: SessionSink, since: int | None) -> tuple[bytes, ...] | None:
-        """`attach` without waiting, for the common case of a reconnect storm: the environment
-        is loaded here. The session joins now; the caller writes the returned `hello` and
-        catch-up (after whatever it still owes the client, such as its 101 response, in the
-        same write when it is small). None when only `attach` can do it."""
-        entry = self._channels.get(session.env)
-        if (
-            entry is None
-            or entry.state is None
-            or not self.key_valid(session.key_hash, session.env)
-        ):
-            return None
-        frames = self._join(entry, session, since)
-        self._count_sent(2, sum(map(len, frames)))  # the caller writes them to an open connection
-        return frames
 
     def _count_sent(self, frames: int, size: int) -> None:
         self.metrics.frames_sent.inc(frames)
@@ -312,26 +348,8 @@ class Hub:
             entry.load_task = self._spawn(self._load(entry))
         return entry
 
-    def _join(self, entry: _Env, session: SessionSink, since: int | None) -> tuple[bytes, ...]:
-        """Add the session to a loaded channel; return its `hello` and catch-up frames.
-
-        Synchronous, and the caller writes the frames before yielding: the session joins
-        exactly between two fan-outs."""
-        self._flush_entry(entry)  # (which may evict a session, and arm the idle timer)
-        if entry.idle_timer is not None:
-            entry.idle_timer.cancel()
-            entry.idle_timer = None
-        frames = entry.channel.join(session, since)
-        if session.writing_paused:  # its 101 alone filled the buffer
-            self.session_paused(session)
-        if entry.gauge is None:
-            entry.gauge = self.metrics.connections.labels(session.env)
-        entry.gauge.inc()
-        return frames
-
-    def detach(self, session: SessionSink) -> None:
-        entry = self._channels.get(session.env)
-        if entry is None or not entry.channel.leave(session):
+    def _leave(self, entry: _Env, session: SessionSink) -> None:
+        if not entry.channel.leave(session):
             return
         if entry.gauge is not None:
             entry.gauge.dec()
@@ -345,19 +363,13 @@ class Hub:
 
     # --- backpressure ---------------------------------------------------------------------------
 
-    def session_paused(self, session: SessionSink) -> None:
+    def _paused(self, entry: _Env, session: SessionSink) -> None:
         """Its socket buffer passed the high-water mark: write it nothing until it drains."""
-        entry = self._channels.get(session.env)
-        if entry is not None and entry.channel.pause(
-            session, asyncio.get_running_loop().time(), session.unsent()
-        ):
+        if entry.channel.pause(session, asyncio.get_running_loop().time(), session.unsent()):
             self._arm_sweep()
 
-    def session_resumed(self, session: SessionSink) -> None:
+    def _resumed(self, entry: _Env, session: SessionSink) -> None:
         """Its socket buffer drained below the low-water mark: one delta brings it up to date."""
-        entry = self._channels.get(session.env)
-        if entry is None:
-            return
         owed = entry.channel.resume(session)
         if isinstance(owed, str):
             session.evict(owed)  # what it missed is gone: it reconnects for a snapshot

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -16,23 +15,24 @@ from relay import __version__, credentials
 from relay.admin import AdminApi
 from relay.cluster import Cluster
 from relay.config import Config, ConfigError
-from relay.drain import DrainPacer, DrainPlan, DrainRefused, retry_ms
+from relay.disconnects import DRAIN
+from relay.drain import DrainPacer, DrainPlan, DrainRefused
 from relay.hub import Hub
 from relay.membership import make_membership
 from relay.membership.base import Member, Membership
 from relay.metrics import Metrics
+from relay.node_state import NodeState
 from relay.peer_server import PeerServer
-from relay.protocol import CLOSE_SERVICE_RESTART
 from relay.sdk_server import SdkServer
 from relay.store import make_store
 from relay.store.base import KeyHasher, Store, secret_check
+from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
 
 log = logging.getLogger("relay.node")
 
 TOKEN_FILE = credentials.ADMIN_TOKEN_FILE
 
-STATES = ("starting", "ready", "draining", "stopped")
 _DRAIN_TICK_S = 0.05
 
 
@@ -44,7 +44,7 @@ class Node:
         self.config = config
         self.started_at = time.time()
         self.metrics = Metrics()
-        self._set_state("starting")
+        self._set_state(NodeState.STARTING)
         self.drained = asyncio.Event()  # set when a drain is over: the process should stop
         self._drain: dict[str, Any] | None = None
         self._drain_ends = 0.0  # monotonic time of the drain's deadline
@@ -157,7 +157,7 @@ class Node:
         except BaseException:
             await self._close_parts()
             raise
-        self._set_state("ready")
+        self._set_state(NodeState.READY)
         if self.cluster is not None:
             self.cluster.on_members()  # into the ring, as this node sees it
         log.info("node %s ready", self.config.node_id)
@@ -180,10 +180,10 @@ class Node:
             if dropped:
                 log.info("dropped %d legacy SDK-key hash(es) kept during an upgrade", dropped)
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: NodeState) -> None:
         self.state = state
-        for name in STATES:
-            self.metrics.node_state.labels(name).set(1 if name == state else 0)
+        for name in NodeState:
+            self.metrics.node_state.labels(name.value).set(1 if name is state else 0)
 
     # --- drain --------------------------------------------------------------------------------
 
@@ -193,13 +193,13 @@ class Node:
         window. `drained` is set once no session is left (and peers have moved what they
         followed here) or at the deadline. Asked again while draining, the drain under way
         goes on unchanged."""
-        if self.state == "draining" and self._drain is not None:
+        if self.state is NodeState.DRAINING and self._drain is not None:
             return self.drain_info()
-        if self.state != "ready":
+        if self.state is not NodeState.READY:
             raise DrainRefused(f"node {self.config.node_id} is {self.state}, not ready")
-        self._set_state("draining")
+        self._set_state(NodeState.DRAINING)
         self.sdk.refuse_new()
-        sessions = len(self.sdk.open_connections())
+        sessions = self.sdk.open_count()
         self._drain_ends = time.monotonic() + plan.deadline_s
         self._drain = {"deadline_s": plan.deadline_s, "window_s": plan.window_s,
                        "deadline_at": round(time.time() + plan.deadline_s, 3),
@@ -235,9 +235,7 @@ class Node:
         try:
             while True:
                 elapsed = loop.time() - start
-                remaining = self.sdk.open_connections()
-                for conn in remaining[: pacer.due(elapsed, len(remaining))]:
-                    conn.send_away("drain", retry_ms(), CLOSE_SERVICE_RESTART, "node draining")
+                self.sdk.send_away(pacer.due(elapsed, self.sdk.open_count()), DRAIN)
                 left = self.sdk.held()
                 self.metrics.drain_sessions_left.set(left)
                 if elapsed >= plan.deadline_s:
@@ -261,13 +259,11 @@ class Node:
         """Stop: sessions still here get goaway (shutdown) and close 1001; then the peer links,
         the membership, the admin server and the store close. `linger_s` bounds the wait for
         the sessions' close handshakes (default: --close-timeout)."""
-        if self.state == "stopped":
+        if self.state is NodeState.STOPPED:
             return
-        self._set_state("stopped")
+        self._set_state(NodeState.STOPPED)
         if self._drain_task is not None and not self._drain_task.done():
-            self._drain_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._drain_task
+            await cancel_and_wait(self._drain_task)
         await self.sdk.stop(linger_s=linger_s)
         await self._close_parts()
 

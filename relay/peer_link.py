@@ -13,9 +13,7 @@ as a warning, not at every retry, until the link comes up or the reason changes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import random
 import ssl
 from collections.abc import Callable
 
@@ -23,7 +21,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
 from relay import peer_protocol
-from relay.tasks import raise_if_cancelled
+from relay.tasks import Backoff, cancel_and_wait, raise_if_cancelled
 from relay.tls import peer_failure
 
 log = logging.getLogger("relay.peer")
@@ -63,10 +61,7 @@ class PeerLink:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
 
     def subscribe(self, env: str) -> None:
         """Follow `env` from the version the hub holds now (again at every reconnection)."""
@@ -81,7 +76,7 @@ class PeerLink:
                 self._out.put_nowait(peer_protocol.unsub(env))
 
     async def _run(self) -> None:
-        pause = _BACKOFF[0]
+        backoff = Backoff(*_BACKOFF, jitter=0.5)
         while True:
             try:
                 async with connect(
@@ -91,7 +86,7 @@ class PeerLink:
                     compression=None, max_size=None, open_timeout=5,
                     ping_interval=10, ping_timeout=10,
                 ) as ws:
-                    pause = _BACKOFF[0]
+                    backoff.reset()
                     self._tls_failure = ""
                     await self._session(ws)
             except asyncio.CancelledError:
@@ -109,8 +104,7 @@ class PeerLink:
                 if self.up:
                     self.up = False
                     self._on_down(self)
-            await asyncio.sleep(random.uniform(pause / 2, pause))
-            pause = min(_BACKOFF[1], pause * 2)
+            await asyncio.sleep(backoff.next())
 
     async def _session(self, ws: ClientConnection) -> None:
         self._out = asyncio.Queue()  # what was queued for the last connection is stale
@@ -130,9 +124,7 @@ class PeerLink:
                     continue
                 self._on_message(message)
         finally:
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                await writer
+            await cancel_and_wait(writer, ConnectionClosed)
 
     async def _write(self, ws: ClientConnection) -> None:
         while True:

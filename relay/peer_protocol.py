@@ -20,8 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
+from relay import codec
 from relay.changes import Change
 
 PATH = "/internal/v1/peer"
@@ -58,17 +57,12 @@ class State:
 PeerMessage = Sub | Unsub | Changes | State | Change
 
 
-def _pack(obj: Mapping[str, Any]) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
 def sub(env: str, since: int | None) -> bytes:
-    return _pack({"t": "sub", "env": env, "since": since})
+    return codec.pack({"t": "sub", "env": env, "since": since})
 
 
 def unsub(env: str) -> bytes:
-    return _pack({"t": "unsub", "env": env})
+    return codec.pack({"t": "unsub", "env": env})
 
 
 def _row(change: Change) -> list[Any]:
@@ -76,17 +70,17 @@ def _row(change: Change) -> list[Any]:
 
 
 def changes(env: str, items: Sequence[Change]) -> bytes:
-    return _pack({"t": "changes", "env": env, "changes": [_row(c) for c in items]})
+    return codec.pack({"t": "changes", "env": env, "changes": [_row(c) for c in items]})
 
 
 def state(env: str, v: int, flags: Mapping[str, tuple[int, Any]]) -> bytes:
-    return _pack({"t": "state", "env": env, "v": v,
+    return codec.pack({"t": "state", "env": env, "v": v,
                   "flags": {k: [fv, value] for k, (fv, value) in flags.items()}})
 
 
 def change(item: Change) -> bytes:
     """One change, encoded once and written to every edge that follows its environment."""
-    return _pack({"t": "change", "env": item.env, "v": item.v, "put": dict(item.put),
+    return codec.pack({"t": "change", "env": item.env, "v": item.v, "put": dict(item.put),
                   "del": list(item.dels), "ts": item.ts})
 
 
@@ -99,7 +93,7 @@ def _change(env: str, v: Any, put: Any, dels: Any, ts: Any) -> Change:
 def parse(data: bytes) -> PeerMessage:
     """Decode one peer message, or raise PeerProtocolError."""
     try:
-        msg = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        msg = codec.unpack(data)
     except Exception as exc:
         raise PeerProtocolError("not msgpack") from exc
     if not isinstance(msg, dict) or not isinstance(msg.get("env"), str):

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections import deque
 
 from aiohttp import WSMsgType, web
 
 from relay import peer_protocol
+from relay.bearer import bearer, same_token
 from relay.hub import Hub
 from relay.store.base import StoreError
+from relay.tasks import cancel_and_wait
 
 log = logging.getLogger("relay.peer")
 
@@ -79,10 +80,8 @@ class PeerServer:
         app.router.add_get(peer_protocol.PATH, self.handle)
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            given.strip().encode("utf-8", "surrogateescape"), self.token
-        ):
+        given = bearer(request.headers.get("Authorization"))
+        if given is None or not same_token(given, self.token):
             return web.json_response({"error": "bad or missing peer token"}, status=401)
         if self._closing:
             return web.json_response({"error": "this node is stopping"}, status=503)
@@ -116,7 +115,5 @@ class PeerServer:
             follower.wake.set()
             for env in envs:
                 self.hub.remove_follower(env, follower)
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError, ConnectionError):
-                await writer
+            await cancel_and_wait(writer, ConnectionError)
         return ws

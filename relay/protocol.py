@@ -10,8 +10,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-import msgpack
 from websockets.frames import Frame, Opcode
+
+from relay import codec
 
 PROTO_VERSION: Final = 1
 SUBPROTOCOL: Final = "relay.v1"
@@ -41,14 +42,13 @@ class ProtocolError(ValueError):
 
 def pack(obj: Mapping[str, Any]) -> bytes:
     """Encode one frame payload."""
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
+    return codec.pack(obj)
 
 
 def unpack(data: bytes) -> dict[str, Any]:
     """Decode one frame payload into a map with a string `t`, or raise ProtocolError."""
     try:
-        obj = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        obj = codec.unpack(data)
     except Exception as exc:  # msgpack raises several unrelated types on garbage
         raise ProtocolError("frame is not valid msgpack") from exc
     if not isinstance(obj, dict):

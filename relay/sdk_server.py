@@ -47,10 +47,12 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from relay import admission as adm
+from relay import disconnects as dc
 from relay import handshake, protocol, proxy_protocol
 from relay.auth_failures import FailureLog, UnknownKeys
+from relay.bearer import bearer
 from relay.config import Config, open_files_limit
-from relay.hub import Hub
+from relay.hub import Hub, Subscription
 from relay.keepalive import PendingPings, PingRounds
 from relay.metrics import Metrics
 from relay.reqhead import HeadStatus, RequestHead
@@ -115,8 +117,8 @@ class SdkConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
         "_control_at", "_fragments", "_greeting", "_head", "_high_water", "_inbox", "_paused",
-        "_proxy_head", "_pump_armed", "_queued", "_refusal", "_since", "_tail", "_timer", "_tls",
-        "_tls_wait", "attached", "client_ip", "env", "key_hash", "last_seen", "lost", "peer_ip",
+        "_proxy_head", "_pump_armed", "_queued", "_refusal", "_since", "_sub", "_tail", "_timer",
+        "_tls", "_tls_wait", "client_ip", "key_hash", "last_seen", "lost", "peer_ip",
         "proto", "server", "ticket", "transport", "writing_paused",
     )
 
@@ -127,9 +129,8 @@ class SdkConnection(asyncio.Protocol):
         self.ticket: adm.Ticket | None = None  # None: refused at accept, never counted
         self.peer_ip = ""
         self.client_ip: str | None = None  # None until known (a trusted proxy's client)
-        self.env = ""
         self.key_hash = ""
-        self.attached = False  # joined its environment: it had its hello
+        self._sub: Subscription | None = None  # joined its environment: it had its hello
         self.writing_paused = False
         self.lost = False
         self.last_seen = 0.0
@@ -305,9 +306,7 @@ class SdkConnection(asyncio.Protocol):
         if self._auth_task is not None:
             self._auth_task.cancel()
         self.server.lost(self)
-        if self.attached:
-            self.attached = False
-            self.server.hub.detach(self)
+        self._leave()
 
     def pause_writing(self) -> None:
         """The socket's buffer passed --write-high-water: the hub skips this session, and
@@ -316,7 +315,8 @@ class SdkConnection(asyncio.Protocol):
         grow its buffer either."""
         self.writing_paused = True
         self._set_read_paused(_PAUSE_WRITE, True)
-        self.server.hub.session_paused(self)
+        if self._sub is not None:
+            self._sub.paused()
 
     def resume_writing(self) -> None:
         """Below --write-low-water again: the rest of a big write goes out first; then the hub
@@ -330,7 +330,8 @@ class SdkConnection(asyncio.Protocol):
             if self.writing_paused or self._tail is not None:
                 return
         self._set_read_paused(_PAUSE_WRITE, False)
-        self.server.hub.session_resumed(self)
+        if self._sub is not None:
+            self._sub.resumed()
 
     # --- the hub's session interface ------------------------------------------------------------
 
@@ -364,25 +365,41 @@ class SdkConnection(asyncio.Protocol):
         if self.proto.state is not _OPEN:
             return
         self.server.metrics.evictions.labels(why).inc()
-        self.send_away("evicted", random.randint(*self.server.retry_ms),
-                       protocol.CLOSE_EVICTED, "slow consumer")
+        self.disconnect(dc.EVICTED)
 
-    def send_away(self, reason: str, retry_ms: int, code: int, message: str) -> None:
-        """`goaway` (to a session past its hello; others cannot read it) and close `code`."""
+    @property
+    def env(self) -> str:
+        """The environment this session reads ("" before its join and after it left)."""
+        return self._sub.env if self._sub is not None else ""
+
+    @property
+    def attached(self) -> bool:
+        """Joined its environment: it had its hello, and gets its changes."""
+        return self._sub is not None
+
+    def _leave(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            sub.leave()
+
+    def disconnect(self, how: dc.Disconnect, reason: str | None = None,
+                   retry_ms: int | None = None) -> None:
+        """End the session as the table says (relay/disconnects.py): its `goaway` first, if it
+        has one, to a session past its hello (others cannot read it), then the close.
+        `reason`, `retry_ms`: what this call site knows better than the table."""
         if self.proto.state is not _OPEN or self.lost:
             return
-        if self.attached:
-            self._send(protocol.ws_binary_frame(protocol.goaway(reason, retry_ms)))
-        self.close(code, message)
+        if how.goaway is not None and self.attached:
+            retry = how.retry() if retry_ms is None else retry_ms
+            self._send(protocol.ws_binary_frame(protocol.goaway(how.goaway, retry)))
+        self.close(how.code, how.reason if reason is None else reason)
 
     def close(self, code: int, reason: str) -> None:
         """Start the closing handshake with `code`; no frame is written after it."""
         if self.proto.state is not _OPEN or self.lost:
             return
         self.server.metrics.closes.labels(str(code)).inc()
-        if self.attached:
-            self.attached = False
-            self.server.hub.detach(self)
+        self._leave()
         self._fragments = None
         self.proto.send_close(code, protocol.close_reason(reason))
         self._flush()
@@ -424,9 +441,8 @@ class SdkConnection(asyncio.Protocol):
         reason ends with `retry_ms=N`, the wait the client should honour."""
         # Spread the retries of clients refused together over half as long again.
         retry = (retry_ms + random.randint(0, retry_ms // 2) if retry_ms
-                 else random.randint(*self.server.retry_ms))
-        self.send_away("limit", retry, protocol.CLOSE_TOO_MANY,
-                       protocol.limit_reason(message, retry))
+                 else dc.LIMIT.retry())
+        self.disconnect(dc.LIMIT, protocol.limit_reason(message, retry), retry)
 
     def _abort(self) -> None:
         self._timer = None
@@ -579,9 +595,8 @@ class SdkConnection(asyncio.Protocol):
         except RuntimeError:  # the transport is already closing: nothing more to say
             transport.abort()
             return
-        if self.attached and self.proto.state is not _OPEN:  # the client closed, or failed
-            self.attached = False
-            self.server.hub.detach(self)
+        if self._sub is not None and self.proto.state is not _OPEN:  # the client closed
+            self._leave()
         closed = self.proto.state is State.CLOSED
         if (closed or self.proto.close_expected()) and not self._close_armed:
             # Armed once: a peer that keeps sending after the close cannot push it back; and
@@ -663,8 +678,7 @@ class SdkConnection(asyncio.Protocol):
             self._limit("too many connections from this address", self._refusal.retry_ms)
             return
         if subprotocol != protocol.SUBPROTOCOL:
-            self.close(protocol.CLOSE_PROTOCOL_ERROR,
-                       f"subprotocol {protocol.SUBPROTOCOL} required")
+            self.disconnect(dc.PROTOCOL_ERROR, f"subprotocol {protocol.SUBPROTOCOL} required")
             return
         try:
             since = None
@@ -676,10 +690,10 @@ class SdkConnection(asyncio.Protocol):
                 if values:
                     since = protocol.parse_since(values[0])
         except protocol.ProtocolError as exc:
-            self.close(protocol.CLOSE_PROTOCOL_ERROR, str(exc))
+            self.disconnect(dc.PROTOCOL_ERROR, str(exc))
             return
         if len(authorizations) > 1:
-            self._refuse("malformed", "send one Authorization header")
+            self._refuse(dc.AUTH_MALFORMED, dc.BAD_CREDENTIALS, "send one Authorization header")
             return
         authorization = authorizations[0] if authorizations else None
         if authorization is None:
@@ -687,10 +701,10 @@ class SdkConnection(asyncio.Protocol):
             self._timer = server.loop.call_later(server.config.auth_timeout, self._auth_timeout)
             self._since = since
             return
-        scheme, _, key = authorization.partition(" ")
-        key = key.strip()
-        if scheme.lower() != "bearer" or not key:
-            self._refuse("malformed", "Authorization must be Bearer <sdk-key>")
+        key = bearer(authorization)
+        if key is None:
+            self._refuse(dc.AUTH_MALFORMED, dc.BAD_CREDENTIALS,
+                         "Authorization must be Bearer <sdk-key>")
             return
         self._start_auth(key, since)
 
@@ -703,7 +717,7 @@ class SdkConnection(asyncio.Protocol):
             return  # the sans-I/O protocol answers closes
         if self._fragments is None:
             # Clients send nothing after auth: any data frame is a protocol error.
-            self.close(protocol.CLOSE_PROTOCOL_ERROR, "clients may send only one auth frame")
+            self.disconnect(dc.PROTOCOL_ERROR, "clients may send only one auth frame")
             return
         if opcode is Opcode.TEXT:
             self._auth_failed("text frames are not allowed; send binary msgpack")
@@ -747,18 +761,19 @@ class SdkConnection(asyncio.Protocol):
     def _auth_failed(self, message: str) -> None:
         self._fragments = None
         self._cancel_timer()
-        self.server.auth_failed(self, "protocol")
-        self.close(protocol.CLOSE_PROTOCOL_ERROR, message)
+        self.server.auth_failed(self, dc.AUTH_PROTOCOL)
+        self.disconnect(dc.PROTOCOL_ERROR, message)
 
     def _auth_timeout(self) -> None:
         self._timer = None
         self._fragments = None
-        self.server.auth_failed(self, "timeout")
-        self.close(protocol.CLOSE_AUTH_TIMEOUT, "auth timeout")
+        self.server.auth_failed(self, dc.AUTH_TIMEOUT_REASON)
+        self.disconnect(dc.AUTH_TIMEOUT)
 
-    def _refuse(self, reason: str, message: str) -> None:
-        self.server.auth_failed(self, reason)
-        self.close(protocol.CLOSE_BAD_CREDENTIALS, message)
+    def _refuse(self, failure: str, how: dc.Disconnect, reason: str | None = None) -> None:
+        """Authentication failed (`failure`: the metric's reason): close 4001."""
+        self.server.auth_failed(self, failure)
+        self.disconnect(how, reason)
 
     def _session_slot(self) -> bool:
         """A session slot (globally and for its address), or a 4101."""
@@ -789,24 +804,29 @@ class SdkConnection(asyncio.Protocol):
                             refusal.retry_ms)
                 return
         if (self.key_hash, server.loop.time()) in server.unknown_keys:
-            self._refuse("unknown_key", "unknown SDK key")  # refused lately: no store lookup
+            self._refuse(dc.AUTH_UNKNOWN_KEY, dc.UNKNOWN_KEY)  # refused lately: no lookup
             return
         env = hub.cached_env(self.key_hash)
-        if env is not None and self.proto.state is _OPEN:
+        if env is not None and hub.loaded(env) and self.proto.state is _OPEN:
             # A known key of a loaded environment (most of a reconnect storm): no task.
-            if not self._session_slot():
-                return
-            self.env = env
-            frames = hub.attach_warm(self, since)
-            if frames is not None:
-                self.attached = True
-                greeting, self._greeting = self._greeting, b""
-                self._send(greeting + frames[0])
-                for frame in frames[1:]:
-                    self._send(frame)
-                return
+            if self._session_slot():
+                self._join(env, since)
+            return
         lookup = hub.resolve(self.key_hash)  # (now: the next connection with this key joins it)
         self._auth_task = server.loop.create_task(self._authenticate(lookup, since))
+
+    def _join(self, env: str, since: int | None) -> None:
+        """Join the loaded environment and write the greeting (the 101, if it is still owed),
+        the `hello` and the catch-up; from now on the hub writes this session its changes."""
+        joined = self.server.hub.join(self, env, since, paused=self.writing_paused)
+        if joined is None:
+            self._refuse(dc.AUTH_REVOKED, dc.REVOKED)
+            return
+        self._sub, frames = joined  # connection_lost and close() leave from now on
+        greeting, self._greeting = self._greeting, b""
+        self._send(greeting + frames[0])
+        for frame in frames[1:]:
+            self._send(frame)
 
     async def _authenticate(self, lookup: asyncio.Future[str | None], since: int | None) -> None:
         server = self.server
@@ -815,25 +835,20 @@ class SdkConnection(asyncio.Protocol):
             env = await asyncio.shield(lookup)  # (a session that goes cancels only its wait)
             if env is None:
                 server.unknown_keys.add(self.key_hash, server.loop.time())
-                self._refuse("unknown_key", "unknown SDK key")
+                self._refuse(dc.AUTH_UNKNOWN_KEY, dc.UNKNOWN_KEY)
                 return
             assert self.ticket is not None
             server.admission.auth_done(self.ticket, server.loop.time(), failed=False)
             if self.proto.state is not _OPEN or not self._session_slot():
                 return
-            self.env = env
-            if not await hub.attach(self, since):
-                self._refuse("revoked", "SDK key revoked")
-                return
-            if self.proto.state is _OPEN:
-                self.attached = True  # connection_lost and close() detach from now on
-            else:
-                hub.detach(self)  # closed while the environment was loading
+            await hub.load(env)
+            if self.proto.state is _OPEN:  # (not closed while the environment was loading)
+                self._join(env, since)
         except StoreError as exc:
             log.warning("SDK auth: store unavailable: %s", exc)
             if self.ticket is not None:  # (not the client's failure)
                 server.admission.auth_done(self.ticket, server.loop.time(), failed=False)
-            self.close(protocol.CLOSE_INTERNAL, "store unavailable")
+            self.disconnect(dc.STORE_UNAVAILABLE)
         finally:
             self._auth_task = None
 
@@ -873,7 +888,6 @@ class SdkServer:
         self._rounds: PingRounds[SdkConnection] = PingRounds(
             config.ping_interval or 1.0, PING_SLICES)
         self._pings: PendingPings[SdkConnection] = PendingPings()
-        self.retry_ms = (500, 5000)  # the jitter range of goaway's retry_ms
         self._all_gone: asyncio.Event | None = None  # set while stopping
         metrics.pending_connections.set_function(lambda: self.admission.pending)
         metrics.client_addresses.set_function(self.admission.addresses)
@@ -918,9 +932,21 @@ class SdkServer:
         (one still sending its head will only be refused)."""
         return sum(1 for conn in self.connections if not conn.in_head)
 
-    def open_connections(self) -> list[SdkConnection]:
+    def open_count(self) -> int:
         """Connections past the upgrade that have not started closing."""
-        return [conn for conn in self.connections if conn.proto.state is _OPEN]
+        return sum(1 for conn in self.connections if conn.proto.state is _OPEN)
+
+    def send_away(self, n: int, how: dc.Disconnect) -> int:
+        """Send `n` of the open connections away (oldest first), as `how` says (a drain's
+        batch: goaway `drain`, close 1012). Returns how many there were to send."""
+        sent = 0
+        for conn in list(self.connections):
+            if sent >= n:
+                break
+            if conn.proto.state is _OPEN:
+                conn.disconnect(how)
+                sent += 1
+        return sent
 
     def admit(self, conn: SdkConnection) -> bool:
         """A new TCP connection: False (drop it) when all public sockets are taken, or all
@@ -1040,7 +1066,7 @@ class SdkServer:
                         self._pings.sent(conn, now)
                 for sent_at, conn in self._pings.due(now, self.config.ping_timeout):
                     if not conn.lost and conn.last_seen < sent_at:
-                        conn.close(protocol.CLOSE_INTERNAL, "keepalive ping timeout")
+                        conn.disconnect(dc.PING_TIMEOUT)
             summary = self.failures.summary(now)
             if summary is not None:
                 log.warning("%s", summary)
@@ -1060,8 +1086,7 @@ class SdkServer:
         if self._ticker is not None:
             self._ticker.cancel()
         for conn in list(self.connections):
-            conn.send_away("shutdown", random.randint(*self.retry_ms), protocol.CLOSE_GOING_AWAY,
-                           "server shutting down")
+            conn.disconnect(dc.SHUTDOWN)
             if conn.proto.state is State.CONNECTING and conn.transport is not None:
                 conn.transport.abort()
         if self.connections:

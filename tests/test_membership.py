@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 
 from relay.membership import make_membership
-from relay.membership.base import READY, Member, ready_ids
+from relay.membership.base import Member, ready_ids
 from relay.membership.dns import parse as parse_dns
 from relay.membership.redis import RedisMembership
 from relay.membership.static import DiscoveryError
 from relay.membership.static import parse as parse_static
+from relay.node_state import NodeState
 from tests.helpers import start_redis, started_node
 
 
@@ -27,7 +28,7 @@ def test_discovery_specs() -> None:
     with pytest.raises(DiscoveryError):
         parse_dns("nameonly")
     with pytest.raises(DiscoveryError, match="--discovery is"):
-        make_membership("consul:x", lambda: Member("a", "h:1", READY), "redis://x")
+        make_membership("consul:x", lambda: Member("a", "h:1", NodeState.READY), "redis://x")
 
 
 async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
@@ -39,7 +40,7 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) 
 
 async def test_dns_finds_nodes_by_their_a_records_and_readyz(tmp_path: Path) -> None:
     node = await started_node(tmp_path / "n", node_id="found-by-dns")
-    me = Member("me", "127.0.0.1:1", READY)
+    me = Member("me", "127.0.0.1:1", NodeState.READY)
     membership = make_membership(f"dns:localhost:{node.admin_port}", lambda: me, "", 0.1)
     seen: list[int] = []
     membership.add_listener(lambda: seen.append(1))
@@ -47,7 +48,7 @@ async def test_dns_finds_nodes_by_their_a_records_and_readyz(tmp_path: Path) -> 
         await membership.start()
         members = membership.members()
         assert members["found-by-dns"] == Member("found-by-dns", f"127.0.0.1:{node.admin_port}",
-                                                 READY, 0)
+                                                 NodeState.READY, 0)
         assert ready_ids(members) == {"found-by-dns", "me"}
         assert seen
         await node.stop()  # it no longer answers: it is no longer a member
@@ -58,16 +59,16 @@ async def test_dns_finds_nodes_by_their_a_records_and_readyz(tmp_path: Path) -> 
 
 
 async def test_redis_heartbeats_come_and_go(redis_url: str) -> None:
-    a = RedisMembership(redis_url, lambda: Member("a", "h:1", READY, 3), 0.1)
-    b_state = {"state": READY}
+    a = RedisMembership(redis_url, lambda: Member("a", "h:1", NodeState.READY, 3), 0.1)
+    b_state = {"state": NodeState.READY}
     b = RedisMembership(redis_url, lambda: Member("b", "h:2", b_state["state"]), 0.1)
-    c = RedisMembership(redis_url, lambda: Member("c", "h:3", READY), 0.1)
+    c = RedisMembership(redis_url, lambda: Member("c", "h:3", NodeState.READY), 0.1)
     await a.start()
     await b.start()
     await c.start()
     try:
         await _until(lambda: set(a.members()) == {"a", "b", "c"}, "a does not see b and c")
-        assert b.members()["a"] == Member("a", "h:1", READY, 3)
+        assert b.members()["a"] == Member("a", "h:1", NodeState.READY, 3)
         b_state["state"] = "draining"
         await _until(lambda: a.members()["b"].state == "draining", "b's state not seen")
         assert ready_ids(a.members()) == {"a", "c"}
@@ -86,8 +87,8 @@ async def test_a_redis_restart_does_not_shake_the_membership(tmp_path: Path) -> 
     when it is back, and b is slower than a to come back: a keeps b in its view throughout,
     and drops b only once b is really gone."""
     server = start_redis(tmp_path / "redis", "--appendonly", "yes", "--save", "")
-    a = RedisMembership(server.url, lambda: Member("a", "h:1", READY), 0.3)
-    b = RedisMembership(server.url, lambda: Member("b", "h:2", READY), 0.3)
+    a = RedisMembership(server.url, lambda: Member("a", "h:1", NodeState.READY), 0.3)
+    b = RedisMembership(server.url, lambda: Member("b", "h:2", NodeState.READY), 0.3)
     views: list[set[str]] = []
     await a.start()
     await b.start()

@@ -398,3 +398,15 @@ def test_the_retry_hint_of_a_4101_round_trips() -> None:
     assert protocol.close_retry_ms(reason) == 1234
     assert protocol.close_retry_ms("too many connections") is None
     assert protocol.close_retry_ms("x; retry_ms=12a") is None
+
+
+def test_bearer_is_read_one_way_on_every_port() -> None:
+    from relay.bearer import bearer, same_token
+
+    assert bearer("Bearer k-1") == "k-1"
+    assert bearer("bearer   k-1  ") == "k-1"  # the scheme is case-insensitive (RFC 7235)
+    assert bearer(None) is None and bearer("") is None
+    assert bearer("Basic a2V5") is None and bearer("Bearer") is None
+    assert bearer("Bearer    ") is None
+    assert same_token("t\udcff", b"t\xff")  # any text a client sends can be compared
+    assert same_token("tok", "tok") and not same_token("tok", "toK")

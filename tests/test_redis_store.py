@@ -15,8 +15,9 @@ import redis
 
 from relay.changes import Change
 from relay.envstate import STEP
-from relay.membership.base import READY, Member
+from relay.membership.base import Member
 from relay.membership.redis import RedisMembership
+from relay.node_state import NodeState
 from relay.store.base import StoreUnavailable, hash_key
 from relay.store.redis import RedisStore, _decode_change_steps
 from tests.helpers import (
@@ -229,8 +230,8 @@ async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
         assert await a.env_for_key(hash_key("key5", SECRET)) == "env5"
         assert await b.envs() == dict.fromkeys(envs, 3)
         # Membership by heartbeats works on the cluster too.
-        m1 = RedisMembership(servers[1].url, lambda: Member("m1", "h:1", READY), 0.1)
-        m2 = RedisMembership(servers[0].url, lambda: Member("m2", "h:2", READY), 0.1)
+        m1 = RedisMembership(servers[1].url, lambda: Member("m1", "h:1", NodeState.READY), 0.1)
+        m2 = RedisMembership(servers[0].url, lambda: Member("m2", "h:2", NodeState.READY), 0.1)
         await m1.start()
         await m2.start()
         try:

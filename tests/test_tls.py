@@ -28,8 +28,9 @@ import trustme
 
 from relay.client import RelayClient, RelayClientError
 from relay.membership import make_membership
-from relay.membership.base import READY, Member
+from relay.membership.base import Member
 from relay.node import Node
+from relay.node_state import NodeState
 from relay.ring import Ring
 from relay.tls import Tls, TlsError, TlsStream, fingerprint, snapshot
 from tests.cluster import Cluster
@@ -505,7 +506,7 @@ async def test_a_tls_node_says_why_a_plain_peer_is_not_a_member(
     """A cluster is all-TLS or all-plain: a TLS node's probe of a node without TLS fails its
     handshake, and the log says so once."""
     plain = await make_node()
-    me = Member("me", "127.0.0.1:1", READY)
+    me = Member("me", "127.0.0.1:1", NodeState.READY)
     address = f"127.0.0.1:{plain.admin_port}"
     membership = make_membership(f"static:plain@{address}", lambda: me, "", 0.05,
                                  ssl_context=pki.client())

@@ -12,14 +12,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-READY = "ready"
+from relay.node_state import NodeState
 
 
 @dataclass(frozen=True, slots=True)
 class Member:
     node_id: str
     address: str  # host:port of its internal port (peer links, admin API)
-    state: str  # starting, ready, draining, stopped
+    state: str  # a NodeState's value, as the node said it (a peer may be newer)
     connections: int = 0
 
 
@@ -76,4 +76,4 @@ class MemberView:
 
 def ready_ids(members: Mapping[str, Member]) -> frozenset[str]:
     """The ring's members: nodes that are ready (not starting, draining or gone)."""
-    return frozenset(node_id for node_id, m in members.items() if m.state == READY)
+    return frozenset(node_id for node_id, m in members.items() if m.state == NodeState.READY)

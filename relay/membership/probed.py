@@ -9,7 +9,6 @@ logged once per peer (again only after it changed or the peer answered meanwhile
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
@@ -17,7 +16,7 @@ from collections.abc import Awaitable, Callable
 import aiohttp
 
 from relay.membership.base import Member, MemberView
-from relay.tasks import raise_if_cancelled
+from relay.tasks import cancel_and_wait, raise_if_cancelled
 from relay.tls import peer_failure
 
 log = logging.getLogger("relay.membership")
@@ -48,10 +47,7 @@ class ProbedMembership(MemberView):
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._session is not None:
             await self._session.close()
 

@@ -13,13 +13,12 @@ import logging
 import time
 from typing import Any
 
-import msgpack
 from redis.exceptions import RedisError
 
-from relay import redis_client
+from relay import codec, redis_client
 from relay.membership.base import Member, MemberView
 from relay.membership.probed import Self
-from relay.tasks import raise_if_cancelled
+from relay.tasks import cancel_and_wait, raise_if_cancelled
 
 log = logging.getLogger("relay.membership")
 
@@ -56,10 +55,7 @@ class RedisMembership(MemberView):
 
     async def stop(self) -> None:
         for task in [self._task, *self._beats]:
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         if self._redis is not None:
             with contextlib.suppress(RedisError, OSError):
                 node_id = self._local().node_id
@@ -95,7 +91,7 @@ class RedisMembership(MemberView):
         assert self._redis is not None
         local = self._local()
         await self._redis.set(
-            _key(local.node_id), msgpack.packb([local.address, local.state, local.connections]),
+            _key(local.node_id), codec.pack([local.address, local.state, local.connections]),
             px=max(1, int(self.interval * 3000)))
         await self._redis.sadd(_SET, local.node_id)
         self._last_sent = local.state
@@ -119,7 +115,7 @@ class RedisMembership(MemberView):
                 if not grace:
                     await self._redis.srem(_SET, node_id)  # its heartbeat expired: gone
             elif node_id != local.node_id:
-                address, state, connections = msgpack.unpackb(raw, raw=False)
+                address, state, connections = codec.unpack(raw)
                 seen[node_id] = Member(node_id, address, state, connections)
         if grace:
             seen = {**self._seen, **seen}

@@ -36,7 +36,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from relay import redis_client
+from relay import codec, redis_client
 from relay.changes import Change
 from relay.envstate import STEP, map_header
 from relay.store.base import (
@@ -47,7 +47,7 @@ from relay.store.base import (
     StoreUnavailable,
     UnknownEnv,
 )
-from relay.tasks import raise_if_cancelled, run_in_steps
+from relay.tasks import Backoff, cancel_and_wait, raise_if_cancelled, run_in_steps
 
 log = logging.getLogger("relay.store.redis")
 
@@ -191,13 +191,6 @@ def _entries(raw: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
             for entry_id, fields in raw]
 
 
-def _pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 # Decoding in steps (run by relay.tasks.run_in_steps): what Redis answers is decoded on the
@@ -207,7 +200,7 @@ Steps = Generator[None, None, T]
 
 
 def _unpacker(data: bytes) -> msgpack.Unpacker:
-    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(data))
+    unpacker = codec.unpacker(max_buffer_size=len(data))
     unpacker.feed(data)
     return unpacker
 
@@ -230,10 +223,10 @@ def _put_steps(put: Mapping[str, Any]) -> Steps[tuple[bytes, bytes]]:
     pairs = []
     entries = []
     for n, (key, value) in enumerate(put.items(), 1):
-        blob = _pack(value)
+        blob = codec.pack(value)
         name = key.encode()
         pairs.append(len(name).to_bytes(4, "big") + name + len(blob).to_bytes(4, "big") + blob)
-        entries.append(_pack(key) + blob)
+        entries.append(codec.pack(key) + blob)
         if n % STEP == 0:
             yield
     return b"".join(pairs), map_header(len(entries)) + b"".join(entries)
@@ -256,7 +249,7 @@ def _changes_steps(env: str, entries: Iterable[tuple[bytes, dict[bytes, bytes]]]
     for entry_id, fields in entries:
         put = yield from _map_steps(_unpacker(fields[b"put"]))
         changes.append(Change(env=env, v=int(entry_id.split(b"-")[0]), put=put,
-                              dels=tuple(_unpack(fields[b"del"])), ts=float(fields[b"ts"])))
+                              dels=tuple(codec.unpack(fields[b"del"])), ts=float(fields[b"ts"])))
         done += len(put) + 1
         if done >= STEP:
             done = 0
@@ -291,7 +284,7 @@ def _env_keys(env: str) -> str:
 
 def _flag(raw: bytes) -> tuple[int, Any]:
     v, _, value = raw.partition(b":")
-    return int(v), _unpack(value)
+    return int(v), codec.unpack(value)
 
 
 class RedisStore:
@@ -363,10 +356,7 @@ class RedisStore:
 
     async def close(self) -> None:
         for task in (self._subscriber, self._catch_up_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            await cancel_and_wait(task)
         self._subscriber = self._catch_up_task = None
         if self._cluster is not None:
             await self._cluster.aclose()
@@ -385,7 +375,7 @@ class RedisStore:
 
     async def _subscribe(self) -> None:
         """Follow the change and key channels for as long as the store is open."""
-        pause = _RECONNECT_S[0]
+        backoff = Backoff(*_RECONNECT_S)
         first = True
         while True:
             assert self._redis is not None
@@ -396,7 +386,8 @@ class RedisStore:
                 if not first:
                     log.info("Redis subscription restored; replaying what it may have missed")
                     self._start_catch_up()
-                first, pause = False, _RECONNECT_S[0]
+                first = False
+                backoff.reset()
                 while True:
                     raise_if_cancelled()
                     message = await pubsub.get_message(ignore_subscribe_messages=True,
@@ -411,22 +402,22 @@ class RedisStore:
                 raise
             except Exception as exc:
                 raise_if_cancelled()
-                log.warning("Redis subscription lost (%s); retrying in %.1fs", exc, pause)
+                log.warning("Redis subscription lost (%s); retrying in %.1fs", exc,
+                            backoff.peek())
             finally:
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            await asyncio.sleep(pause)
-            pause = min(_RECONNECT_S[1], pause * 2)
+            await asyncio.sleep(backoff.next())
 
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
             if channel == CHANGES_CHANNEL:
-                unpacker = msgpack.Unpacker(raw=False, strict_map_key=False)
+                unpacker = codec.unpacker()
                 unpacker.feed(data)
                 env, v, ts, dels, put = (unpacker.unpack() for _ in range(5))
                 self._tell(Change(env=env, v=int(v), put=put, dels=tuple(dels), ts=float(ts)))
             elif channel == KEYS_CHANNEL:
-                origin, env, hashes = _unpack(data)
+                origin, env, hashes = codec.unpack(data)
                 if origin != self._origin:
                     for listener in self._keys_listeners:
                         listener(env, frozenset(hashes))
@@ -466,7 +457,7 @@ class RedisStore:
         for about a minute: skipping it would leave its followers behind until its next
         change."""
         pending = dict(self._seen)
-        pause = _RECONNECT_S[0]
+        backoff = Backoff(*_RECONNECT_S)
         for _ in range(_CATCH_UP_PASSES):
             for env, v in list(pending.items()):
                 try:
@@ -484,8 +475,7 @@ class RedisStore:
                 del pending[env]
             if not pending:
                 return
-            await asyncio.sleep(pause)
-            pause = min(_RECONNECT_S[1], pause * 2)
+            await asyncio.sleep(backoff.next())
         log.error("gave up replaying %d environment(s) after a lost subscription: %s; they "
                   "catch up at their next change", len(pending), sorted(pending)[:10])
 
@@ -515,7 +505,7 @@ class RedisStore:
         for listener in self._keys_listeners:
             asyncio.get_running_loop().call_soon(listener, env, notice)
         with contextlib.suppress(RedisError, OSError):  # other nodes also learn at their next
-            await self._r.publish(KEYS_CHANNEL, _pack([self._origin, env, hashes]))  # lookup
+            await self._r.publish(KEYS_CHANNEL, codec.pack([self._origin, env, hashes]))  # lookup
         return v
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
@@ -523,7 +513,7 @@ class RedisStore:
         pairs, put_blob = await run_in_steps(_put_steps(put))  # TypeError if not encodable
         dels = list(dict.fromkeys(dels))  # the script drops those that do not exist
         ts = time.time()
-        args = [env, repr(ts), self.log_retention, len(put), pairs, put_blob, _pack(dels)]
+        args = [env, repr(ts), self.log_retention, len(put), pairs, put_blob, codec.pack(dels)]
         try:
             v, committed, delblob = await self._call(
                 lambda: self._publish_script(keys=list(_keys(env)), args=args)
@@ -532,7 +522,7 @@ class RedisStore:
             raise UnknownEnv(env) from exc
         if not committed:
             return Change(env=env, v=int(v), put={}, dels=(), ts=ts)
-        return Change(env=env, v=int(v), put=put, dels=tuple(_unpack(delblob)), ts=ts)
+        return Change(env=env, v=int(v), put=put, dels=tuple(codec.unpack(delblob)), ts=ts)
 
     # --- reads --------------------------------------------------------------------------------
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import msgpack
-
+from relay import codec
 from relay.changes import Change
 from relay.private_files import make_private, make_private_dir, open_private
 from relay.store.base import (
@@ -70,13 +69,6 @@ class _Publish:
     future: asyncio.Future[Change]
 
 
-def _pack(obj: Any) -> bytes:
-    data: bytes = msgpack.packb(obj, use_bin_type=True)
-    return data
-
-
-def _unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
 
 
 class SQLiteStore:
@@ -260,7 +252,7 @@ class SQLiteStore:
         v = current + 1
         ts = time.time()
         db.execute("UPDATE envs SET v = ? WHERE env = ?", (v, env))
-        values, put_blob = pack_put(put, _pack)
+        values, put_blob = pack_put(put, codec.pack)
         db.executemany(
             "INSERT INTO flags (env, key, v, value) VALUES (?, ?, ?, ?) "
             "ON CONFLICT (env, key) DO UPDATE SET v = excluded.v, value = excluded.value",
@@ -270,7 +262,7 @@ class SQLiteStore:
             db.executemany("DELETE FROM flags WHERE env = ? AND key = ?", [(env, k) for k in dels])
         db.execute(
             "INSERT INTO changes (env, v, put, dels, ts) VALUES (?, ?, ?, ?, ?)",
-            (env, v, put_blob, _pack(list(dels)), ts),
+            (env, v, put_blob, codec.pack(list(dels)), ts),
         )
         db.execute("DELETE FROM changes WHERE env = ? AND v <= ?", (env, v - self.log_retention))
         return Change(env=env, v=v, put=dict(put), dels=tuple(dels), ts=ts)
@@ -358,7 +350,7 @@ class SQLiteStore:
             "SELECT v, put, dels, ts FROM changes WHERE env = ? AND v > ? ORDER BY v", (env, after)
         ).fetchall()
         return [
-            Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts)
+            Change(env=env, v=v, put=codec.unpack(put), dels=tuple(codec.unpack(dels)), ts=ts)
             for v, put, dels, ts in rows
         ]
 
@@ -371,7 +363,8 @@ class SQLiteStore:
         log = []
         size = 0
         for v, put, dels, ts in rows:
-            log.append(Change(env=env, v=v, put=_unpack(put), dels=tuple(_unpack(dels)), ts=ts))
+            log.append(Change(env=env, v=v, put=codec.unpack(put),
+                              dels=tuple(codec.unpack(dels)), ts=ts))
             size += stored_size(put, dels)
             if history_bytes is not None and size >= history_bytes:
                 break
@@ -387,7 +380,7 @@ class SQLiteStore:
             if row is None:
                 raise UnknownEnv(env)
             flags = {
-                key: (v, _unpack(value))
+                key: (v, codec.unpack(value))
                 for key, v, value in db.execute(
                     "SELECT key, v, value FROM flags WHERE env = ?", (env,)
                 )
