@@ -19,21 +19,21 @@ import math
 import re
 import sys
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeGuard, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from relay import codec, protocol
 from relay.bearer import bearer, same_token
 from relay.drain import DrainError, DrainPlan, DrainRefused
 from relay.node_state import NodeState
-from relay.store.base import KeyConflict, StoreUnavailable, UnknownEnv, legacy_hash_key
+from relay.store.base import EnvSnapshot, KeyConflict, StoreUnavailable, UnknownEnv
 
 if TYPE_CHECKING:
     from relay.config import Config
-    from relay.node import Node
 
 log = logging.getLogger("relay.admin")
 
@@ -53,7 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
 
 
-def max_body_bytes(config: Config) -> int:
+def max_body_bytes(config: Config | AdminSettings) -> int:
     """The admin body limit (413 past it): JSON is wordier than msgpack (quotes, escapes, the
     digits of floats), so a change of --max-change-bytes of msgpack is given twice that in
     JSON, plus 64 KiB for the small bodies' sake. Changes written in very verbose JSON
@@ -241,11 +241,71 @@ class _OneLineBadRequests(logging.Filter):
 HTTP_LOG.addFilter(_OneLineBadRequests())
 
 
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    """What the admin API needs of the configuration."""
+
+    node_id: str
+    admin_request_timeout: float
+    max_change_keys: int
+    max_change_bytes: int
+    drain_deadline: float  # a drain's default deadline and window
+    drain_window: float
+
+    @classmethod
+    def of(cls, config: Config) -> AdminSettings:
+        return cls(config.node_id, config.admin_request_timeout, config.max_change_keys,
+                   config.max_change_bytes, config.drain_deadline, config.drain_window)
+
+
+class NodeApi(Protocol):
+    """What the admin API may ask of its node, and nothing else."""
+
+    admin_token: str
+    state: NodeState
+
+    async def put_env(self, env: str, keys: list[str]) -> int:
+        """Create or replace an environment's SDK keys; its version."""
+        ...
+
+    async def publish(self, env: str, put: dict[str, Any], dels: list[str]) -> int:
+        """Commit a change (counted in relay_publishes_total); its version."""
+        ...
+
+    async def flags(self, env: str) -> EnvSnapshot:
+        ...
+
+    def drain(self, plan: DrainPlan) -> dict[str, Any]:
+        """Start a drain (or answer the one under way); raises DrainRefused."""
+        ...
+
+    def drain_info(self) -> dict[str, Any]:
+        ...
+
+    def drain_time_left(self) -> float | None:
+        ...
+
+    async def status(self) -> dict[str, Any]:
+        ...
+
+    def session_count(self) -> int:
+        """Sessions (authenticated connections) on this node."""
+        ...
+
+    def open_count(self) -> int:
+        """Connections past their request head not yet gone: what a drain waits for."""
+        ...
+
+    def metrics_text(self) -> bytes:
+        """The Prometheus exposition of the node's metrics."""
+        ...
+
+
 class AdminApi:
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: NodeApi, settings: AdminSettings) -> None:
         self.node = node
-        self.config = node.config
-        self.max_body = max_body_bytes(node.config)
+        self.config = settings
+        self.max_body = max_body_bytes(settings)
         self.app = web.Application(
             client_max_size=self.max_body, middlewares=[self._errors, self._auth, self._body]
         )
@@ -349,26 +409,18 @@ class AdminApi:
             raise BadRequest(
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"
             )
-        v = await self.node.store.put_env(  # HMAC hashes; legacy ones checked for conflicts
-            env, [self.node.keys.hash(k) for k in keys], [legacy_hash_key(k) for k in keys])
-        return _json({"env": env, "v": v})
+        return _json({"env": env, "v": await self.node.put_env(env, keys)})
 
     async def patch_flags(self, request: web.Request) -> web.Response:
         env = _env_id(request)
         check = functools.partial(parse_change, max_keys=self.config.max_change_keys,
                                   max_bytes=self.config.max_change_bytes)
         put, dels = await _off_loop(await request.read(), check)
-        try:
-            change = await self.node.store.publish(env, put, dels)
-        except Exception:
-            self.node.metrics.publishes.labels("error").inc()
-            raise
-        self.node.metrics.publishes.labels("ok").inc()
-        return _json({"v": change.v})
+        return _json({"v": await self.node.publish(env, put, dels)})
 
     async def get_flags(self, request: web.Request) -> web.Response:
         env = _env_id(request)
-        snapshot = await self.node.store.load(env, 0)
+        snapshot = await self.node.flags(env)
         flags = {k: {"v": fv, "value": value} for k, (fv, value) in snapshot.flags.items()}
         try:
             return _json({"v": snapshot.v, "flags": flags})
@@ -385,7 +437,7 @@ class AdminApi:
         """202 and the drain's plan; asked again while draining, the drain under way."""
         body = await _json_object(request) if await request.read() else {}
         _unknown_fields(body, {"deadline_s", "window_s"})
-        config = self.node.config
+        config = self.config
         deadline = body.get("deadline_s", config.drain_deadline)
         # The configured window goes with the configured deadline; with another deadline it
         # is kept only where it fits (else half the deadline, as for no window at all).
@@ -420,12 +472,12 @@ class AdminApi:
         drain = (state in (NodeState.DRAINING, NodeState.STOPPED)
                  and self.node.drain_time_left() is not None)
         return _json(
-            {"ready": ready, "state": state.value, "node": self.node.config.node_id,
-             "connections": self.node.hub.session_count(),
-             "open": self.node.sdk.held(),
+            {"ready": ready, "state": state.value, "node": self.config.node_id,
+             "connections": self.node.session_count(),
+             "open": self.node.open_count(),
              **({"drain": self.node.drain_info()} if drain else {})},
             200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.node.metrics.registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        return web.Response(body=self.node.metrics_text(),
+                            headers={"Content-Type": CONTENT_TYPE_LATEST})

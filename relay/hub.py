@@ -41,6 +41,7 @@ from relay.envstate import (
     run_steps,
 )
 from relay.metrics import Metrics
+from relay.node_state import EnvSummary
 from relay.store.base import KeyHasher, Store, legacy_hash_key
 from relay.tasks import run_in_steps
 
@@ -421,11 +422,10 @@ class Hub:
     def session_count(self) -> int:
         return sum(len(entry.channel.sessions) for entry in self._channels.values())
 
-    def env_summary(self) -> dict[str, dict[str, int]]:
+    def env_summary(self) -> dict[str, EnvSummary]:
         """Per loaded environment: version held and local sessions (for status)."""
         return {
-            env: {"v": entry.state.v if entry.state else -1,
-                  "sessions": len(entry.channel.sessions)}
+            env: EnvSummary(entry.state.v if entry.state else -1, len(entry.channel.sessions))
             for env, entry in self._channels.items()
         }
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import socket
 import time
@@ -10,9 +11,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from prometheus_client import generate_latest
 
 from relay import __version__, credentials
-from relay.admin import AdminApi
+from relay.admin import AdminApi, AdminSettings
 from relay.cluster import Cluster
 from relay.config import Config, ConfigError
 from relay.disconnects import DRAIN
@@ -21,11 +23,11 @@ from relay.hub import Hub
 from relay.membership import make_membership
 from relay.membership.base import Member, Membership
 from relay.metrics import Metrics
-from relay.node_state import NodeState
+from relay.node_state import DrainStatus, NodeState
 from relay.peer_server import PeerServer
 from relay.sdk_server import SdkServer
 from relay.store import make_store
-from relay.store.base import KeyHasher, Store, secret_check
+from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
 from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
 
@@ -46,7 +48,7 @@ class Node:
         self.metrics = Metrics()
         self._set_state(NodeState.STARTING)
         self.drained = asyncio.Event()  # set when a drain is over: the process should stop
-        self._drain: dict[str, Any] | None = None
+        self._drain: DrainStatus | None = None
         self._drain_ends = 0.0  # monotonic time of the drain's deadline
         self._drain_task: asyncio.Task[None] | None = None
         self.store: Store = store or make_store(config)
@@ -71,7 +73,7 @@ class Node:
         self.sdk = SdkServer(config, self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
         self.metrics.buffered_bytes.set_function(self.sdk.buffered_bytes)
-        self.admin = AdminApi(self)
+        self.admin = AdminApi(self, AdminSettings.of(config))
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.membership: Membership | None = None
@@ -201,9 +203,8 @@ class Node:
         self.sdk.refuse_new()
         sessions = self.sdk.open_count()
         self._drain_ends = time.monotonic() + plan.deadline_s
-        self._drain = {"deadline_s": plan.deadline_s, "window_s": plan.window_s,
-                       "deadline_at": round(time.time() + plan.deadline_s, 3),
-                       "sessions_at_start": sessions, "outcome": None}
+        self._drain = DrainStatus(plan.deadline_s, plan.window_s,
+                                  round(time.time() + plan.deadline_s, 3), sessions)
         log.warning("draining: %d session(s) over %.1f s, deadline %.1f s", sessions,
                     plan.window_s, plan.deadline_s)
         self._drain_task = asyncio.get_running_loop().create_task(self._run_drain(plan))
@@ -216,10 +217,38 @@ class Node:
 
     def drain_info(self) -> dict[str, Any]:
         info = {"node": self.config.node_id, "state": self.state,
-                "sessions": self.sdk.held(), **(self._drain or {})}
+                "sessions": self.sdk.held(), **(self._drain.fields() if self._drain else {})}
         if self._drain is not None:  # what clocks on other hosts can use
             info["deadline_in_s"] = round(max(0.0, self._drain_ends - time.monotonic()), 3)
         return info
+
+    # --- what the admin API asks (relay.admin.NodeApi) ---------------------------------------
+
+    async def put_env(self, env: str, keys: list[str]) -> int:
+        """Store the keys' HMAC hashes (their legacy hashes are checked for conflicts)."""
+        return await self.store.put_env(
+            env, [self.keys.hash(k) for k in keys], [legacy_hash_key(k) for k in keys])
+
+    async def publish(self, env: str, put: dict[str, Any], dels: list[str]) -> int:
+        try:
+            change = await self.store.publish(env, put, dels)
+        except Exception:
+            self.metrics.publishes.labels("error").inc()
+            raise
+        self.metrics.publishes.labels("ok").inc()
+        return change.v
+
+    async def flags(self, env: str) -> EnvSnapshot:
+        return await self.store.load(env, 0)
+
+    def session_count(self) -> int:
+        return self.hub.session_count()
+
+    def open_count(self) -> int:
+        return self.sdk.held()
+
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.metrics.registry)
 
     def drain_time_left(self) -> float | None:
         """Seconds to a drain's deadline, or None when not draining."""
@@ -252,8 +281,8 @@ class Node:
 
     def _drain_outcome(self, outcome: str, left: int) -> None:
         assert self._drain is not None
-        self._drain["outcome"] = outcome
-        self._drain["left_at_end"] = left
+        self._drain.outcome = outcome
+        self._drain.left_at_end = left
 
     async def stop(self, linger_s: float | None = None) -> None:
         """Stop: sessions still here get goaway (shutdown) and close 1001; then the peer links,
@@ -316,6 +345,7 @@ class Node:
             "owned_envs": self._owned(envs).get(self.config.node_id, 0),
             "envs": len(envs),
             "connections": self.hub.session_count(),
-            "loaded_envs": self.hub.env_summary(),
+            "loaded_envs": {env: dataclasses.asdict(summary)
+                            for env, summary in self.hub.env_summary().items()},
             **({"drain": self.drain_info()} if self._drain is not None else {}),
         }
