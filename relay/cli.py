@@ -26,6 +26,7 @@ from typing import Any, NoReturn
 
 from relay import __version__, credentials, redact
 from relay import config as config_mod
+from relay.admin_client import AdminClient, AdminError, tls_hint
 from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
 from relay.node_state import NodeState
 from relay.private_files import read_secret_file
@@ -242,53 +243,15 @@ def _admin_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:
         raise UserError(str(exc)) from None
 
 
-def _tls_hint(reason: object, url: str, ca_flag: str) -> str:
-    """What a TLS failure means, in words, with what to try."""
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return (f"its TLS certificate is not trusted ({reason.verify_message}); pass "
-                f"{ca_flag} with the CA that signed it")
-    if isinstance(reason, ssl.SSLError):
-        return f"TLS failed ({reason.reason or reason}); is {url} an http:// port?"
-    return str(reason)
-
-
 def admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None,
                base: str | None = None) -> Any:
     """One admin API request; returns the decoded JSON answer or raises UserError."""
-    base = base or _admin_base(args)
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        base + path,
-        data=data,
-        method=method,
-        headers={
-            "Authorization": f"Bearer {_admin_token(args)}",
-            "Content-Type": "application/json",
-        },
-    )
-    context = _admin_ssl(args)
+    client = AdminClient(base or _admin_base(args), _admin_token(args),
+                         ssl_context=_admin_ssl(args), timeout=args.timeout)
     try:
-        with urllib.request.urlopen(request, timeout=args.timeout, context=context) as response:
-            return json.loads(response.read() or b"null")
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.loads(exc.read()).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            message = exc.reason
-        raise UserError(f"{method} {path}: {exc.code} {message}") from None
-    except urllib.error.URLError as exc:
-        raise UserError(f"cannot reach the admin API at {base}: "
-                        f"{_tls_hint(exc.reason, base, '--admin-ca')}") from None
-    except ssl.SSLError as exc:  # (during the exchange rather than the connect)
-        raise UserError(f"cannot reach the admin API at {base}: "
-                        f"{_tls_hint(exc, base, '--admin-ca')}") from None
-    except http.client.RemoteDisconnected as exc:
-        https = " (an https:// port?)" if base.startswith("http://") else ""
-        raise UserError(f"cannot reach the admin API at {base}: {exc!r}{https}") from None
-    except (TimeoutError, ConnectionError, http.client.HTTPException) as exc:
-        raise UserError(f"cannot reach the admin API at {base}: {exc!r}") from None
-    except ValueError as exc:
-        raise UserError(f"bad --admin-url {base!r}: {exc}") from None
+        return client.call(method, path, body)
+    except AdminError as exc:
+        raise UserError(str(exc)) from None
 
 
 def _print_json(obj: Any) -> None:
@@ -501,7 +464,7 @@ async def _watch(url: str, key: str, since: int | None,
                 return
             if isinstance(exc.__cause__, ssl.SSLCertVerificationError):
                 raise UserError(f"cannot connect to {url}: "
-                                f"{_tls_hint(exc.__cause__, url, '--ca')}") from None
+                                f"{tls_hint(exc.__cause__, url, '--ca')}") from None
             if exc.code is None:
                 raise UserError(exc.reason) from None
             reason = {

@@ -4,7 +4,6 @@ front of them (health-checking each node's /readyz), as operators run it."""
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 import ssl
 import urllib.request
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import haproxy
+from relay.admin_client import AdminClient
 from relay.client import RelayClient
 from tests.helpers import SDK_KEY_SECRET, Admin, RelayProcess, start_relay, terminate
 
@@ -61,10 +61,8 @@ class Cluster:
         return Admin(self.nodes[i].admin_url, TOKEN, ssl=self.ssl)
 
     def status(self, i: int) -> dict[str, Any]:
-        request = urllib.request.Request(f"{self.nodes[i].admin_url}/admin/v1/status",
-                                         headers={"Authorization": f"Bearer {TOKEN}"})
-        with urllib.request.urlopen(request, timeout=5, context=self.ssl) as resp:
-            return dict(json.load(resp))
+        client = AdminClient(self.nodes[i].admin_url, TOKEN, ssl_context=self.ssl, timeout=5)
+        return dict(client.call("GET", "/admin/v1/status"))
 
     def metric(self, i: int, name: str) -> float:
         with urllib.request.urlopen(f"{self.nodes[i].admin_url}/metrics", timeout=5,

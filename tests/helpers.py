@@ -15,11 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
+from relay.admin_client import AdminClient
 from relay.config import Config
 from relay.node import Node
 
@@ -39,32 +39,19 @@ def node_config(tmp: Path, **overrides: Any) -> Config:
 
 
 class Admin:
-    """A tiny admin API client over a real aiohttp session."""
+    """The project's admin API client (relay/admin_client.py, as the CLI uses it), awaited
+    in a thread so that a node on this event loop can answer."""
 
     def __init__(self, url: str, token: str = TOKEN, ssl: ssl.SSLContext | None = None) -> None:
         self.url = url
-        self.token = token
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(ssl=ssl if ssl is not None else True))
+        self.client = AdminClient(url, token, ssl_context=ssl, timeout=30)
 
     async def call(
         self, method: str, path: str, body: Any = None, *, token: str | None = None,
         raw: bytes | None = None,
     ) -> tuple[int, Any]:
-        headers = {"Authorization": f"Bearer {self.token if token is None else token}"}
-        if token == "":
-            headers = {}
-        kwargs: dict[str, Any] = {"headers": headers}
-        if raw is not None:
-            kwargs["data"] = raw
-        elif body is not None:
-            kwargs["json"] = body
-        async with self.session.request(method, self.url + path, **kwargs) as resp:
-            text = await resp.text()
-            try:
-                return resp.status, await resp.json(content_type=None)
-            except ValueError:
-                return resp.status, text
+        return await asyncio.to_thread(self.client.request, method, path, body, token=token,
+                                       raw=raw)
 
     async def put_env(self, env: str, keys: Sequence[str]) -> int:
         status, body = await self.call("PUT", f"/admin/v1/envs/{env}", {"keys": list(keys)})
@@ -86,7 +73,7 @@ class Admin:
         return body["v"], {k: f["value"] for k, f in body["flags"].items()}
 
     async def close(self) -> None:
-        await self.session.close()
+        """(Nothing held: each request has its own connection.)"""
 
 
 async def open_stream(
