@@ -28,7 +28,6 @@ from relay import __version__, credentials, redact
 from relay import config as config_mod
 from relay.admin_client import AdminClient, AdminError, tls_hint
 from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
-from relay.node_state import NodeState
 from relay.private_files import read_secret_file
 from relay.store import describe as describe_store
 
@@ -98,58 +97,12 @@ async def _serve(cfg: config_mod.Config) -> None:
     # environments hold, not the whole program.
     gc.freeze()
     print(_banner(node, cfg), flush=True)
-    log = logging.getLogger("relay")
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-
-    sigterms = 0
-
-    def on_sigterm() -> None:
-        """The first SIGTERM drains (as POST /admin/v1/drain with the configured deadline;
-        a drain already under way goes on); the second stops at once."""
-        nonlocal sigterms
-        sigterms += 1
-        if sigterms > 1 or node.state not in (NodeState.READY, NodeState.DRAINING):
-            stop.set()
-            return
-        log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",
-                    cfg.drain_deadline)
-        try:
-            node.drain(DrainPlan.make(cfg.drain_deadline, cfg.drain_window))
-        except Exception:  # (a signal handler must not raise into the loop)
-            log.exception("cannot drain; stopping")
-            stop.set()
-
-    def on_sighup() -> None:
-        """Load --tls-cert and --tls-key (and --tls-ca) again: new handshakes use them, open
-        connections keep theirs; files that cannot be used leave the old ones in place."""
-        from relay.tls import TlsError
-
-        if node.tls is None:
-            log.warning("SIGHUP ignored: TLS is off (no --tls-cert)")
-            return
-        try:
-            node.tls.reload()
-        except TlsError as exc:
-            log.error("SIGHUP: %s; still serving the previous certificate", exc)
-            return
-        log.warning("SIGHUP: reloaded --tls-cert %s (SHA-256 %s)", cfg.tls_cert,
-                    node.tls.fingerprint)
-
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGTERM, on_sigterm)
-    loop.add_signal_handler(signal.SIGHUP, on_sighup)
-    stopped = asyncio.ensure_future(stop.wait())
-    drained = asyncio.ensure_future(node.drained.wait())
-    await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
-    stopped.cancel()
-    drained.cancel()
-    if stop.is_set():
-        log.info("stopping: sessions get goaway (shutdown)")
-        await node.stop(linger_s=min(1.0, cfg.close_timeout))
-    else:  # drained, or at the drain's deadline: what is left may only take until then
-        left = node.drain_time_left()
-        await node.stop(linger_s=max(1.0, min(cfg.close_timeout + 1, left or 0.0)))
+    # Signals in, the node's lifecycle decides (Node.terminate, Node.run_until_stopped).
+    loop.add_signal_handler(signal.SIGINT, node.interrupt)
+    loop.add_signal_handler(signal.SIGTERM, node.terminate)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_tls)
+    await node.run_until_stopped()
 
 
 def _run_async(coro: Any) -> Any:

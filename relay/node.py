@@ -48,6 +48,8 @@ class Node:
         self.metrics = Metrics()
         self._set_state(NodeState.STARTING)
         self.drained = asyncio.Event()  # set when a drain is over: the process should stop
+        self.stop_requested = asyncio.Event()  # SIGINT, or SIGTERM when a drain cannot do
+        self._terminations = 0
         self._drain: DrainStatus | None = None
         self._drain_ends = 0.0  # monotonic time of the drain's deadline
         self._drain_task: asyncio.Task[None] | None = None
@@ -221,6 +223,59 @@ class Node:
         if self._drain is not None:  # what clocks on other hosts can use
             info["deadline_in_s"] = round(max(0.0, self._drain_ends - time.monotonic()), 3)
         return info
+
+    # --- lifecycle: what signals mean -----------------------------------------------------------
+
+    def terminate(self) -> None:
+        """What SIGTERM means. The first drains (as POST /admin/v1/drain with the configured
+        deadline and window; a drain already under way goes on); another, or one while the
+        node is not ready nor draining, stops at once."""
+        self._terminations += 1
+        if self._terminations > 1 or self.state not in (NodeState.READY, NodeState.DRAINING):
+            self.stop_requested.set()
+            return
+        log.warning("SIGTERM: draining (deadline %.0f s); SIGTERM again to stop at once",
+                    self.config.drain_deadline)
+        try:
+            self.drain(DrainPlan.make(self.config.drain_deadline, self.config.drain_window))
+        except Exception:  # (called from a signal handler: it must not raise into the loop)
+            log.exception("cannot drain; stopping")
+            self.stop_requested.set()
+
+    def interrupt(self) -> None:
+        """What SIGINT means: stop at once (sessions get goaway `shutdown`)."""
+        self.stop_requested.set()
+
+    def reload_tls(self) -> None:
+        """What SIGHUP means: load --tls-cert and --tls-key (and --tls-ca) again. New
+        handshakes use them, open connections keep theirs; files that cannot be used leave
+        the old ones in place."""
+        if self.tls is None:
+            log.warning("SIGHUP ignored: TLS is off (no --tls-cert)")
+            return
+        try:
+            self.tls.reload()
+        except TlsError as exc:
+            log.error("SIGHUP: %s; still serving the previous certificate", exc)
+            return
+        log.warning("SIGHUP: reloaded --tls-cert %s (SHA-256 %s)", self.config.tls_cert,
+                    self.tls.fingerprint)
+
+    async def run_until_stopped(self) -> None:
+        """Serve until a stop is asked (`interrupt`, a second `terminate`) or a drain is over,
+        then stop: at once with a short linger, or, after a drain, with what is left of its
+        deadline for the last close handshakes."""
+        stopped = asyncio.ensure_future(self.stop_requested.wait())
+        drained = asyncio.ensure_future(self.drained.wait())
+        await asyncio.wait([stopped, drained], return_when=asyncio.FIRST_COMPLETED)
+        stopped.cancel()
+        drained.cancel()
+        if self.stop_requested.is_set():
+            log.info("stopping: sessions get goaway (shutdown)")
+            await self.stop(linger_s=min(1.0, self.config.close_timeout))
+        else:  # drained, or at the drain's deadline: what is left may only take until then
+            left = self.drain_time_left()
+            await self.stop(linger_s=max(1.0, min(self.config.close_timeout + 1, left or 0.0)))
 
     # --- what the admin API asks (relay.admin.NodeApi) ---------------------------------------
 

@@ -321,3 +321,35 @@ async def test_relay_drain_reports_a_deadline_cut_short(tmp_path: Path) -> None:
     finally:
         await admin.close()
         node.stop()
+
+
+async def test_the_stop_policy_is_the_nodes_in_process(tmp_path: Path) -> None:
+    """What SIGTERM and SIGINT mean, without a process: the first terminate drains (the run
+    ends when the drain does), a second stops at once; interrupt stops at once."""
+    node = await started_node(tmp_path, drain_deadline=30.0, drain_window=20.0)
+    admin = Admin(node.admin_url)
+    await admin.put_env("prod", ["k"])
+    sessions = await _sessions(node.ws_url, 3)
+    run = asyncio.create_task(node.run_until_stopped())
+    node.terminate()  # the first: a drain over 20 s
+    assert node.state == "draining"
+    await asyncio.sleep(0.3)
+    assert not run.done()
+    node.terminate()  # the second: at once
+    await asyncio.wait_for(run, 10)
+    assert node.state == "stopped"
+    codes = [await close_code(ws) for ws in sessions]
+    assert {code for code, _ in codes} <= {1012, 1001} and (1001, "server shutting down") in codes
+    await admin.close()
+
+    node = await started_node(tmp_path / "2")
+    run = asyncio.create_task(node.run_until_stopped())
+    node.terminate()  # nothing to drain: the run ends with the drain
+    await asyncio.wait_for(run, 10)
+    assert node.state == "stopped" and node.drained.is_set()
+
+    node = await started_node(tmp_path / "3")
+    run = asyncio.create_task(node.run_until_stopped())
+    node.interrupt()
+    await asyncio.wait_for(run, 10)
+    assert node.state == "stopped" and not node.drained.is_set()
