@@ -367,6 +367,9 @@ class Attack:
             if await self.wait(conn.hello, 5) and not conn.ended.is_set():
                 await conn.flood(DATA_FRAMES, min(self.deadline, time.monotonic() + 10),
                                  limit=FRAME_FLOOD // 10_000)
+                # All written, maybe before the server's answer came back: wait for it (its
+                # close, 4002), or the connection would be counted as ended by us.
+                await self.wait(conn.ended, 2)
             self.done_with(conn)
 
         await self.lanes(lanes, body)

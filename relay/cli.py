@@ -84,7 +84,7 @@ async def _serve(cfg: config_mod.Config) -> None:
 
     try:
         node = Node(cfg)
-    except config_mod.ConfigError as exc:  # e.g. a --discovery value's details
+    except config_mod.ConfigError as exc:  # (a TLS certificate or key it cannot use)
         raise UserError(str(exc)) from None
     try:
         await node.start()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import os
 import resource
@@ -235,6 +236,11 @@ class Config:
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
 
+    @functools.cached_property
+    def cluster_discovery(self) -> Discovery | None:
+        """--discovery, parsed (here only; `from_args` has checked it), or None alone."""
+        return parse_discovery(self.discovery) if self.discovery else None
+
     @property
     def admin_bind(self) -> str:
         """The internal port's address: --admin-host alone (it does not follow --host)."""
@@ -272,6 +278,58 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 class ConfigError(ValueError):
     pass
+
+
+class DiscoveryError(ConfigError):
+    """A --discovery value that names no way to find peers."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaticDiscovery:
+    """`static:ID@HOST:PORT,...`: these peers, by node id, probed at their /readyz."""
+
+    peers: dict[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class DnsDiscovery:
+    """`dns:NAME:PORT`: the A records of NAME (a headless Service), probed at PORT."""
+
+    name: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class RedisDiscovery:
+    """`redis`: nodes heartbeat a key with a TTL in the store's Redis."""
+
+
+Discovery = StaticDiscovery | DnsDiscovery | RedisDiscovery
+
+
+def parse_discovery(text: str) -> Discovery:
+    kind, _, spec = text.partition(":")
+    if kind == "static":
+        peers: dict[str, str] = {}
+        for item in filter(None, (part.strip() for part in spec.split(","))):
+            node_id, at, address = item.partition("@")
+            host, colon, port = address.rpartition(":")
+            if not at or not node_id or not colon or not host or not port.isdigit():
+                raise DiscoveryError(f"static peers are ID@HOST:PORT, got {item!r}")
+            peers[node_id] = address
+        if not peers:
+            raise DiscoveryError(
+                "static discovery needs at least one peer: static:ID@HOST:PORT,...")
+        return StaticDiscovery(peers)
+    if kind == "dns":
+        name, colon, port = spec.rpartition(":")
+        if not colon or not name or not port.isdigit():
+            raise DiscoveryError(f"dns discovery is dns:NAME:PORT, got dns:{spec}")
+        return DnsDiscovery(name, int(port))
+    if kind == "redis" and not spec:
+        return RedisDiscovery()
+    raise DiscoveryError(
+        f"--discovery is static:ID@HOST:PORT,..., dns:NAME:PORT or redis, got {text!r}")
 
 
 def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -> Config:
@@ -326,11 +384,7 @@ def check(config: Config) -> None:
         if not config.peer_token and not config.peer_token_file:
             raise ConfigError("--discovery needs --peer-token or --peer-token-file, the secret "
                               "peers share")
-        if not config.discovery.startswith(("static:", "dns:")) and config.discovery != "redis":
-            raise ConfigError(
-                "--discovery is static:ID@HOST:PORT,..., dns:NAME:PORT or redis, "
-                f"got {config.discovery!r}"
-            )
+        config.cluster_discovery  # noqa: B018  (parsed once, here: DiscoveryError if bad)
     if config.store != "sqlite" and not config.sdk_key_secret and not config.sdk_key_secret_file:
         raise ConfigError(
             "a Redis store needs --sdk-key-secret-file or --sdk-key-secret "

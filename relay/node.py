@@ -86,8 +86,9 @@ class Node:
             self.peer_server.add_routes(self.admin.app)
             # A cluster is all-TLS or all-plain: with TLS on, probes and links are TLS too.
             peer_ssl = self.tls.client_context() if self.tls else None
+            assert config.cluster_discovery is not None
             self.membership = make_membership(
-                config.discovery, self.member, config.store, config.membership_interval,
+                config.cluster_discovery, self.member, config.store, config.membership_interval,
                 ssl_context=peer_ssl,
             )
             self.cluster = Cluster(config.node_id, self.secrets.peer_token, self.membership,

@@ -9,6 +9,19 @@ import pytest
 from relay.node import Node
 from tests.helpers import Admin, RedisServer, start_redis, started_node
 
+# The fast tier, `pytest -m pure` (seconds): tests of the sans-I/O core, with no socket, no
+# process, no file and no event loop of a node.
+PURE_MODULES = frozenset({
+    "test_env_channel", "test_envstate", "test_outbound", "test_peer_protocol",
+    "test_protocol_codec", "test_public_port_core", "test_ring", "test_tasks",
+})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py") in PURE_MODULES:
+            item.add_marker(pytest.mark.pure)
+
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:

@@ -9,26 +9,34 @@ from pathlib import Path
 
 import pytest
 
+from relay.config import (
+    DiscoveryError,
+    DnsDiscovery,
+    RedisDiscovery,
+    StaticDiscovery,
+    parse_discovery,
+)
 from relay.membership import make_membership
 from relay.membership.base import Member, ready_ids
-from relay.membership.dns import parse as parse_dns
 from relay.membership.redis import RedisMembership
-from relay.membership.static import DiscoveryError
-from relay.membership.static import parse as parse_static
 from relay.node_state import NodeState
 from tests.helpers import start_redis, started_node
 
 
 def test_discovery_specs() -> None:
-    assert parse_static("a@10.0.0.1:8081, b@host:9") == {"a": "10.0.0.1:8081", "b": "host:9"}
-    assert parse_dns("relay-peers.default.svc:8081") == ("relay-peers.default.svc", 8081)
+    assert parse_discovery("static:a@10.0.0.1:8081, b@host:9") == StaticDiscovery(
+        {"a": "10.0.0.1:8081", "b": "host:9"})
+    assert parse_discovery("dns:relay-peers.default.svc:8081") == DnsDiscovery(
+        "relay-peers.default.svc", 8081)
+    assert parse_discovery("redis") == RedisDiscovery()
     for bad in ("a@", "a@host", "@h:1", "a@h:x", ""):
-        with pytest.raises(DiscoveryError):
-            parse_static(bad)
-    with pytest.raises(DiscoveryError):
-        parse_dns("nameonly")
-    with pytest.raises(DiscoveryError, match="--discovery is"):
-        make_membership("consul:x", lambda: Member("a", "h:1", NodeState.READY), "redis://x")
+        with pytest.raises(DiscoveryError, match="static"):
+            parse_discovery("static:" + bad)
+    with pytest.raises(DiscoveryError, match="dns:NAME:PORT"):
+        parse_discovery("dns:nameonly")
+    for bad in ("consul:x", "redis:x", ""):
+        with pytest.raises(DiscoveryError, match="--discovery is"):
+            parse_discovery(bad)
 
 
 async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) -> None:
@@ -41,7 +49,7 @@ async def _until(predicate: Callable[[], bool], what: str, timeout: float = 10) 
 async def test_dns_finds_nodes_by_their_a_records_and_readyz(tmp_path: Path) -> None:
     node = await started_node(tmp_path / "n", node_id="found-by-dns")
     me = Member("me", "127.0.0.1:1", NodeState.READY)
-    membership = make_membership(f"dns:localhost:{node.admin_port}", lambda: me, "", 0.1)
+    membership = make_membership(DnsDiscovery("localhost", node.admin_port), lambda: me, "", 0.1)
     seen: list[int] = []
     membership.add_listener(lambda: seen.append(1))
     try:

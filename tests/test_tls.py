@@ -27,6 +27,7 @@ import pytest
 import trustme
 
 from relay.client import RelayClient, RelayClientError
+from relay.config import StaticDiscovery
 from relay.membership import make_membership
 from relay.membership.base import Member
 from relay.node import Node
@@ -508,7 +509,7 @@ async def test_a_tls_node_says_why_a_plain_peer_is_not_a_member(
     plain = await make_node()
     me = Member("me", "127.0.0.1:1", NodeState.READY)
     address = f"127.0.0.1:{plain.admin_port}"
-    membership = make_membership(f"static:plain@{address}", lambda: me, "", 0.05,
+    membership = make_membership(StaticDiscovery({"plain": address}), lambda: me, "", 0.05,
                                  ssl_context=pki.client())
     caplog.set_level(logging.WARNING, logger="relay.membership")
     await membership.start()

@@ -9,21 +9,13 @@ import socket
 import ssl
 
 from relay.membership.probed import ProbedMembership, Self
-from relay.membership.static import DiscoveryError
 
 log = logging.getLogger("relay.membership")
 
 
-def parse(spec: str) -> tuple[str, int]:
-    name, colon, port = spec.rpartition(":")
-    if not colon or not name or not port.isdigit():
-        raise DiscoveryError(f"dns discovery is dns:NAME:PORT, got dns:{spec}")
-    return name, int(port)
-
-
-def dns_membership(spec: str, local: Self, interval: float,
+def dns_membership(name: str, port: int, local: Self, interval: float,
                    ssl_context: ssl.SSLContext | None = None) -> ProbedMembership:
-    name, port = parse(spec)
+    """The A records of `name` (a headless Service), probed at `port`."""
 
     async def candidates() -> list[str]:
         try:
