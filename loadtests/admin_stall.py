@@ -21,7 +21,7 @@ from typing import Any
 
 import aiohttp
 
-from relay import admin
+from relay.admin import api as admin
 from relay.config import Config
 from relay.node import Node
 

@@ -26,8 +26,8 @@ from typing import Any, NoReturn
 
 from relay import __version__, credentials, redact
 from relay import config as config_mod
-from relay.admin_client import AdminClient, AdminError, tls_hint
-from relay.drain import MAX_DEADLINE_S, DrainError, DrainPlan
+from relay.admin.client import AdminClient, AdminError, tls_hint
+from relay.core.drain import MAX_DEADLINE_S, DrainError, DrainPlan
 from relay.private_files import read_secret_file
 from relay.store import describe as describe_store
 

@@ -31,7 +31,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 from websockets.typing import Subprotocol
 
-from relay import protocol
+from relay.core import protocol
 from relay.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("relay.client")

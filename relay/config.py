@@ -16,8 +16,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.drain import DrainError, DrainPlan
-from relay.trusted_proxies import TrustedProxies, TrustedProxiesError
+from relay.core.drain import DrainError, DrainPlan
+from relay.core.trusted_proxies import TrustedProxies, TrustedProxiesError
 
 DEFAULT_FD_RESERVE = 256
 DEFAULT_MAX_PENDING = 1024

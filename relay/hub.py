@@ -1,6 +1,6 @@
 """The edge's fan-out: the I/O around per-environment channels of local SDK sessions.
 
-Each environment with local sessions has an `EnvChannel` (relay/env_channel.py: its `EnvState`,
+Each environment with local sessions has an `EnvChannel` (relay/core/env_channel.py: its `EnvState`,
 the warm cache new sessions are served from, its sessions, and every decision of the fan-out,
 without I/O). The hub keeps what needs the event loop: the registry, load/resync/encode tasks,
 timers, the tick's `call_soon`, metrics, and the writes. A committed change is encoded once;
@@ -8,13 +8,14 @@ frames owed in one event-loop tick are joined and written to every session with 
 (uvloop sets TCP_NODELAY, so batching per tick is what keeps a burst from costing one send()
 per frame).
 
-In a cluster (relay/cluster.py), an environment this node does not own is followed through a
-peer link to its owner (`Upstream`): the channel then takes changes from there, not from the
-store; and remote edges that follow an environment owned here are the channel's `followers`,
-sent each change once (relay/peer_protocol.py). A version gap is always filled from the store.
+In a cluster (relay/cluster/upstream.py), an environment this node does not own is followed
+through a peer link to its owner (`Upstream`): the channel then takes changes from there, not
+from the store; and remote edges that follow an environment owned here are the channel's
+`followers`, sent each change once (relay/core/peer_protocol.py). A version gap is always
+filled from the store.
 
-Backpressure (relay/outbound.py): each session has an `Outbox`. A session whose socket buffer is
-above the high-water mark is skipped, at the cost of one check; when it drains it gets one
+Backpressure (relay/core/outbound.py): each session has an `Outbox`. A session whose socket
+buffer is above the high-water mark is skipped, at the cost of one check; when it drains it gets one
 coalesced catch-up delta. Sessions that stay behind are evicted by a periodic sweep over the
 paused ones only.
 """
@@ -28,11 +29,11 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any, Protocol
 
-from relay import peer_protocol
-from relay.changes import Change
-from relay.disconnects import REVOKED, Disconnect
-from relay.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
-from relay.envstate import (
+from relay.core import peer_protocol
+from relay.core.changes import Change
+from relay.core.disconnects import REVOKED, Disconnect
+from relay.core.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
+from relay.core.envstate import (
     DEFAULT_HISTORY_BYTES,
     EncodedChange,
     EnvState,
@@ -40,8 +41,8 @@ from relay.envstate import (
     encode_change,
     run_steps,
 )
+from relay.core.node_state import EnvSummary
 from relay.metrics import Metrics
-from relay.node_state import EnvSummary
 from relay.store.base import KeyHasher, Store, legacy_hash_key
 from relay.tasks import run_in_steps
 
@@ -73,7 +74,7 @@ class SessionSink(Protocol):
         ...
 
     def disconnect(self, how: Disconnect) -> None:
-        """Close the connection as the table says (relay/disconnects.py; returns at once)."""
+        """Close the connection as the table says (relay/core/disconnects.py; returns at once)."""
         ...
 
     def evict(self, reason: str) -> None:
@@ -90,7 +91,7 @@ class Follower(Protocol):
 
 
 class Upstream(Protocol):
-    """Where an environment's changes come from in a cluster (relay/cluster.py)."""
+    """Where an environment's changes come from in a cluster (relay/cluster/upstream.py)."""
 
     def follow(self, env: str, since: int) -> bool:
         """A channel was loaded at `since`: True if its changes now come from a peer (this

@@ -14,17 +14,17 @@ from aiohttp import web
 from prometheus_client import generate_latest
 
 from relay import __version__, credentials
-from relay.admin import AdminApi, AdminSettings
-from relay.cluster import Cluster
+from relay.admin.api import AdminApi, AdminSettings
+from relay.cluster.membership import make_membership
+from relay.cluster.membership.base import Member, Membership
+from relay.cluster.peer_server import PeerServer
+from relay.cluster.upstream import Cluster
 from relay.config import Config, ConfigError
-from relay.disconnects import DRAIN
-from relay.drain import DrainPacer, DrainPlan, DrainRefused
+from relay.core.disconnects import DRAIN
+from relay.core.drain import DrainPacer, DrainPlan, DrainRefused
+from relay.core.node_state import DrainStatus, NodeState
 from relay.hub import Hub
-from relay.membership import make_membership
-from relay.membership.base import Member, Membership
 from relay.metrics import Metrics
-from relay.node_state import DrainStatus, NodeState
-from relay.peer_server import PeerServer
 from relay.sdk_server import SdkServer
 from relay.store import make_store
 from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
@@ -278,7 +278,7 @@ class Node:
             left = self.drain_time_left()
             await self.stop(linger_s=max(1.0, min(self.config.close_timeout + 1, left or 0.0)))
 
-    # --- what the admin API asks (relay.admin.NodeApi) ---------------------------------------
+    # --- what the admin API asks (relay.admin.api.NodeApi) ---------------------------------------
 
     async def put_env(self, env: str, keys: list[str]) -> int:
         """Store the keys' HMAC hashes (their legacy hashes are checked for conflicts)."""

@@ -6,7 +6,7 @@ sans-I/O parser, which is what lets one process hold tens of thousands of idle S
 per-connection task is a short one while the SDK key is looked up and the session attached (and
 the TLS handshake, with --tls-cert).
 
-A plain, valid upgrade is answered by `relay.handshake` (httptools) and the protocol starts
+A plain, valid upgrade is answered by `relay.core.handshake` (httptools) and the protocol starts
 OPEN; any other request goes through websockets' own handshake, which answers its errors.
 
 The handshake completes for any valid upgrade to /v1/stream; every later problem is reported
@@ -15,10 +15,10 @@ the hub writes prebuilt frames with `SdkConnection.write` while the connection i
 
 The port faces the internet and SDK keys are public, so every client is assumed hostile and
 each phase has a budget (docs/security.md):
-- admission (relay/admission.py): all public sockets, pending connections and sessions are
+- admission (relay/core/admission.py): all public sockets, pending connections and sessions are
   capped, globally and per client address, and each address has connect and auth-failure
   rates; the client address comes from the peer, or from a trusted proxy's PROXY header or
-  X-Forwarded-For (relay/trusted_proxies.py);
+  X-Forwarded-For (relay/core/trusted_proxies.py);
 - the request head is collected in linear time within a size cap and a deadline;
 - what a client sends is parsed at most READ_BUDGET bytes per connection per event-loop tick
   (reading pauses meanwhile), so no connection can hold the loop;
@@ -46,19 +46,19 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
-from relay import admission as adm
-from relay import disconnects as dc
-from relay import handshake, protocol, proxy_protocol
-from relay.auth_failures import FailureLog, UnknownKeys
-from relay.bearer import bearer
 from relay.config import Config, open_files_limit
+from relay.core import admission as adm
+from relay.core import disconnects as dc
+from relay.core import handshake, protocol, proxy_protocol
+from relay.core.auth_failures import FailureLog, UnknownKeys
+from relay.core.bearer import bearer
+from relay.core.keepalive import PendingPings, PingRounds
+from relay.core.reqhead import HeadStatus, RequestHead
+from relay.core.trusted_proxies import TrustedProxies
 from relay.hub import Hub, Subscription
-from relay.keepalive import PendingPings, PingRounds
 from relay.metrics import Metrics
-from relay.reqhead import HeadStatus, RequestHead
 from relay.store.base import StoreError
 from relay.tls import TlsFailed, TlsStream
-from relay.trusted_proxies import TrustedProxies
 
 log = logging.getLogger("relay.sdk")
 # websockets' own log of SDK connections: one "connection closed" line per connection at INFO,
@@ -338,7 +338,7 @@ class SdkConnection(asyncio.Protocol):
     def write(self, data: bytes) -> bool:
         """Write whole prebuilt frames while OPEN (never after a close frame). What a client
         that stops reading can cost is bounded by the hub, which stops writing to a session
-        above --write-high-water and evicts those that stay behind (relay/outbound.py)."""
+        above --write-high-water and evicts those that stay behind (relay/core/outbound.py)."""
         if self.proto.state is not _OPEN or self.lost:
             return False
         if self._tail is None and self._tls is None and len(data) <= self._high_water:
@@ -384,7 +384,7 @@ class SdkConnection(asyncio.Protocol):
 
     def disconnect(self, how: dc.Disconnect, reason: str | None = None,
                    retry_ms: int | None = None) -> None:
-        """End the session as the table says (relay/disconnects.py): its `goaway` first, if it
+        """End the session as the table says (relay/core/disconnects.py): its `goaway` first, if it
         has one, to a session past its hello (others cannot read it), then the close.
         `reason`, `retry_ms`: what this call site knows better than the table."""
         if self.proto.state is not _OPEN or self.lost:

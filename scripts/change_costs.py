@@ -3,7 +3,7 @@
 An environment of 10,000 flags, then one change of each kind (10,000 keys; 1 MiB in one key;
 1 MiB in one deeply nested key; 1 MiB in 10,000 keys): the median of a few runs of each step
 the node takes for it on its event loop. Works on this version and on older ones (it uses the
-API they share); where the encoding runs in steps (relay.envstate.encode_change) it also prints
+API they share); where the encoding runs in steps (relay.core.envstate.encode_change) it also prints
 the longest step, which is what holds the loop.
 
     python scripts/change_costs.py
@@ -16,9 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from relay import envstate, peer_protocol
-from relay.changes import Change
-from relay.envstate import EnvState, change_frame
+from relay.core import envstate, peer_protocol
+from relay.core.changes import Change
+from relay.core.envstate import EnvState, change_frame
 
 KINDS: dict[str, dict[str, Any]] = {
     "10k keys": {f"flag-{i:05d}": {"on": False, "variant": f"w{i}"} for i in range(10_000)},

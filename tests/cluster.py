@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtests import haproxy
-from relay.admin_client import AdminClient
+from relay.admin.client import AdminClient
 from relay.client import RelayClient
 from tests.helpers import SDK_KEY_SECRET, Admin, RelayProcess, start_relay, terminate
 

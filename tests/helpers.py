@@ -19,7 +19,7 @@ import msgpack
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
-from relay.admin_client import AdminClient
+from relay.admin.client import AdminClient
 from relay.config import Config
 from relay.node import Node
 
@@ -39,7 +39,7 @@ def node_config(tmp: Path, **overrides: Any) -> Config:
 
 
 class Admin:
-    """The project's admin API client (relay/admin_client.py, as the CLI uses it), awaited
+    """The project's admin API client (relay/admin/client.py, as the CLI uses it), awaited
     in a thread so that a node on this event loop can answer."""
 
     def __init__(self, url: str, token: str = TOKEN, ssl: ssl.SSLContext | None = None) -> None:

@@ -20,9 +20,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from relay import admin as admin_mod
-from relay import peer_protocol
+from relay.admin import api as admin_mod
 from relay.config import Config, ConfigError, check
+from relay.core import peer_protocol
 from relay.node import Node
 from tests.helpers import TOKEN, Admin, start_relay
 

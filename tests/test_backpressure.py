@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from websockets.frames import Frame, Opcode
 
-from relay import protocol
+from relay.core import protocol
 from relay.node import Node
 from relay.sdk_server import SdkConnection
 from tests.helpers import Admin, open_stream, recv_frame, server_frames, wait_until

@@ -16,9 +16,9 @@ from typing import Any
 import msgpack
 import pytest
 
-from relay import peer_protocol
-from relay.changes import Change
-from relay.envstate import STEP
+from relay.core import peer_protocol
+from relay.core.changes import Change
+from relay.core.envstate import STEP
 from relay.node import Node
 from tests.helpers import Admin, open_stream, recv_frame, wait_until
 
@@ -279,7 +279,7 @@ async def test_a_newer_full_state_is_taken_in_steps_and_sent_as_one_delta(
 
 
 class _Follower:
-    """A remote edge as the hub sees it (relay/peer_server.py's is a WebSocket queue)."""
+    """A remote edge as the hub sees it (relay/cluster/peer_server.py's is a WebSocket queue)."""
 
     def __init__(self) -> None:
         self.messages: list[peer_protocol.PeerMessage] = []

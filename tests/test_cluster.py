@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from relay.ring import Ring
+from relay.core.ring import Ring
 from tests.cluster import Cluster, all_exact, clients_on, publish_steadily
 from tests.helpers import Admin, open_stream, recv_frame, start_redis
 

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import InvalidStatus
 
-from relay.drain import RETRY_MS, DrainError, DrainPacer, DrainPlan, DrainRefused
+from relay.core.drain import RETRY_MS, DrainError, DrainPacer, DrainPlan, DrainRefused
 from relay.node import Node
 from tests.helpers import (
     TOKEN,

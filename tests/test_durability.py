@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from relay.admin_client import AdminError
+from relay.admin.client import AdminError
 from relay.client import RelayClient
 from tests.helpers import Admin, start_relay
 

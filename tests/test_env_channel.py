@@ -1,4 +1,4 @@
-"""relay.env_channel: the fan-out's decisions, without sockets or an event loop.
+"""relay.core.env_channel: the fan-out's decisions, without sockets or an event loop.
 
 The property: whatever the interleaving of changes (in order, or with a version missing until a
 resync fills it), event-loop ticks, sessions joining at any version, and sessions' buffers
@@ -16,11 +16,11 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import protocol
-from relay.changes import Change
-from relay.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
-from relay.envstate import EnvState, encode_change, run_steps
-from relay.outbound import EVICT_BUFFER, EVICT_HISTORY, EVICT_STALLED, EVICT_TIMEOUT
+from relay.core import protocol
+from relay.core.changes import Change
+from relay.core.env_channel import CatchUp, EnvChannel, Flush, SweepLimits, Take
+from relay.core.envstate import EnvState, encode_change, run_steps
+from relay.core.outbound import EVICT_BUFFER, EVICT_HISTORY, EVICT_STALLED, EVICT_TIMEOUT
 from tests.helpers import server_frames
 
 

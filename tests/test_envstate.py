@@ -1,4 +1,5 @@
-"""relay.changes and relay.envstate: coalescing, history and catch-up frames (no I/O, no mocks)."""
+"""relay.core.changes and relay.core.envstate: coalescing, history and catch-up frames (no I/O,
+no mocks)."""
 
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import protocol
-from relay.changes import Change, Delta, coalesce
-from relay.envstate import (
+from relay.core import protocol
+from relay.core.changes import Change, Delta, coalesce
+from relay.core.envstate import (
     STEP,
     Applied,
     EnvState,

@@ -24,9 +24,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from relay import admin, handshake, protocol
+from relay.admin import api as admin
+from relay.core import handshake, protocol
+from relay.core.reqhead import HeadStatus, RequestHead
 from relay.node import Node
-from relay.reqhead import HeadStatus, RequestHead
 from tests.helpers import TOKEN, node_config, server_frames
 from tests.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, client_frame, upgrade_request
 

@@ -1,4 +1,4 @@
-"""relay.handshake: the fast path of the opening handshake, checked against websockets itself.
+"""relay.core.handshake: the fast path of the opening handshake, checked against websockets itself.
 
 The property: whatever the request, the fast path either declines (None: websockets answers it)
 or answers exactly what websockets' own handshake would: a 101 with the same accept key and
@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from relay import protocol
-from relay.handshake import accept_upgrade
+from relay.core import protocol
+from relay.core.handshake import accept_upgrade
 from relay.node import Node
 from relay.sdk_server import _select_subprotocol
 from tests.helpers import Admin, open_stream, recv_frame

@@ -1,4 +1,4 @@
-"""relay.membership: static and dns (probing real nodes' /readyz) and redis (heartbeats in a
+"""relay.cluster.membership: static and dns (probing real nodes' /readyz) and redis (heartbeats in a
 real Redis)."""
 
 from __future__ import annotations
@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from relay.cluster.membership import make_membership
+from relay.cluster.membership.base import Member, ready_ids
+from relay.cluster.membership.redis import RedisMembership
 from relay.config import (
     DiscoveryError,
     DnsDiscovery,
@@ -16,10 +19,7 @@ from relay.config import (
     StaticDiscovery,
     parse_discovery,
 )
-from relay.membership import make_membership
-from relay.membership.base import Member, ready_ids
-from relay.membership.redis import RedisMembership
-from relay.node_state import NodeState
+from relay.core.node_state import NodeState
 from tests.helpers import start_redis, started_node
 
 

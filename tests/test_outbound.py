@@ -1,10 +1,10 @@
-"""relay.outbound: one session's delivery state, alone. The backpressure property (an
+"""relay.core.outbound: one session's delivery state, alone. The backpressure property (an
 unbroken chain of deltas whatever the interleaving) is tested on the real fan-out decisions
 in tests/test_env_channel.py."""
 
 from __future__ import annotations
 
-from relay.outbound import EVICT_BUFFER, EVICT_HISTORY, EVICT_TIMEOUT, Outbox
+from relay.core.outbound import EVICT_BUFFER, EVICT_HISTORY, EVICT_TIMEOUT, Outbox
 
 
 def test_eviction_reasons() -> None:

@@ -1,4 +1,4 @@
-"""relay.peer_protocol: the messages between nodes, encoded and parsed (no sockets)."""
+"""relay.core.peer_protocol: the messages between nodes, encoded and parsed (no sockets)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import peer_protocol as pp
-from relay.changes import Change
+from relay.core import peer_protocol as pp
+from relay.core.changes import Change
 
 
 def test_round_trips() -> None:

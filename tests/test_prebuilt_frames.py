@@ -15,7 +15,7 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from relay import envstate
+from relay.core import envstate
 from relay.node import Node
 from tests.helpers import Admin, open_stream, recv_frame
 

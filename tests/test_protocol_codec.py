@@ -1,4 +1,4 @@
-"""relay.protocol: the msgpack codec, client frame parsing and prebuilt WebSocket frames."""
+"""relay.core.protocol: the msgpack codec, client frame parsing and prebuilt WebSocket frames."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from websockets.frames import Frame, Opcode
 from websockets.streams import StreamReader
 
-from relay import protocol
-from relay.protocol import AuthFrame, ProtocolError
+from relay.core import protocol
+from relay.core.protocol import AuthFrame, ProtocolError
 
 # --- pack / unpack ----------------------------------------------------------------------------
 

@@ -12,12 +12,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import admission as adm
-from relay import protocol, proxy_protocol
-from relay.auth_failures import FailureLog, UnknownKeys
-from relay.keepalive import PendingPings, PingRounds
-from relay.reqhead import HeadStatus, RequestHead
-from relay.trusted_proxies import TrustedProxies, TrustedProxiesError
+from relay.core import admission as adm
+from relay.core import protocol, proxy_protocol
+from relay.core.auth_failures import FailureLog, UnknownKeys
+from relay.core.keepalive import PendingPings, PingRounds
+from relay.core.reqhead import HeadStatus, RequestHead
+from relay.core.trusted_proxies import TrustedProxies, TrustedProxiesError
 
 HEAD = (b"GET /v1/stream HTTP/1.1\r\nHost: h\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
@@ -401,7 +401,7 @@ def test_the_retry_hint_of_a_4101_round_trips() -> None:
 
 
 def test_bearer_is_read_one_way_on_every_port() -> None:
-    from relay.bearer import bearer, same_token
+    from relay.core.bearer import bearer, same_token
 
     assert bearer("Bearer k-1") == "k-1"
     assert bearer("bearer   k-1  ") == "k-1"  # the scheme is case-insensitive (RFC 7235)

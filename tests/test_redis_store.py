@@ -13,11 +13,11 @@ import msgpack
 import pytest
 import redis
 
-from relay.changes import Change
-from relay.envstate import STEP
-from relay.membership.base import Member
-from relay.membership.redis import RedisMembership
-from relay.node_state import NodeState
+from relay.cluster.membership.base import Member
+from relay.cluster.membership.redis import RedisMembership
+from relay.core.changes import Change
+from relay.core.envstate import STEP
+from relay.core.node_state import NodeState
 from relay.store.base import StoreUnavailable, hash_key
 from relay.store.redis import RedisStore, _decode_change_steps
 from tests.helpers import (

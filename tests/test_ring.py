@@ -1,4 +1,4 @@
-"""relay.ring: stable lookups, minimal movement on a join or a leave, an even enough spread."""
+"""relay.core.ring: stable lookups, minimal movement on a join or a leave, an even enough spread."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from collections import Counter
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.ring import Ring
+from relay.core.ring import Ring
 
 ENVS = [f"env-{i}" for i in range(2000)]
 _ids = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=12)

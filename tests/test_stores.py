@@ -14,7 +14,7 @@ from typing import Any
 import msgpack
 import pytest
 
-from relay.changes import Change
+from relay.core.changes import Change
 from relay.store.base import (
     EnvSnapshot,
     KeyConflict,

@@ -27,12 +27,12 @@ import pytest
 import trustme
 
 from relay.client import RelayClient, RelayClientError
+from relay.cluster.membership import make_membership
+from relay.cluster.membership.base import Member
 from relay.config import StaticDiscovery
-from relay.membership import make_membership
-from relay.membership.base import Member
+from relay.core.node_state import NodeState
+from relay.core.ring import Ring
 from relay.node import Node
-from relay.node_state import NodeState
-from relay.ring import Ring
 from relay.tls import Tls, TlsError, TlsStream, fingerprint, snapshot
 from tests.cluster import Cluster
 from tests.helpers import Admin, RelayProcess, start_relay

@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from relay.changes import Change
-from relay.envstate import map_header
+from relay.core.changes import Change
+from relay.core.envstate import map_header
 
 
 def hash_key(sdk_key: str, secret: bytes) -> str:
@@ -82,7 +82,7 @@ class EnvSnapshot:
 
 def stored_size(put: bytes, dels: bytes) -> int:
     """The size of a logged change, as `load` counts it: its put map and deleted keys as
-    msgpack. A little less than its delta frame (relay/envstate.py), which adds each flag's
+    msgpack. A little less than its delta frame (relay/core/envstate.py), which adds each flag's
     version, so a load reads at least what an `EnvState` with the same byte budget keeps."""
     return len(put) + len(dels)
 

@@ -36,9 +36,10 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError, ResponseError
 
-from relay import codec, redis_client
-from relay.changes import Change
-from relay.envstate import STEP, map_header
+from relay import redis_client
+from relay.core import codec
+from relay.core.changes import Change
+from relay.core.envstate import STEP, map_header
 from relay.store.base import (
     ChangeListener,
     EnvSnapshot,
@@ -195,7 +196,7 @@ def _entries(raw: list[Any]) -> list[tuple[bytes, dict[bytes, bytes]]]:
 
 # Decoding in steps (run by relay.tasks.run_in_steps): what Redis answers is decoded on the
 # event loop, and one unpack of a 10,000-flag map holds it for ~5 ms; these yield every STEP
-# flags (relay/envstate.py) so the loop runs other work in between.
+# flags (relay/core/envstate.py) so the loop runs other work in between.
 Steps = Generator[None, None, T]
 
 

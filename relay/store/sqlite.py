@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from relay import codec
-from relay.changes import Change
+from relay.core import codec
+from relay.core.changes import Change
 from relay.private_files import make_private, make_private_dir, open_private
 from relay.store.base import (
     ChangeListener,

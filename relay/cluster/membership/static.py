@@ -5,7 +5,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Mapping
 
-from relay.membership.probed import ProbedMembership, Self
+from relay.cluster.membership.probed import ProbedMembership, Self
 
 
 def static_membership(peers: Mapping[str, str], local: Self, interval: float,

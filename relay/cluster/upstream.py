@@ -3,11 +3,12 @@ node serves, where its changes come from.
 
 For an environment it owns (or when it is alone) the node follows the store. For one another
 node owns, it is an edge: it subscribes, with the version it holds, over its peer link to the
-owner, which sends each change once (relay/peer_link.py, relay/peer_server.py). When the ring
-changes, an environment whose owner changed is resubscribed to the new owner with the version
-held; when a link goes down, its environments are taken from the store until it is back. In
-every case duplicates are dropped by version and a gap is filled from the store, so a
-disagreement about the ring costs duplicate work, never a lost or reordered change.
+owner, which sends each change once (relay/cluster/peer_link.py,
+relay/cluster/peer_server.py). When the ring changes, an environment whose owner changed is
+resubscribed to the new owner with the version held; when a link goes down, its environments
+are taken from the store until it is back. In every case duplicates are dropped by version
+and a gap is filled from the store, so a disagreement about the ring costs duplicate work,
+never a lost or reordered change.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import asyncio
 import logging
 import ssl
 
+from relay.cluster.membership.base import Membership, ready_ids
+from relay.cluster.peer_link import PeerLink
+from relay.core.ring import Ring
 from relay.hub import Hub
-from relay.membership.base import Membership, ready_ids
 from relay.metrics import Metrics
-from relay.peer_link import PeerLink
-from relay.ring import Ring
 
 log = logging.getLogger("relay.cluster")
 

@@ -5,7 +5,7 @@ sites name an entry; none picks a code, a reason or a jitter range of its own. d
 says what each code means to a client.
 
 Also the reasons of `relay_auth_failures_total` (the eviction reasons of
-`relay_evictions_total` are in relay/outbound.py).
+`relay_evictions_total` are in relay/core/outbound.py).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from relay import drain, protocol
+from relay.core import drain, protocol
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,7 @@ class Disconnect:
 # Retries of clients sent away together are spread over a few seconds.
 _SPREAD_MS = (500, 5000)
 
-# During a drain the batches are paced already (relay/drain.py): come back soon.
+# During a drain the batches are paced already (relay/core/drain.py): come back soon.
 DRAIN = Disconnect(protocol.CLOSE_SERVICE_RESTART, "node draining", "drain", drain.RETRY_MS)
 SHUTDOWN = Disconnect(protocol.CLOSE_GOING_AWAY, "server shutting down", "shutdown", _SPREAD_MS)
 EVICTED = Disconnect(protocol.CLOSE_EVICTED, "slow consumer", "evicted", _SPREAD_MS)

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from relay.membership.base import Member, MemberView
+from relay.cluster.membership.base import Member, MemberView
 from relay.tasks import cancel_and_wait, raise_if_cancelled
 from relay.tls import peer_failure
 

@@ -15,9 +15,10 @@ from typing import Any
 
 from redis.exceptions import RedisError
 
-from relay import codec, redis_client
-from relay.membership.base import Member, MemberView
-from relay.membership.probed import Self
+from relay import redis_client
+from relay.cluster.membership.base import Member, MemberView
+from relay.cluster.membership.probed import Self
+from relay.core import codec
 from relay.tasks import cancel_and_wait, raise_if_cancelled
 
 log = logging.getLogger("relay.membership")

@@ -2,7 +2,7 @@
 
 Per-address limits need the client's real address. Behind a load balancer every connection
 comes from the balancer; it can name the client in a PROXY protocol header
-(relay/proxy_protocol.py) or an `X-Forwarded-For` header. Anyone can send either, so relay
+(relay/core/proxy_protocol.py) or an `X-Forwarded-For` header. Anyone can send either, so relay
 believes them only from `--trusted-proxies` (addresses and CIDR networks). From any other peer
 they are ignored (X-Forwarded-For) or refused (a PROXY header).
 

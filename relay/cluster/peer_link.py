@@ -20,7 +20,7 @@ from collections.abc import Callable
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
-from relay import peer_protocol
+from relay.core import peer_protocol
 from relay.tasks import Backoff, cancel_and_wait, raise_if_cancelled
 from relay.tls import peer_failure
 

@@ -1,12 +1,12 @@
-"""Cluster membership behind one interface (`relay.membership.base.Membership`)."""
+"""Cluster membership behind one interface (`relay.cluster.membership.base.Membership`)."""
 
 from __future__ import annotations
 
 import ssl
 
+from relay.cluster.membership.base import Membership
+from relay.cluster.membership.probed import Self
 from relay.config import Discovery, DnsDiscovery, RedisDiscovery, StaticDiscovery
-from relay.membership.base import Membership
-from relay.membership.probed import Self
 
 
 def make_membership(discovery: Discovery, local: Self, store_url: str,
@@ -15,14 +15,14 @@ def make_membership(discovery: Discovery, local: Self, store_url: str,
     """The membership `--discovery` names (`Config.cluster_discovery`). `ssl_context` (with
     TLS on) makes the probes of static and dns https."""
     if isinstance(discovery, StaticDiscovery):
-        from relay.membership.static import static_membership
+        from relay.cluster.membership.static import static_membership
 
         return static_membership(discovery.peers, local, interval, ssl_context)
     if isinstance(discovery, DnsDiscovery):
-        from relay.membership.dns import dns_membership
+        from relay.cluster.membership.dns import dns_membership
 
         return dns_membership(discovery.name, discovery.port, local, interval, ssl_context)
     assert isinstance(discovery, RedisDiscovery)
-    from relay.membership.redis import RedisMembership
+    from relay.cluster.membership.redis import RedisMembership
 
     return RedisMembership(store_url, local, interval)

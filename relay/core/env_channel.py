@@ -1,7 +1,7 @@
 """One environment's fan-out decisions, without I/O: what the hub decides for each environment.
 
 An `EnvChannel` holds the environment's `EnvState` (once loaded), its local sessions with their
-`Outbox`es (relay/outbound.py), the frames owed to every session this event-loop tick, and the
+`Outbox`es (relay/core/outbound.py), the frames owed to every session this event-loop tick, and the
 changes held back while the state is loading, resyncing or encoding a big change. Its verbs
 return what to write instead of writing: `flush` returns the tick's joined frames and who gets
 them (and who gets a catch-up instead), `join` the frames a new session is sent, `resume` a
@@ -20,10 +20,10 @@ import enum
 from dataclasses import dataclass, field
 from typing import Generic, Protocol, TypeVar
 
-from relay import protocol
-from relay.changes import Change
-from relay.envstate import STEP, Applied, EncodedChange, EnvState, Jump
-from relay.outbound import EVICT_HISTORY, Outbox
+from relay.core import protocol
+from relay.core.changes import Change
+from relay.core.envstate import STEP, Applied, EncodedChange, EnvState, Jump
+from relay.core.outbound import EVICT_HISTORY, Outbox
 
 JOIN_COPY_MAX = 64 << 10  # a bigger catch-up is written as the shared frame, not copied
 

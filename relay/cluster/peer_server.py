@@ -1,6 +1,6 @@
 """The owner's side of peer links: `GET /internal/v1/peer` on the internal port (aiohttp
 WebSocket), `Authorization: Bearer <peer-token>`. Each connection is one edge node; it
-subscribes to environments and gets each of their changes once (relay/peer_protocol.py)."""
+subscribes to environments and gets each of their changes once (relay/core/peer_protocol.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from collections import deque
 
 from aiohttp import WSMsgType, web
 
-from relay import peer_protocol
-from relay.bearer import bearer, same_token
+from relay.core import peer_protocol
+from relay.core.bearer import bearer, same_token
 from relay.hub import Hub
 from relay.store.base import StoreError
 from relay.tasks import cancel_and_wait

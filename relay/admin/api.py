@@ -26,10 +26,10 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay import codec, protocol
-from relay.bearer import bearer, same_token
-from relay.drain import DrainError, DrainPlan, DrainRefused
-from relay.node_state import NodeState
+from relay.core import codec, protocol
+from relay.core.bearer import bearer, same_token
+from relay.core.drain import DrainError, DrainPlan, DrainRefused
+from relay.core.node_state import NodeState
 from relay.store.base import EnvSnapshot, KeyConflict, StoreUnavailable, UnknownEnv
 
 if TYPE_CHECKING:

@@ -32,8 +32,8 @@ from typing import Any, TypeVar
 
 import msgpack
 
-from relay import codec, protocol
-from relay.changes import Change, Delta
+from relay.core import codec, protocol
+from relay.core.changes import Change, Delta
 
 # How many distinct catch-up frames (one per `since`) to keep for the current version; their
 # bytes together stay within the history's byte budget as well.

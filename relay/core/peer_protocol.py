@@ -20,8 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from relay import codec
-from relay.changes import Change
+from relay.core import codec
+from relay.core.changes import Change
 
 PATH = "/internal/v1/peer"
 

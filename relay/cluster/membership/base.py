@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-from relay.node_state import NodeState
+from relay.core.node_state import NodeState
 
 
 @dataclass(frozen=True, slots=True)

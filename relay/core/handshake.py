@@ -38,7 +38,7 @@ class Upgrade:
     subprotocol: str | None  # the one selected, or None when the client did not offer it
     response: bytes
     forwarded_for: list[str]  # every X-Forwarded-For header's value (believed from trusted
-    # proxies only: relay/trusted_proxies.py)
+    # proxies only: relay/core/trusted_proxies.py)
 
 
 class _Head:

@@ -6,7 +6,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from relay.protocol import WireFlag
+from relay.core.protocol import WireFlag
 
 
 @dataclass(frozen=True, slots=True)

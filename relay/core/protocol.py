@@ -12,7 +12,7 @@ from typing import Any, Final
 
 from websockets.frames import Frame, Opcode
 
-from relay import codec
+from relay.core import codec
 
 PROTO_VERSION: Final = 1
 SUBPROTOCOL: Final = "relay.v1"

@@ -8,7 +8,7 @@ import logging
 import socket
 import ssl
 
-from relay.membership.probed import ProbedMembership, Self
+from relay.cluster.membership.probed import ProbedMembership, Self
 
 log = logging.getLogger("relay.membership")
 
