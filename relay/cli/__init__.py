@@ -1,0 +1,134 @@
+"""The `relay` command: run a node, manage environments and flags, watch a stream.
+
+User errors print one line to stderr and exit non-zero; no tracebacks.
+
+One module per command: serve, manage (env, flags, status), drain, watch; common holds
+what they share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from relay import __version__
+from relay import config as config_mod
+from relay.cli.common import DEFAULT_ADMIN_URL, DEFAULT_WS_URL, UserError, fail
+from relay.cli.drain import cmd_drain
+from relay.cli.manage import cmd_env_put, cmd_flags_del, cmd_flags_get, cmd_flags_set, cmd_status
+from relay.cli.serve import cmd_serve
+from relay.cli.watch import cmd_watch
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin-url", help=f"[RELAY_ADMIN_URL; default {DEFAULT_ADMIN_URL}]")
+    parser.add_argument(
+        "--admin-token",
+        help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]",
+    )
+    parser.add_argument(
+        "--admin-token-file",
+        help="a file holding the admin token, which keeps it out of `ps` "
+             "[RELAY_ADMIN_TOKEN_FILE]",
+    )
+    parser.add_argument(
+        "--admin-ca", metavar="FILE",
+        help="PEM CA bundle that an https:// admin URL's certificate must chain to (a private "
+             "CA: host names are not checked) [RELAY_ADMIN_CA; default: the system's CAs]",
+    )
+    parser.add_argument("--data-dir", help="where to find the admin token file [./relay-data]")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="relay", description="WebSocket edge relay for feature-flag delivery."
+    )
+    parser.add_argument("--version", action="version", version=f"relay {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run a relay node")
+    config_mod.add_arguments(serve)
+    serve.add_argument("--dry-run", action="store_true",
+                       help="check the flags and RELAY_* variables, print the resulting "
+                            "configuration (secrets hidden; secret files read and checked) "
+                            "and exit without starting")
+    serve.set_defaults(func=cmd_serve)
+
+    env = sub.add_parser("env", help="manage environments")
+    env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    put = env_sub.add_parser("put", help="create an environment or replace its SDK keys")
+    put.add_argument("env")
+    put.add_argument("--key", action="append", required=True, help="an SDK key (repeatable)")
+    _admin_options(put)
+    put.set_defaults(func=cmd_env_put)
+
+    flags = sub.add_parser("flags", help="read and change flags")
+    flags_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
+    fset = flags_sub.add_parser("set", help="set flags: KEY=JSON ... in one change")
+    fset.add_argument("env")
+    fset.add_argument("assignments", nargs="+", metavar="KEY=JSON")
+    _admin_options(fset)
+    fset.set_defaults(func=cmd_flags_set)
+    fdel = flags_sub.add_parser("del", help="delete flags in one change")
+    fdel.add_argument("env")
+    fdel.add_argument("keys", nargs="+", metavar="KEY")
+    _admin_options(fdel)
+    fdel.set_defaults(func=cmd_flags_del)
+    fget = flags_sub.add_parser("get", help="print an environment's flags")
+    fget.add_argument("env")
+    _admin_options(fget)
+    fget.set_defaults(func=cmd_flags_get)
+
+    status = sub.add_parser("status", help="show a node's state")
+    _admin_options(status)
+    status.set_defaults(func=cmd_status)
+
+    drain = sub.add_parser(
+        "drain", help="drain a node: out of the ring, sessions sent away evenly, then it exits")
+    drain.add_argument("node", metavar="NODE",
+                       help="the node: its id (looked up in the ring of --admin-url's node), "
+                            "or HOST:PORT / URL of its internal port")
+    drain.add_argument("--deadline", type=float,
+                       help="seconds until the node exits, sessions left or not "
+                            "[default: the node's --drain-deadline]")
+    drain.add_argument("--window", type=float,
+                       help="seconds over which sessions are sent away [default: the node's "
+                            "--drain-window]")
+    drain.add_argument("--wait", action="store_true",
+                       help="block, with a progress bar, until the node is empty (its process "
+                            "exits right after); for a Kubernetes preStop hook")
+    _admin_options(drain)
+    drain.set_defaults(func=cmd_drain)
+
+    watch = sub.add_parser("watch", help="connect like an SDK and print each change")
+    watch.add_argument("--url", help=f"[RELAY_URL; default {DEFAULT_WS_URL}]")
+    watch.add_argument("--key", help="the SDK key [RELAY_SDK_KEY]")
+    watch.add_argument("--since", type=int, help="the version already held")
+    watch.add_argument(
+        "--ca", metavar="FILE",
+        help="PEM CA bundle that a wss:// server's certificate must chain to (a private CA: "
+             "host names are not checked) [RELAY_CA; default: the system's CAs]",
+    )
+    watch.set_defaults(func=cmd_watch)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UserError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `relay status | head`: the reader left; stop like a Unix filter
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
