@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import time
@@ -22,7 +21,7 @@ from relay.cluster.upstream import Cluster
 from relay.config import Config, ConfigError
 from relay.core.disconnects import DRAIN
 from relay.core.drain import DrainPacer, DrainPlan, DrainRefused
-from relay.core.node_state import DrainStatus, NodeState
+from relay.core.node_state import DrainStatus, NodeState, NodeStatus, RingMember
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.sdk_server import SdkServer
@@ -375,33 +374,30 @@ class Node:
                 counts[owner] = counts.get(owner, 0) + 1
         return counts
 
-    def _ring_status(self, envs: dict[str, int]) -> list[dict[str, Any]]:
+    def _ring_status(self, envs: dict[str, int]) -> list[RingMember]:
         owned = self._owned(envs)
         if self.membership is None:
-            return [{"node": self.config.node_id, "state": self.state, "address": self.advertise,
-                     "connections": self.hub.session_count(),
-                     "owned_envs": owned.get(self.config.node_id, 0), "in_ring": True}]
+            return [RingMember(self.config.node_id, self.state, self.advertise,
+                               self.hub.session_count(), owned.get(self.config.node_id, 0), True)]
         assert self.cluster is not None
         return [
-            {"node": m.node_id, "state": m.state, "address": m.address,
-             "connections": m.connections, "owned_envs": owned.get(m.node_id, 0),
-             "in_ring": m.node_id in self.cluster.ring.members}
+            RingMember(m.node_id, m.state, m.address, m.connections, owned.get(m.node_id, 0),
+                       m.node_id in self.cluster.ring.members)
             for m in sorted(self.membership.members().values(), key=lambda m: m.node_id)
         ]
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> NodeStatus:
         envs = await self.store.envs()
-        return {
-            "node": self.config.node_id,
-            "version": __version__,
-            "state": self.state,
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "store": type(self.store).__name__,
-            "ring": self._ring_status(envs),
-            "owned_envs": self._owned(envs).get(self.config.node_id, 0),
-            "envs": len(envs),
-            "connections": self.hub.session_count(),
-            "loaded_envs": {env: dataclasses.asdict(summary)
-                            for env, summary in self.hub.env_summary().items()},
-            **({"drain": self.drain_info()} if self._drain is not None else {}),
-        }
+        return NodeStatus(
+            node=self.config.node_id,
+            version=__version__,
+            state=self.state,
+            uptime_s=round(time.time() - self.started_at, 1),
+            store=type(self.store).__name__,
+            ring=self._ring_status(envs),
+            owned_envs=self._owned(envs).get(self.config.node_id, 0),
+            envs=len(envs),
+            connections=self.hub.session_count(),
+            loaded_envs=self.hub.env_summary(),
+            drain=self.drain_info() if self._drain is not None else None,
+        )

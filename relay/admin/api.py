@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from relay.core import codec, protocol
 from relay.core.bearer import bearer, same_token
 from relay.core.drain import DrainError, DrainPlan, DrainRefused
-from relay.core.node_state import NodeState
+from relay.core.node_state import NodeState, NodeStatus
 from relay.store.base import EnvSnapshot, KeyConflict, StoreUnavailable, UnknownEnv
 
 if TYPE_CHECKING:
@@ -285,7 +286,7 @@ class NodeApi(Protocol):
     def drain_time_left(self) -> float | None:
         ...
 
-    async def status(self) -> dict[str, Any]:
+    async def status(self) -> NodeStatus:
         ...
 
     def session_count(self) -> int:
@@ -299,6 +300,26 @@ class NodeApi(Protocol):
     def metrics_text(self) -> bytes:
         """The Prometheus exposition of the node's metrics."""
         ...
+
+
+def status_json(status: NodeStatus) -> dict[str, Any]:
+    """`GET /admin/v1/status`'s answer (its field names are a contract: docs/protocol.md)."""
+    answer: dict[str, Any] = {
+        "node": status.node,
+        "version": status.version,
+        "state": status.state.value,
+        "uptime_s": status.uptime_s,
+        "store": status.store,
+        "ring": [dataclasses.asdict(member) for member in status.ring],
+        "owned_envs": status.owned_envs,
+        "envs": status.envs,
+        "connections": status.connections,
+        "loaded_envs": {env: dataclasses.asdict(summary)
+                        for env, summary in status.loaded_envs.items()},
+    }
+    if status.drain is not None:
+        answer["drain"] = status.drain
+    return answer
 
 
 class AdminApi:
@@ -459,7 +480,7 @@ class AdminApi:
         return _json(info, 202)
 
     async def status(self, request: web.Request) -> web.Response:
-        return _json(await self.node.status())
+        return _json(status_json(await self.node.status()))
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True})

@@ -47,3 +47,32 @@ class EnvSummary:
 
     v: int
     sessions: int
+
+
+@dataclass(frozen=True, slots=True)
+class RingMember:
+    """A node as this node's membership sees it, and its share of the environments."""
+
+    node: str
+    state: str  # a NodeState's value, as the node said it
+    address: str
+    connections: int
+    owned_envs: int
+    in_ring: bool
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """What `GET /admin/v1/status` reports (the admin API writes it as JSON)."""
+
+    node: str
+    version: str
+    state: NodeState
+    uptime_s: float
+    store: str
+    ring: list[RingMember]
+    owned_envs: int
+    envs: int
+    connections: int
+    loaded_envs: dict[str, EnvSummary]
+    drain: dict[str, Any] | None  # the drain's info, once one started
