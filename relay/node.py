@@ -24,7 +24,7 @@ from relay.core.drain import DrainPacer, DrainPlan, DrainRefused
 from relay.core.node_state import DrainStatus, NodeState, NodeStatus, RingMember
 from relay.hub import Hub
 from relay.metrics import Metrics
-from relay.sdk_server import SdkServer
+from relay.sdk_server import SdkServer, SdkSettings
 from relay.store import make_store
 from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
 from relay.tasks import cancel_and_wait
@@ -71,7 +71,7 @@ class Node:
                 else None
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
-        self.sdk = SdkServer(config, self.hub, self.metrics,
+        self.sdk = SdkServer(SdkSettings.of(config), self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
         self.metrics.buffered_bytes.set_function(self.sdk.buffered_bytes)
         self.admin = AdminApi(self, AdminSettings.of(config))

@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import socket
 import ssl
 from collections import Counter, deque
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -853,8 +855,44 @@ class SdkConnection(asyncio.Protocol):
             self._auth_task = None
 
 
+@dataclass(frozen=True, slots=True)
+class SdkSettings:
+    """What the public port needs of the configuration (the fields keep Config's names and
+    meanings: docs/security.md lists them with their flags)."""
+
+    auth_timeout: float
+    client_control_burst: int
+    client_control_rate: float
+    close_timeout: float
+    fd_reserve: int
+    handshake_timeout: float
+    host: str
+    ip_auth_failure_burst: int
+    ip_auth_failure_rate: float
+    ip_connect_burst: int
+    ip_connect_rate: float
+    max_client_message: int
+    max_connections: int
+    max_pending: int
+    max_pending_per_ip: int
+    max_request_head: int
+    max_sessions_per_ip: int
+    ping_interval: float
+    ping_timeout: float
+    port: int
+    socket_receive_buffer: int
+    socket_send_buffer: int
+    trusted_proxies: str
+    write_high_water: int
+    write_low_water: int
+
+    @classmethod
+    def of(cls, config: Config) -> SdkSettings:
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+
+
 class SdkServer:
-    def __init__(self, config: Config, hub: Hub, metrics: Metrics,
+    def __init__(self, config: SdkSettings, hub: Hub, metrics: Metrics,
                  tls: ssl.SSLContext | None = None) -> None:
         self.config = config
         self.hub = hub
@@ -894,7 +932,7 @@ class SdkServer:
         hub.store.add_keys_listener(lambda env, keys: self.unknown_keys.clear())
 
     @staticmethod
-    def _socket_cap(config: Config) -> int:
+    def _socket_cap(config: SdkSettings) -> int:
         """Public sockets this process may hold: sessions and pending ones, within the
         open-files limit less the reserve (the admin port, the store and peers)."""
         cap = config.max_connections + config.max_pending
