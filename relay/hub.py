@@ -192,7 +192,6 @@ class Hub:
         self._sweep_limits = SweepLimits(slow_consumer_timeout, max_session_buffer,
                                          write_stall_timeout)
         self._sweep_timer: asyncio.TimerHandle | None = None
-        metrics.sessions_behind.set_function(self.sessions_behind)
         self._dirty: dict[str, _Env] = {}  # environments owed a flush this tick
         self._key_cache: dict[str, str] = {}
         self._hashes: dict[str, str] = {}  # SDK key -> its HMAC hash, for keys seen lately
@@ -205,8 +204,6 @@ class Hub:
         self._env_keys: dict[str, frozenset[str]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstream: Upstream | None = None  # set in a cluster
-        store.add_change_listener(self.on_change)
-        store.add_keys_listener(self.on_keys)
 
     # --- SDK keys -----------------------------------------------------------------------------
 

@@ -73,7 +73,6 @@ class Node:
             raise ConfigError(str(exc)) from None
         self.sdk = SdkServer(SdkSettings.of(config), self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
-        self.metrics.buffered_bytes.set_function(self.sdk.buffered_bytes)
         self.admin = AdminApi(self, AdminSettings.of(config))
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
@@ -93,6 +92,22 @@ class Node:
             self.cluster = Cluster(config.node_id, self.secrets.peer_token, self.membership,
                                    self.hub, self.metrics, ssl_context=peer_ssl)
             self.hub.upstream = self.cluster
+        self._wire()
+
+    def _wire(self) -> None:
+        """Who hears what, and what each gauge reads: here, in one place, not in the parts'
+        constructors."""
+        store, hub, sdk, m = self.store, self.hub, self.sdk, self.metrics
+        store.add_change_listener(hub.on_change)
+        store.add_keys_listener(hub.on_keys)
+        store.add_keys_listener(sdk.on_keys)
+        m.sessions_behind.set_function(hub.sessions_behind)
+        m.pending_connections.set_function(sdk.pending_count)
+        m.client_addresses.set_function(sdk.admission.addresses)
+        m.buffered_bytes.set_function(sdk.buffered_bytes)
+        if self.membership is not None and self.cluster is not None:
+            self.membership.add_listener(self.cluster.on_members)
+            m.peer_links.set_function(self.cluster.links_up)
 
     @property
     def advertise(self) -> str:

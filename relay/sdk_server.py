@@ -927,9 +927,6 @@ class SdkServer:
             config.ping_interval or 1.0, PING_SLICES)
         self._pings: PendingPings[SdkConnection] = PendingPings()
         self._all_gone: asyncio.Event | None = None  # set while stopping
-        metrics.pending_connections.set_function(lambda: self.admission.pending)
-        metrics.client_addresses.set_function(self.admission.addresses)
-        hub.store.add_keys_listener(lambda env, keys: self.unknown_keys.clear())
 
     @staticmethod
     def _socket_cap(config: SdkSettings) -> int:
@@ -951,6 +948,14 @@ class SdkServer:
     def sessions(self) -> int:
         """Authenticated sessions (what --max-connections counts)."""
         return self.admission.sessions
+
+    def pending_count(self) -> int:
+        """Connections not yet sessions nor closing (the relay_pending_connections gauge)."""
+        return self.admission.pending
+
+    def on_keys(self, env: str, key_hashes: frozenset[str]) -> None:
+        """Some environment's keys changed: a key refused lately may be known now."""
+        self.unknown_keys.clear()
 
     def buffered_bytes(self) -> int:
         """Bytes waiting in all SDK connections' buffers (the relay_buffered_bytes gauge)."""

@@ -324,7 +324,7 @@ def test_status_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
     result = subprocess.run(
         f"{sys.executable} -m relay status --admin-url {relay.admin_url} --admin-token {token}"
         " --json | head -1", shell=True, capture_output=True, text=True, timeout=30)
-    assert result.stdout.strip() == "{"
+    assert result.stdout.strip() == "{", result.stderr
     assert "Traceback" not in result.stderr and "Broken pipe" not in result.stderr
 
 

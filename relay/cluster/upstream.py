@@ -40,9 +40,10 @@ class Cluster:
         self.ring = Ring()
         self.links: dict[str, PeerLink] = {}
         self.following: dict[str, str] = {}  # env -> the owner it is followed through
-        membership.add_listener(self.on_members)
-        metrics.peer_links.set_function(lambda: sum(1 for link in self.links.values()
-                                                    if link.up))
+
+    def links_up(self) -> int:
+        """Peer links connected now (the relay_peer_links gauge)."""
+        return sum(1 for link in self.links.values() if link.up)
 
     async def stop(self) -> None:
         for link in list(self.links.values()):
