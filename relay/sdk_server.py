@@ -796,7 +796,8 @@ class SdkConnection(asyncio.Protocol):
         self._control_at = server.loop.time()
         self.key_hash = server.hub.hash_key(key)
         hub = server.hub
-        if hub.cached_env(self.key_hash) is None and not hub.looking_up(self.key_hash):
+        env = hub.cached_env(self.key_hash)
+        if env is None and not hub.looking_up(self.key_hash):
             # (A known key, or one being looked up already, costs no store lookup: let it in.)
             assert self.ticket is not None
             refusal = server.admission.may_authenticate(self.ticket, server.loop.time())
@@ -808,7 +809,6 @@ class SdkConnection(asyncio.Protocol):
         if (self.key_hash, server.loop.time()) in server.unknown_keys:
             self._refuse(dc.AUTH_UNKNOWN_KEY, dc.UNKNOWN_KEY)  # refused lately: no lookup
             return
-        env = hub.cached_env(self.key_hash)
         if env is not None and hub.loaded(env) and self.proto.state is _OPEN:
             # A known key of a loaded environment (most of a reconnect storm): no task.
             if self._session_slot():
