@@ -354,6 +354,7 @@ class Attack:
                 return
             conn.send(upgrade() + frame(BINARY, b"\x81", fin=False))
             await conn.flood(FRAGMENTS, min(self.deadline, time.monotonic() + 10))
+            await self.wait(conn.ended, 2)  # the server's answer (4002), if it is on its way
             self.done_with(conn)
 
         await self.lanes(lanes, body)

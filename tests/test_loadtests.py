@@ -299,7 +299,7 @@ def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
             spec = tmp_path / f"{attack}.json"
             spec.write_text(json.dumps({
                 "attack": attack, "host": "127.0.0.1", "port": port, "key": "k",
-                "big_key": "big", "source_ip": f"127.0.0.{201 + i}", "seconds": 2.0}))
+                "big_key": "big", "source_ip": f"127.0.0.{201 + i}", "seconds": 4.0}))
             procs[attack] = subprocess.Popen(
                 [sys.executable, "-m", "loadtests.attacker", str(spec)],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
