@@ -25,7 +25,7 @@ from relay.core.node_state import DrainStatus, NodeState, NodeStatus, RingMember
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.sdk_server import SdkServer, SdkSettings
-from relay.store import make_store
+from relay.store import StoreSettings, make_store
 from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
 from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
@@ -52,7 +52,7 @@ class Node:
         self._drain: DrainStatus | None = None
         self._drain_ends = 0.0  # monotonic time of the drain's deadline
         self._drain_task: asyncio.Task[None] | None = None
-        self.store: Store = store or make_store(config)
+        self.store: Store = store or make_store(StoreSettings.of(config))
         # Given secrets now (a bad file is a configuration error); generated ones at start.
         self.secrets = credentials.given_secrets(config)
         self.admin_token = self.secrets.admin_token

@@ -9,18 +9,22 @@ import pytest
 from relay.node import Node
 from tests.helpers import Admin, RedisServer, start_redis, started_node
 
-# The fast tier, `pytest -m pure` (seconds): tests of the sans-I/O core, with no socket, no
-# process, no file and no event loop of a node.
-PURE_MODULES = frozenset({
-    "test_env_channel", "test_envstate", "test_outbound", "test_peer_protocol",
-    "test_protocol_codec", "test_public_port_core", "test_ring", "test_tasks",
-})
+# Three tiers, one folder each, each a marker of the same name:
+# - tests/core (`-m pure`, seconds): the sans-I/O core, with no socket, no process, no file
+#   and no event loop of a node;
+# - tests/node (`-m node`): one node in this process, over real sockets and a real SQLite file
+#   (a few start `relay` or a client as a subprocess, or use the session's Redis);
+# - tests/system (`-m system`): relay processes, Redis, HAProxy, the CLI, the manifests and
+#   the load-test harness.
+TIERS = {"core": "pure", "node": "node", "system": "system"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py") in PURE_MODULES:
-            item.add_marker(pytest.mark.pure)
+        parts = item.nodeid.split("::")[0].split("/")
+        tier = TIERS.get(parts[-2]) if len(parts) >= 2 else None
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")

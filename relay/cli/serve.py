@@ -14,7 +14,7 @@ from typing import Any
 from relay import __version__, credentials, redact
 from relay import config as config_mod
 from relay.cli.common import DEFAULT_ADMIN_URL, DEFAULT_WS_URL, UserError, run_async
-from relay.store import describe as describe_store
+from relay.store import StoreSettings
 
 
 def _token_note(node: Any, cfg: config_mod.Config) -> tuple[str, str]:
@@ -38,7 +38,7 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
         f"  SDK WebSockets  {node.ws_url}",
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
         f"  admin token     {where} (not printed)",
-        f"  store           {redact.text(describe_store(cfg))}",
+        f"  store           {redact.text(StoreSettings.of(cfg).describe())}",
         "",
         "Try it (in another terminal):",
         f"  {token_env}",

@@ -7,7 +7,7 @@ than half of what a whole SDK connection costs the server. httptools (llhttp, th
 uvicorn) parses the same request in about 3 us.
 
 The fast path is deliberately narrow. It answers only requests that websockets would accept with
-the same response (tests/test_handshake.py checks that against websockets, property-based);
+the same response (tests/node/test_handshake.py checks that against websockets, property-based);
 anything else, whether invalid, unusual or merely long, returns None, and the caller hands the
 request to websockets' `ServerProtocol`, which answers every error exactly as before.
 """

@@ -1,6 +1,6 @@
 """relay.store.redis on a real redis-server: what is particular to a store shared by nodes.
 
-(What every store must do runs on Redis too, in tests/test_stores.py.)
+(What every store must do runs on Redis too, in tests/node/test_stores.py.)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ import yaml
 from relay.config import Config
 from tests.helpers import Admin, start_relay, started_node
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 # The oldest and the newest Kubernetes versions the manifests are checked against.
 VERSIONS = ("1.25.0", "1.37.0")

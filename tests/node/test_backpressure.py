@@ -188,7 +188,7 @@ async def test_a_client_that_sends_pings_and_never_reads_costs_a_bounded_buffer(
 ) -> None:
     """Pings make the server write pongs: once its buffer is above the high-water mark, the
     server stops reading from it, so the pongs it owes stop growing too. (The ping rate limit
-    is lifted here: it would close this client first; tests/test_hostile_clients.py.)"""
+    is lifted here: it would close this client first; tests/node/test_hostile_clients.py.)"""
     high = 32 << 10
     node = await make_node(write_high_water=high, write_low_water=8 << 10,
                            socket_send_buffer=16 << 10, client_control_rate=1e9,

@@ -1,6 +1,6 @@
 """relay.core.outbound: one session's delivery state, alone. The backpressure property (an
 unbroken chain of deltas whatever the interleaving) is tested on the real fan-out decisions
-in tests/test_env_channel.py."""
+in tests/core/test_env_channel.py."""
 
 from __future__ import annotations
 
