@@ -94,6 +94,7 @@ class RelayClient:
         since: int | None = None,
         auth_in_frame: bool = False,
         on_change: Callable[[ChangeEvent], None] | None = None,
+        on_status: Callable[[str], None] | None = None,
         backoff_base: float = 0.2,
         backoff_max: float = 30.0,
         open_timeout: float = 10.0,
@@ -106,6 +107,10 @@ class RelayClient:
         self.key = key
         self.auth_in_frame = auth_in_frame
         self.on_change = on_change
+        # Called with each new status: "connecting" (until the first state), "ready" (a live
+        # connection holds the flags), "reconnecting", "closed" (by close() or for good).
+        self.on_status = on_status
+        self.status = "connecting"
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.open_timeout = open_timeout
@@ -132,6 +137,10 @@ class RelayClient:
         """The current flag values (a copy)."""
         return dict(self._flags)
 
+    def get(self, key: str, default: Any = None) -> Any:
+        """A flag's value, or `default` when the flag is absent."""
+        return self._flags.get(key, default)
+
     async def start(self) -> None:
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -143,6 +152,7 @@ class RelayClient:
             with contextlib.suppress(Exception):
                 await self._ws.close()
         await cancel_and_wait(self._task)
+        self._set_status("closed")
         self._wake_all(None)
         async with self._updated:
             self._updated.notify_all()
@@ -270,6 +280,8 @@ class RelayClient:
                 self._ws = None
             if self._closing:
                 break
+            if self.status == "ready":
+                self._set_status("reconnecting")
             if self._synced:
                 backoff.reset()  # that connection worked: start backing off afresh
             delay = self._goaway_retry
@@ -358,6 +370,7 @@ class RelayClient:
             except Exception as exc:
                 raise _CallbackFailed from exc
         self._ready.set()
+        self._set_status("ready")
         if event.put or event.deleted or event.kind == "snap":
             self._wake_all(event)
         async with self._updated:
@@ -365,9 +378,20 @@ class RelayClient:
 
     async def _fail(self, error: RelayClientError) -> None:
         self.error = error
+        self._set_status("closed")
         self._wake_all(None)
         async with self._updated:
             self._updated.notify_all()
+
+    def _set_status(self, status: str) -> None:
+        if status == self.status:
+            return
+        self.status = status
+        if self.on_status is not None:
+            try:
+                self.on_status(status)
+            except Exception:
+                log.exception("on_status raised")
 
     def _wake_all(self, event: ChangeEvent | None) -> None:
         for queue in self._queues:

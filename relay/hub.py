@@ -180,6 +180,8 @@ class Hub:
     ) -> None:
         self.store = store
         self.metrics = metrics
+        # relay_joins_total's children, resolved once (all three exported from the start).
+        self._joins = {k: metrics.joins.labels(k) for k in ("snapshot", "delta", "current")}
         self.node_id = node_id
         self.max_history = max_history
         self.max_history_bytes = max_history_bytes
@@ -320,6 +322,7 @@ class Hub:
         if entry.idle_timer is not None:
             entry.idle_timer.cancel()
             entry.idle_timer = None
+        self._joins[entry.channel.join_kind(since)].inc()
         frames = entry.channel.join(session, since)
         subscription = Subscription(self, entry, session)
         if paused:  # its 101 alone filled the buffer

@@ -67,6 +67,12 @@ class Metrics:
             "relay_evictions", "Sessions evicted as slow consumers (close 4100), by reason",
             ["reason"], registry=r,
         )
+        self.joins = Counter(
+            "relay_joins",
+            "SDK sessions joined, by what they were sent first: snapshot (no or an unusable "
+            "since), delta (resumed from since), current (since was the version)",
+            ["kind"], registry=r,
+        )
         self.sessions_behind = Gauge(
             "relay_sessions_behind",
             "Sessions paused by backpressure that missed changes and have not caught up",

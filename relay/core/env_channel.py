@@ -214,6 +214,11 @@ class EnvChannel(Generic[S]):
         self.sessions[session] = Outbox(state.v)
         return (hello + catch_up,) if len(catch_up) <= JOIN_COPY_MAX else (hello, catch_up)
 
+    def join_kind(self, since: int | None) -> str:
+        """What a join at `since` is sent first: "snapshot", "delta" or "current"."""
+        assert self.state is not None
+        return self.state.join_kind(since)
+
     def leave(self, session: S) -> bool:
         """The session is gone. False if it was not here."""
         if self.sessions.pop(session, None) is None:

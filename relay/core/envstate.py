@@ -361,6 +361,13 @@ class EnvState:
             self._snap_frame = _frame({"t": "snap", "v": self.v}, "flags", entries, {})
         return self._snap_frame
 
+    def join_kind(self, since: int | None) -> str:
+        """What `catch_up_frame(since)` answers: "snapshot", "delta", or "current" (an empty
+        delta), the label of relay_joins_total."""
+        if since is None or since > self.v or since < self.oldest_base:
+            return "snapshot"
+        return "current" if since == self.v else "delta"
+
     def catch_up_frame(self, since: int | None) -> bytes:
         """What a client holding `since` needs first: a delta if history allows, else a snap."""
         if since is None or since > self.v or since < self.oldest_base:

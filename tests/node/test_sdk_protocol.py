@@ -116,7 +116,8 @@ async def test_resume_outside_history_gets_a_snapshot(make_node: NodeFactory) ->
         for i in range(10):
             await admin.publish("prod", {"n": i})
         # Load the environment after the changes so the cache holds exactly 3 of them.
-        for since, kind in [(2, "snap"), (6, "snap"), (7, "delta"), (10, "delta"), (11, "snap")]:
+        for since, kind in [(2, "snap"), (6, "snap"), (7, "delta"), (10, "delta"), (11, "snap"),
+                            (None, "snap"), (9, "delta")]:
             ws = await open_stream(node.ws_url, "sdk-prod", since=since)
             await recv_frame(ws)
             frame = await recv_frame(ws)
@@ -125,6 +126,10 @@ async def test_resume_outside_history_gets_a_snapshot(make_node: NodeFactory) ->
             if kind == "snap":
                 assert frame["flags"] == {"n": {"v": 10, "value": 9}}
             await ws.close()
+        # relay_joins_total tells resumed joins from snapshots, and current ones (since 10).
+        _, text = await admin.call("GET", "/metrics", token="")
+        for kind, count in (("snapshot", 4), ("delta", 2), ("current", 1)):
+            assert f'relay_joins_total{{kind="{kind}"}} {count}.0' in text, kind
     finally:
         await admin.close()
 
