@@ -1,12 +1,23 @@
 #!/usr/bin/env bash
 # What the test suite needs beyond pip: a real redis-server and a real HAProxy (Debian's
-# packages), which the tests start themselves on free loopback ports, and kubectl (1.27 or
-# newer: it bundles kustomize 5) to render k8s/. Debian/Ubuntu; run as root or with sudo.
-# Does nothing when all are already on the PATH.
+# packages), which the tests start themselves on free loopback ports, kubectl (1.27 or
+# newer: it bundles kustomize 5) to render k8s/, Debian's chromium for the browser tests of
+# clients/js (Playwright drives it by its path), and clients/js's npm packages (`npm ci`,
+# with Node 20+ and npm already on the machine). Debian/Ubuntu; run as root or with sudo.
+# Installs only what is missing.
 set -euo pipefail
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+here="$(cd "$(dirname "$0")/.." && pwd)"
+if [ ! -f "$here/clients/js/node_modules/.package-lock.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    (cd "$here/clients/js" && npm ci --no-audit --no-fund --loglevel=error)
+  else
+    echo "install-test-deps: npm is missing: install Node.js 20+ (with npm) for clients/js" >&2
+  fi
+fi
 if ! command -v kubectl >/dev/null 2>&1; then
   # Debian's own kubectl (kubernetes-client) is 1.20, too old for kustomize 5: kubectl comes
   # from the Kubernetes apt repository (pkgs.k8s.io) where one is configured.
