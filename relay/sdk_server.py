@@ -24,7 +24,8 @@ each phase has a budget (docs/security.md):
   (reading pauses meanwhile), so no connection can hold the loop;
 - before auth: one auth message of at most --max-client-message bytes in at most AUTH_FRAGMENTS
   frames, and at most CONTROL_BEFORE_AUTH pings/pongs; after auth, only pings/pongs, at
-  --client-control-rate; after the server's close, at most CLOSING_BUDGET bytes.
+  --client-control-rate; after the server's close, at most CLOSING_BUDGET bytes. A pong
+  that answers the server's keepalive ping is not counted (at most PONGS_OWED_MAX owed).
 """
 
 from __future__ import annotations
@@ -77,6 +78,7 @@ CONTROL_BEFORE_AUTH = 4  # pings and pongs a client may send before its auth
 AUTH_FRAGMENTS = 4  # frames the auth message may come in
 TLS_HANDSHAKES_PER_TICK = 4  # TLS handshake steps per event-loop tick (a signature each)
 PING_FRAME = Frame(Opcode.PING, b"relay").serialize(mask=False, extensions=[])
+PONGS_OWED_MAX = 2
 _OPEN = State.OPEN
 PING_SLICES = 20  # keepalive pings go out in this many steps per --ping-interval
 _TICK_MAX_S = 1.0  # the housekeeping timer's longest period
@@ -119,9 +121,9 @@ class SdkConnection(asyncio.Protocol):
     __slots__ = (
         "_auth_task", "_authenticating", "_close_armed", "_closing_bytes", "_control",
         "_control_at", "_fragments", "_greeting", "_head", "_high_water", "_inbox", "_paused",
-        "_proxy_head", "_pump_armed", "_queued", "_refusal", "_since", "_sub", "_tail", "_timer",
-        "_tls", "_tls_wait", "client_ip", "key_hash", "last_seen", "lost", "peer_ip",
-        "proto", "server", "ticket", "transport", "writing_paused",
+        "_pongs_owed", "_proxy_head", "_pump_armed", "_queued", "_refusal", "_since", "_sub",
+        "_tail", "_timer", "_tls", "_tls_wait", "client_ip", "key_hash", "last_seen", "lost",
+        "peer_ip", "proto", "server", "ticket", "transport", "writing_paused",
     )
 
     def __init__(self, server: SdkServer) -> None:
@@ -161,6 +163,8 @@ class SdkConnection(asyncio.Protocol):
         self._paused = 0  # _PAUSE_* bits
         self._control = 0.0  # pings/pongs before auth (a count), then the bucket's tokens
         self._control_at = 0.0
+        # Pongs the client owes for the server's keepalive pings: answering one is free.
+        self._pongs_owed = 0
         self._refusal: adm.Refusal | None = None  # to report with 4101 once the handshake is done
 
     # --- asyncio.Protocol -----------------------------------------------------------------------
@@ -414,6 +418,8 @@ class SdkConnection(asyncio.Protocol):
             self._send(PING_FRAME)
         except RuntimeError:  # closed under us (a reset): connection_lost is on its way
             return False
+        # At most 2 banked: a client cannot save up free pongs by not answering.
+        self._pongs_owed = min(self._pongs_owed + 1, PONGS_OWED_MAX)
         return True
 
     @property
@@ -712,6 +718,9 @@ class SdkConnection(asyncio.Protocol):
 
     def _on_frame(self, frame: Frame) -> None:
         opcode = frame.opcode
+        if opcode is Opcode.PONG and self._pongs_owed:
+            self._pongs_owed -= 1  # the answer to our keepalive ping: not the client's budget
+            return
         if opcode is Opcode.PING or opcode is Opcode.PONG:
             self._on_control()  # (the sans-I/O protocol answers pings)
             return

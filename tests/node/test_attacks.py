@@ -148,6 +148,41 @@ async def test_a_ping_flood_after_auth_is_told_to_go_away(make_node: NodeFactory
         assert _metric(metrics, 'relay_connections_refused_total{reason="control_frames"}') == 1
 
 
+async def test_answering_frequent_keepalive_pings_is_not_charged_but_spare_pongs_are(
+    make_node: NodeFactory,
+) -> None:
+    """Pongs that answer the server's own pings cost the client nothing, however short
+    --ping-interval is; pongs nobody asked for draw on its control budget like pings."""
+    async with watched(make_node, ping_interval=0.05, ping_timeout=5, client_control_burst=3,
+                       client_control_rate=0.1) as (node, admin):
+        good = await RawClient.open(node.port, "Authorization: Bearer k")
+        spare = await RawClient.open(node.port, "Authorization: Bearer k")
+        for client in (good, spare):
+            assert messages([await client.frame()])[0]["t"] == "hello"
+        answered = 0
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):  # about 40 pings: far past the burst of 3
+                while True:
+                    opcode, payload = await good.frame()
+                    if opcode == PING:
+                        good.send(client_frame(PONG, payload))
+                        answered += 1
+        assert answered >= 8, answered
+        spare.send(client_frame(PONG, b"unasked") * 10)
+        frames = await spare.frames()
+        assert close_of(frames)[0] == 4101
+        v = await admin.publish("prod", {"still": True})
+        while True:  # the good one is still served
+            opcode, payload = await good.frame()
+            if opcode == PING:
+                good.send(client_frame(PONG, payload))
+                continue
+            message = messages([(opcode, payload)])[0]
+            if message.get("v") == v:
+                break
+            assert message["t"] == "delta", message
+
+
 @pytest.mark.parametrize("seconds", DURATIONS)
 async def test_a_ping_flood_that_never_reads_is_cut_off(
     make_node: NodeFactory, seconds: float
