@@ -18,7 +18,7 @@ from typing import Any, TypeVar, cast
 
 from openfeature.evaluation_context import EvaluationContext
 from openfeature.event import ProviderEventDetails
-from openfeature.exception import ErrorCode
+from openfeature.exception import ErrorCode, ProviderFatalError, ProviderNotReadyError
 from openfeature.flag_evaluation import FlagResolutionDetails, Reason
 from openfeature.provider import AbstractProvider, Metadata
 
@@ -34,6 +34,8 @@ class RelayProvider(AbstractProvider):
         self.client = client
         self.ready_timeout = ready_timeout
         self._stale = False
+        self._not_ready = False
+        self._held: dict[str, Any] = client.flags  # what the last event left, to diff snapshots
         # Chain the client's callbacks: its owner may have set its own.
         before_change, before_status = client.on_change, client.on_status
         client.on_change = _chain(before_change, self._changed)
@@ -47,6 +49,15 @@ class RelayProvider(AbstractProvider):
 
     def get_metadata(self) -> Metadata:
         return Metadata(name="relay")
+
+    def initialize(self, evaluation_context: EvaluationContext) -> None:
+        """Set as a provider before `start()` has brought flags: not ready (the SDK serves
+        defaults meanwhile, and says why)."""
+        if self.client.version is None:
+            self._not_ready = True  # PROVIDER_READY once flags come
+            if self.client.error is not None:
+                raise ProviderFatalError(str(self.client.error))
+            raise ProviderNotReadyError("relay: no flags yet; await provider.start() first")
 
     def shutdown(self) -> None:
         """The client is the caller's to close (`await client.close()`, in its loop)."""
@@ -103,7 +114,16 @@ class RelayProvider(AbstractProvider):
     # --- events ---------------------------------------------------------------------------------
 
     def _changed(self, event: ChangeEvent) -> None:
-        changed = sorted({*event.put, *event.deleted})
+        if event.kind == "snap":  # every flag, as the client now holds them: diff them
+            before, self._held = self._held, dict(event.put)
+            changed = sorted(k for k in before.keys() | self._held.keys()
+                             if k not in before or k not in self._held
+                             or before[k] != self._held[k])
+        else:
+            self._held.update(event.put)
+            for key in event.deleted:
+                self._held.pop(key, None)
+            changed = sorted({*event.put, *event.deleted})
         if changed:
             self.emit_provider_configuration_changed(ProviderEventDetails(
                 flags_changed=changed, metadata={"version": event.v}))
@@ -113,8 +133,8 @@ class RelayProvider(AbstractProvider):
             self._stale = True
             self.emit_provider_stale(ProviderEventDetails(
                 message="relay: disconnected, flags may be out of date"))
-        elif status == "ready" and self._stale:
-            self._stale = False
+        elif status == "ready" and (self._stale or self._not_ready):
+            self._stale = self._not_ready = False
             self.emit_provider_ready(ProviderEventDetails(message="relay: connected"))
         elif status == "closed" and self.client.error is not None:
             self.emit_provider_error(ProviderEventDetails(

@@ -5,10 +5,11 @@
 // and that of RelayClient alone (what a bundler keeps of it for a page without OpenFeature).
 import { execFileSync } from "node:child_process";
 import { cpSync, mkdirSync, readFileSync, rmSync, writeFileSync } from "node:fs";
+import { fileURLToPath } from "node:url";
 import { gzipSync } from "node:zlib";
 import { build } from "esbuild";
 
-const here = new URL(".", import.meta.url).pathname;
+const here = fileURLToPath(new URL(".", import.meta.url));
 rmSync(`${here}build`, { recursive: true, force: true });
 rmSync(`${here}dist`, { recursive: true, force: true });
 execFileSync(process.execPath, [`${here}node_modules/typescript/bin/tsc`, "-p", here],
@@ -20,6 +21,7 @@ await build({
   platform: "browser",
   target: ["es2020"],
   minify: true,
+  mangleProps: /_$/,  // private members end in "_" (src/client.ts): short names in the bundle
   sourcemap: true,
   legalComments: "none",
   outfile: `${here}dist/relay.js`,
@@ -35,6 +37,6 @@ console.log(`dist/relay.js (RelayClient, RelayWebProvider, msgpack): ${size(read
 const alone = await build({
   stdin: { contents: 'export { RelayClient } from "./src/client.ts";', resolveDir: here, loader: "ts" },
   bundle: true, format: "esm", platform: "browser", target: ["es2020"], minify: true,
-  legalComments: "none", write: false, logLevel: "warning",
+  mangleProps: /_$/, legalComments: "none", write: false, logLevel: "warning",
 });
 console.log(`RelayClient alone, with msgpack: ${size(alone.outputFiles[0].contents)}`);

@@ -9,8 +9,12 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import start_relay
 from tests.jsclient import built
+
+pytestmark = pytest.mark.timeout(600)  # npm ci and the build come first
 
 
 def _node(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -15,10 +15,12 @@ export interface StorageLike {
 
 export interface Saved {
   v: number;
+  /** The environment the flags came from (the server's `hello`), null if not known. */
+  env: string | null;
   flags: Record<string, FlagEntry>;
 }
 
-const FORMAT = 1;
+const FORMAT = 2;
 
 /** The storage key of (url, key): the SDK key is hashed, so it is not a name in storage. */
 export function cacheKey(url: string, key: string): string {
@@ -29,7 +31,7 @@ export function cacheKey(url: string, key: string): string {
 export function parseSaved(text: string | null): Saved | null {
   if (!text) return null;
   try {
-    const data = JSON.parse(text) as { f?: number; v?: unknown; flags?: unknown };
+    const data = JSON.parse(text) as { f?: number; v?: unknown; env?: unknown; flags?: unknown };
     if (data.f !== FORMAT || typeof data.v !== "number" || !Number.isSafeInteger(data.v)
         || data.v < 0 || typeof data.flags !== "object" || data.flags === null) {
       return null;
@@ -40,14 +42,15 @@ export function parseSaved(text: string | null): Saved | null {
         return null;
       }
     }
-    return { v: data.v, flags: data.flags as Record<string, FlagEntry> };
+    const env = typeof data.env === "string" ? data.env : null;
+    return { v: data.v, env, flags: data.flags as Record<string, FlagEntry> };
   } catch {
     return null;
   }
 }
 
 export function serialize(saved: Saved): string {
-  return JSON.stringify({ f: FORMAT, v: saved.v, flags: saved.flags });
+  return JSON.stringify({ f: FORMAT, v: saved.v, env: saved.env, flags: saved.flags });
 }
 
 /** 32-bit FNV-1a, hex: short, stable, and enough to keep names apart. */

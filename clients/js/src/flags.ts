@@ -24,13 +24,11 @@ export interface DeltaFrame {
   del: Record<string, number>;
 }
 
-/** What applying a delta did: `applied` (with the keys it put or deleted), `gap` (its base is
- * not the version held: reconnect with `since`, never apply it) or `stale` (it ends at or
- * before the version held, nothing to do). */
+/** What applying a delta did: `applied` (with the keys it put or deleted), or `gap` (its
+ * base is not the version held: it is not applied, and the client reconnects with `since`). */
 export type DeltaResult =
   | { kind: "applied"; changed: string[] }
-  | { kind: "gap" }
-  | { kind: "stale" };
+  | { kind: "gap" };
 
 export class FlagSet {
   /** The environment version held, or null before a snapshot (or a cache). */
@@ -51,13 +49,18 @@ export class FlagSet {
 
   /** Every flag's value, as a fresh object. */
   values(): Record<string, unknown> {
-    const out: Record<string, unknown> = {};
-    for (const [key, entry] of this.flags) out[key] = entry.value;
-    return out;
+    // (fromEntries defines own properties: a key "__proto__" stays a key)
+    return Object.fromEntries(Array.from(this.flags, ([key, entry]) => [key, entry.value]));
   }
 
   entries(): Record<string, FlagEntry> {
     return Object.fromEntries(this.flags);
+  }
+
+  /** Forget everything (the flags held belong to another environment). */
+  clear(): void {
+    this.flags = new Map();
+    this.version = null;
   }
 
   /** Replace everything with a snapshot; the keys whose value changed, appeared or went. */
@@ -79,10 +82,7 @@ export class FlagSet {
 
   /** Apply a delta if it continues the version held. */
   applyDelta(frame: Pick<DeltaFrame, "base" | "v" | "put" | "del">): DeltaResult {
-    if (this.version === null) return { kind: "gap" };
-    if (frame.base !== this.version) {
-      return frame.v <= this.version ? { kind: "stale" } : { kind: "gap" };
-    }
+    if (this.version === null || frame.base !== this.version) return { kind: "gap" };
     const changed: string[] = [];
     for (const [key, entry] of Object.entries(frame.put)) {
       this.flags.set(key, entry);

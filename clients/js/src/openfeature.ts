@@ -27,10 +27,10 @@ type Handler = (details?: unknown) => void | Promise<void>;
 
 /** The ProviderEventEmitter the SDK attaches its handlers to. */
 class Events {
-  private readonly handlers = new Map<string, Set<Handler>>();
+  private readonly handlers_ = new Map<string, Set<Handler>>();
 
   emit(event: string, context?: Record<string, unknown>): void {
-    for (const handler of [...(this.handlers.get(event) ?? [])]) {
+    for (const handler of [...(this.handlers_.get(event) ?? [])]) {
       try {
         const done = handler(context);
         if (done instanceof Promise) done.catch(() => undefined);
@@ -41,22 +41,22 @@ class Events {
   }
 
   addHandler(event: string, handler: Handler): void {
-    let set = this.handlers.get(event);
-    if (!set) this.handlers.set(event, (set = new Set()));
+    let set = this.handlers_.get(event);
+    if (!set) this.handlers_.set(event, (set = new Set()));
     set.add(handler);
   }
 
   removeHandler(event: string, handler: Handler): void {
-    this.handlers.get(event)?.delete(handler);
+    this.handlers_.get(event)?.delete(handler);
   }
 
   removeAllHandlers(event?: string): void {
-    if (event === undefined) this.handlers.clear();
-    else this.handlers.delete(event);
+    if (event === undefined) this.handlers_.clear();
+    else this.handlers_.delete(event);
   }
 
   getHandlers(event: string): Handler[] {
-    return [...(this.handlers.get(event) ?? [])];
+    return [...(this.handlers_.get(event) ?? [])];
   }
 
   setLogger(): this {
@@ -72,69 +72,99 @@ export class RelayWebProvider implements Provider {
   readonly events = new Events() as unknown as ProviderEventEmitter<never>;
   /** The client underneath (its `status`, `version`, events). */
   readonly client: RelayClient;
-  private readonly readyTimeoutMs: number;
-  private readonly offs: (() => void)[] = [];
-  private initialized = false;
+  private readonly readyTimeoutMs_: number;
+  private readonly offs_: (() => void)[] = [];
+  // "starting" until initialize returns; "ready" while connected; "stale" while not (the
+  // flags held are served, from the last connection or the cache).
+  private state_: "starting" | "ready" | "stale" = "starting";
+  private initFailed_ = false;
 
-  /** Give it a client's options (it then owns the client), or a client of your own. */
+  /** Give it a client's options, or a `RelayClient` of your own; either way the provider
+   * closes the client when OpenFeature closes the provider. */
   constructor(clientOrOptions: RelayClient | RelayWebProviderOptions) {
     if (clientOrOptions instanceof RelayClient) {
       this.client = clientOrOptions;
-      this.readyTimeoutMs = 10_000;
+      this.readyTimeoutMs_ = 10_000;
     } else {
       this.client = new RelayClient(clientOrOptions);
-      this.readyTimeoutMs = clientOrOptions.readyTimeoutMs ?? 10_000;
+      this.readyTimeoutMs_ = clientOrOptions.readyTimeoutMs ?? 10_000;
     }
-  }
-
-  async initialize(_context?: EvaluationContext): Promise<void> {
-    await this.client.ready(this.readyTimeoutMs);
-    if (this.initialized) return;
-    this.initialized = true;
+    // Heard from the start: flags that come after a timed-out initialize still make the
+    // provider ready.
     const events = this.events as unknown as Events;
-    let stale = this.client.status !== "ready";
-    this.offs.push(this.client.on("status", (status: Status) => {
-      if (status === "ready" && stale) {
-        stale = false;
-        events.emit("PROVIDER_READY", { message: "relay: connected" });
-      } else if (status === "reconnecting" && !stale) {
-        stale = true;
+    this.offs_.push(this.client.on("status", (status: Status) => {
+      if (status === "ready" && this.state_ !== "ready") {
+        // Back from stale, or flags at last after an initialize that timed out.
+        const tell = this.state_ === "stale" || this.initFailed_;
+        this.state_ = "ready";
+        if (tell) events.emit("PROVIDER_READY", { message: "relay: connected" });
+      } else if (status === "reconnecting" && this.state_ === "ready") {
+        this.state_ = "stale";
         events.emit("PROVIDER_STALE", { message: "relay: disconnected, flags may be out of date" });
       }
     }));
-    this.offs.push(this.client.on("change", (e: ChangeEvent) => {
-      if (e.changed.length > 0) {
+    this.offs_.push(this.client.on("change", (e: ChangeEvent) => {
+      if (e.changed.length > 0 && this.state_ !== "starting") {
         events.emit("PROVIDER_CONFIGURATION_CHANGED", {
           flagsChanged: e.changed, metadata: { version: e.v } });
       }
     }));
-    this.offs.push(this.client.on("error", (err: Error) => {
-      events.emit("PROVIDER_ERROR", { message: err.message, errorCode: "PROVIDER_FATAL" });
+    this.offs_.push(this.client.on("error", (err: Error) => {
+      if (this.client.status === "closed") {
+        events.emit("PROVIDER_ERROR", { message: err.message, errorCode: "PROVIDER_FATAL" });
+      }
     }));
   }
 
+  async initialize(_context?: EvaluationContext): Promise<void> {
+    try {
+      await this.client.ready(this.readyTimeoutMs_);
+    } catch (err) {
+      this.initFailed_ = true;
+      if (this.client.status === "closed") {
+        // A refused key: the SDK's FATAL status, not a retryable ERROR.
+        throw Object.assign(new Error((err as Error).message), { code: "PROVIDER_FATAL" });
+      }
+      throw err;
+    }
+    if (this.state_ !== "starting") return;
+    if (this.client.status === "ready") {
+      this.state_ = "ready";
+      return;
+    }
+    // Ready from the cache, not yet connected: stale, once the SDK has taken the READY of
+    // this initialize (it does so after the promise resolves).
+    this.state_ = "stale";
+    setTimeout(() => {
+      if (this.state_ === "stale") {
+        (this.events as unknown as Events).emit("PROVIDER_STALE", {
+          message: "relay: flags from the cache, not connected yet" });
+      }
+    }, 0);
+  }
+
   async onClose(): Promise<void> {
-    for (const off of this.offs.splice(0)) off();
+    for (const off of this.offs_.splice(0)) off();
     this.client.close();
   }
 
   resolveBooleanEvaluation(flagKey: string, defaultValue: boolean): ResolutionDetails<boolean> {
-    return this.resolve(flagKey, defaultValue, "boolean");
+    return this.resolve_(flagKey, defaultValue, "boolean");
   }
 
   resolveStringEvaluation(flagKey: string, defaultValue: string): ResolutionDetails<string> {
-    return this.resolve(flagKey, defaultValue, "string");
+    return this.resolve_(flagKey, defaultValue, "string");
   }
 
   resolveNumberEvaluation(flagKey: string, defaultValue: number): ResolutionDetails<number> {
-    return this.resolve(flagKey, defaultValue, "number");
+    return this.resolve_(flagKey, defaultValue, "number");
   }
 
   resolveObjectEvaluation<T extends JsonValue>(flagKey: string, defaultValue: T): ResolutionDetails<T> {
-    return this.resolve(flagKey, defaultValue, "object");
+    return this.resolve_(flagKey, defaultValue, "object");
   }
 
-  private resolve<T>(flagKey: string, defaultValue: T, kind: Kind): ResolutionDetails<T> {
+  private resolve_<T>(flagKey: string, defaultValue: T, kind: Kind): ResolutionDetails<T> {
     const client = this.client;
     const version = client.version;
     const flagMetadata: Record<string, number> = version === null ? {} : { version };

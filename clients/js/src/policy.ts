@@ -52,6 +52,9 @@ export type CloseDecision =
   | { action: "retry"; delayMs: number; why: string }
   | { action: "stop"; error: Error };
 
+/** The longest wait a server may ask for (10 minutes): a bigger `retry_ms` is clamped. */
+export const MAX_RETRY_MS = 600_000;
+
 /** `...; retry_ms=1340` at the end of a 4101's close reason (before a `hello`, no goaway). */
 export function retryFromReason(reason: string): number | null {
   const m = /retry_ms=(\d+)\s*$/.exec(reason);
@@ -65,9 +68,14 @@ export function decideClose(
   reason: string,
   goawayRetryMs: number | null,
   backoff: Backoff,
-  random: () => number = Math.random,
 ): CloseDecision {
   const said = reason ? `${code} ${reason}` : `${code}`;
+  const told = goawayRetryMs ?? (code === CLOSE.TOO_MANY ? retryFromReason(reason) : null);
+  if (told !== null) {
+    // The server said when to come back (goaway, or a 4101's reason): that, whatever the code.
+    if (code === CLOSE.TOO_MANY) backoff.next();  // a refusal still counts as a failure
+    return { action: "retry", why: said, delayMs: Math.min(told, MAX_RETRY_MS) };
+  }
   switch (code) {
     case CLOSE.BAD_CREDENTIALS:
       return { action: "stop", error: new RelayRefusedError(
@@ -82,21 +90,10 @@ export function decideClose(
       return { action: "stop", error: new RelayRefusedError(
         `relay closed the connection for a protocol error (${said}): this client is broken`,
         code) };
-    case CLOSE.GOING_AWAY:
-    case CLOSE.SERVICE_RESTART:
-      // A stop or a drain: the server said when (goaway); otherwise soon, spread over 1 s.
-      return { action: "retry", why: said,
-               delayMs: goawayRetryMs ?? Math.floor(random() * 1000) };
-    case CLOSE.EVICTED:
-      return { action: "retry", why: said, delayMs: goawayRetryMs ?? backoff.next() };
-    case CLOSE.TOO_MANY: {
-      const told = goawayRetryMs ?? retryFromReason(reason);
-      const waited = backoff.next();  // counts as a failure either way
-      return { action: "retry", why: said, delayMs: told ?? waited };
-    }
     default:
-      // 1006 (no close frame: network, a killed node), 1011, 4008, and anything unknown.
-      if (goawayRetryMs !== null) return { action: "retry", why: said, delayMs: goawayRetryMs };
+      // 1001 and 1012 without a goaway, 1006 (no close frame: the network, a killed node),
+      // 1011, 4008, 4100 or 4101 without retry_ms, anything unknown: backoff. Its first wait
+      // is under half a second, so a stop or a drain is followed soon.
       return { action: "retry", why: said, delayMs: backoff.next() };
   }
 }

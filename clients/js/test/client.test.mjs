@@ -1,5 +1,5 @@
 // The client's behaviour over a fake socket and fake timers: what it sends, what it holds,
-// when it reconnects and when it stops. (Against a real node: test/node-integration.mjs.)
+// when it reconnects and when it stops. (Against a real node: test/live/node.live.mjs.)
 import assert from "node:assert/strict";
 import { afterEach, beforeEach, mock, test } from "node:test";
 
@@ -11,7 +11,7 @@ const URL_ = "ws://relay.test/v1/stream";
 
 beforeEach(() => {
   FakeSocket.reset();
-  mock.timers.enable({ apis: ["setTimeout"] });
+  mock.timers.enable({ apis: ["setTimeout", "Date"] });
 });
 afterEach(() => mock.timers.reset());
 
@@ -160,7 +160,7 @@ test("a connection that brings no flags in time is dropped and retried", () => {
 
 test("the cache: get() at once, since = saved version, status connecting until the server answers", async () => {
   const storage = new MemoryStorage();
-  storage.setItem(cacheKey(URL_, "k1"), serialize({ v: 41, flags: { a: { v: 40, value: "cached" } } }));
+  storage.setItem(cacheKey(URL_, "k1"), serialize({ v: 41, env: "prod", flags: { a: { v: 40, value: "cached" } } }));
   const c = client({ storage });
   const events = [];
   c.on("change", (e) => events.push(e));  // added after the constructor: still hears the cache
@@ -181,7 +181,7 @@ test("the cache: get() at once, since = saved version, status connecting until t
 
 test("an async storage (React Native): ready() resolves from it before the socket", async () => {
   const storage = new AsyncMemoryStorage();
-  await storage.setItem(cacheKey(URL_, "k1"), serialize({ v: 5, flags: { a: { v: 5, value: 1 } } }));
+  await storage.setItem(cacheKey(URL_, "k1"), serialize({ v: 5, env: "prod", flags: { a: { v: 5, value: 1 } } }));
   const c = client({ storage });
   assert.equal(FakeSocket.all.length, 0, "the socket waits for the cache's version");
   await c.ready(100);
@@ -261,4 +261,99 @@ test("a frame that is not msgpack drops the connection and retries", () => {
   ws.onmessage({ data: "text" });
   assert.equal(ws.closedWith.code, 4000);
   c.close();
+});
+
+test("closing a socket still connecting is safe with the ws package's error event", () => {
+  const c = client({ connectTimeoutMs: 1000 });
+  mock.timers.tick(1000);  // the connect timeout closes a socket that never opened
+  assert.equal(FakeSocket.all[0].closedWith.code, 4000);
+  mock.timers.tick(60_000);
+  c.close();  // and so does close() on the retry's socket, still connecting
+  assert.ok(FakeSocket.all.length >= 2);
+});
+
+test("a delta older than the version held is not applied either: reconnect with since", () => {
+  const c = client();
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.snap(5, { a: 1 });
+  ws.delta(3, 4, { a: 0 });
+  assert.equal(c.get("a", -1), 1);
+  assert.equal(ws.closedWith.code, 4000);
+  mock.timers.tick(0);
+  FakeSocket.last().open();
+  assert.equal(FakeSocket.last().sent[0].since, 5);
+  c.close();
+});
+
+test("a key that now reads another environment reloads: no since, a snapshot", () => {
+  const storage = new MemoryStorage();
+  storage.setItem(cacheKey(URL_, "k1"), serialize({ v: 9, env: "staging", flags: { a: { v: 9, value: "old" } } }));
+  const c = client({ storage });
+  let ws = FakeSocket.last();
+  ws.open();
+  assert.equal(ws.sent[0].since, 9);
+  ws.hello(12, "prod");
+  assert.equal(ws.closedWith.code, 4000);
+  mock.timers.tick(0);
+  ws = FakeSocket.last();
+  ws.open();
+  assert.deepEqual(ws.sent[0], { t: "auth", key: "k1" });
+  ws.hello(12, "prod");
+  ws.snap(12, { b: 2 });
+  assert.deepEqual(c.all(), { b: 2 });
+  mock.timers.tick(250);
+  assert.match(storage.getItem(cacheKey(URL_, "k1")), /"env":"prod"/);
+  c.close();
+});
+
+test("a frame that cannot be decoded: an error event, then a snapshot is asked for", () => {
+  const c = client();
+  const errors = [];
+  c.on("error", (e) => errors.push(e));
+  let ws = FakeSocket.last();
+  ws.open();
+  ws.snap(3, { a: 1 });
+  // msgpack of {"t": "delta", "__proto__": 1}: @msgpack/msgpack refuses the key
+  const bytes = Uint8Array.from([0x82, 0xa1, 0x74, 0xa5, ...Buffer.from("delta"), 0xa9, ...Buffer.from("__proto__"), 0x01]);
+  ws.onmessage({ data: bytes.buffer });
+  assert.equal(errors.length, 1);
+  assert.match(errors[0].message, /could not be decoded/);
+  assert.equal(c.status, "reconnecting");
+  mock.timers.tick(60_000);
+  ws = FakeSocket.last();
+  ws.open();
+  assert.deepEqual(ws.sent[0], { t: "auth", key: "k1" }, "no since: a snapshot");
+  c.close();
+});
+
+test("online during a goaway's wait still waits for its retry_ms", () => {
+  const network = new Switch(true);
+  const net = { online: () => network.on, subscribe: (l) => network.subscribe(l) };
+  const c = client({ network: net });
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.snap(1, {});
+  ws.frame({ t: "goaway", reason: "limit", retry_ms: 5000 });
+  ws.serverClose(4101, "limit");
+  mock.timers.tick(1000);
+  network.set(false);
+  network.set(true);
+  assert.equal(FakeSocket.all.length, 1, "not at once: the server said 5 s");
+  mock.timers.tick(3999);
+  assert.equal(FakeSocket.all.length, 1);
+  mock.timers.tick(1);
+  assert.equal(FakeSocket.all.length, 2);
+  c.close();
+});
+
+test("a listener that closes the client leaves no timer behind", () => {
+  const c = client({ storage: new MemoryStorage() });
+  c.on("change", () => c.close());
+  const ws = FakeSocket.last();
+  ws.open();
+  ws.snap(1, { a: 1 });
+  assert.equal(c.status, "closed");
+  mock.timers.tick(120_000);
+  assert.equal(FakeSocket.all.length, 1);
 });

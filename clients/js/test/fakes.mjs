@@ -33,7 +33,14 @@ export class FakeSocket {
 
   close(code, reason) {
     this.closedWith = { code, reason };
+    const wasConnecting = this.readyState === 0;
     this.readyState = 3;
+    if (wasConnecting) {
+      // As the `ws` package does: an error event, which must have a listener (an
+      // EventEmitter's unheard 'error' throws, and ends a Node process).
+      if (typeof this.onerror !== "function") throw new Error("unheard error event");
+      this.onerror({ message: "WebSocket was closed before the connection was established" });
+    }
   }
 
   // --- what the server does ---
