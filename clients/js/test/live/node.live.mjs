@@ -128,3 +128,15 @@ test("live: the OpenFeature web provider", async () => {
   await OpenFeature.close();
   assert.equal(provider.client.status, "closed");
 });
+
+test("live: a refused key leaves the OpenFeature provider FATAL, defaults served", async () => {
+  const provider = new RelayWebProvider({ url: WS_URL, key: "not-a-key", WebSocket, storage: null,
+                                          logger: quiet, readyTimeoutMs: 10_000 });
+  await assert.rejects(OpenFeature.setProviderAndWait("refused", provider), /refused the SDK key/);
+  const of = OpenFeature.getClient("refused");
+  assert.equal(of.providerStatus, "FATAL");
+  const details = of.getBooleanDetails("anything", true);
+  assert.equal(details.value, true);
+  assert.equal(details.errorCode, "PROVIDER_FATAL");
+  await OpenFeature.close();
+});
