@@ -20,6 +20,8 @@ from loadtests.runner import SCENARIOS, Options, run, run_hostile
 
 # The hostile scenario's defaults, where they differ from the others'.
 HOSTILE = {"rate": 20.0, "duration": 30.0, "processes": 2}
+# makespan's: changes far enough apart that each travels alone (one every 200 ms).
+MAKESPAN = {"rate": 5.0, "duration": 20.0, "processes": 0}
 PER_ADDRESS = 100  # the hostile fleet's connections per source address (relay's burst: 200)
 
 
@@ -42,9 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 KB receive buffer (default 500 in slow-consumers, else 0)")
     p.add_argument("--envs", type=int, default=10)
     p.add_argument("--rate", type=float, default=None,
-                   help="changes/s in total (fanout; default 100, hostile 20)")
+                   help="changes/s in total (fanout; default 100, hostile 20, makespan 5)")
     p.add_argument("--duration", type=float, default=None,
-                   help="seconds of publishing (default 10, hostile 30)")
+                   help="seconds of publishing (default 10, hostile 30, makespan 20)")
     p.add_argument("--payload-bytes", type=int, default=200)
     p.add_argument("--processes", type=int, default=None,
                    help="generator processes (default: one per 18,000 connections; hostile 2)")
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     hostile = args.scenario == "hostile"
     for name, default in (("rate", 100.0), ("duration", 10.0), ("processes", 0)):
         if getattr(args, name) is None:
-            setattr(args, name, HOSTILE[name] if hostile else default)
+            setattr(args, name, HOSTILE[name] if hostile else
+                    MAKESPAN[name] if args.scenario == "makespan" else default)
     if args.addresses is None:
         args.addresses = math.ceil(args.connections / PER_ADDRESS) if hostile else 0
     if not 0 <= args.addresses <= 190 or args.processes > 190:

@@ -52,6 +52,13 @@ ROWS: list[tuple[str, str, str]] = [
     ("latency p99", "latency_ms.p99", " ms"),
     ("latency p99.9", "latency_ms.p999", " ms"),
     ("latency max", "latency_ms.max", " ms"),
+    ("changes (makespan)", "makespan.changes", ""),
+    ("changes to every session", "makespan.complete", ""),
+    ("to first delivery p50", "makespan.first_ms.p50", " ms"),
+    ("to first delivery p99", "makespan.first_ms.p99", " ms"),
+    ("to last delivery p50", "makespan.last_ms.p50", " ms"),
+    ("to last delivery p99", "makespan.last_ms.p99", " ms"),
+    ("to last delivery max", "makespan.last_ms.max", " ms"),
     ("p50 without stalled", "without_stalled.latency_ms.p50", " ms"),
     ("p99 without stalled", "without_stalled.latency_ms.p99", " ms"),
     ("one node: deliveries/s", "one_node.deliveries_per_s", ""),
@@ -114,6 +121,7 @@ def _get(result: dict[str, Any], path: str) -> Any:
 # What orders repeated runs of a scenario: the median run's timeline goes in the plot.
 MAIN_FIGURE = {
     "fanout": "latency_ms.p99",
+    "makespan": "server.cpu_us_per_delivery",
     "hostile": "latency_ms.p99",
     "slow-consumers": "latency_ms.p99",
     "cluster": "latency_ms.p99",
@@ -123,6 +131,7 @@ MAIN_FIGURE = {
     "idle": "server.rss_kb_per_connection",
 }
 SPREAD = ("deliveries_per_s", "latency_ms.p50", "latency_ms.p99", "server.cpu_us_per_delivery",
+          "makespan.last_ms.p50", "makespan.last_ms.p99",
           "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection",
           "server.others_cpu_share")
 
@@ -191,6 +200,7 @@ def summary(results: list[dict[str, Any]]) -> str:
             parts = []
             for label, path in (("deliveries/s", "deliveries_per_s"),
                                 ("p99", "latency_ms.p99"),
+                                ("last delivery p50", "makespan.last_ms.p50"),
                                 ("CPU/delivery", "server.cpu_us_per_delivery"),
                                 ("CPU/handshake", "server.cpu_us_per_handshake"),
                                 ("RSS/conn", "server.rss_kb_per_connection"),

@@ -25,9 +25,9 @@ from loadtests.targets import Target, as_flags, make_target
 
 MAX_PER_PROCESS = 18_000  # the open-files limit is 20,000 per process
 SCENARIOS = ("fanout", "burst", "connect-storm", "idle", "slow-consumers", "cluster", "drain",
-             "hostile")
+             "hostile", "makespan")
 # Scenarios that publish at a steady rate and measure deliveries.
-STEADY = ("fanout", "slow-consumers", "cluster", "drain", "hostile")
+STEADY = ("fanout", "slow-consumers", "cluster", "drain", "hostile", "makespan")
 # The hostile scenario: the attacker's environment, whose snapshot is big (never-read).
 ATTACK_ENV = "attack-big"
 ATTACK_SNAPSHOT = 256, 2000  # flags, bytes each: about 512 KB
@@ -251,6 +251,7 @@ class Workers:
                 "stalled": stalled_share + (1 if i < stalled_extra else 0),
                 "reconnect": self.opts.scenario == "drain",
                 "watch_node": self.opts.drain_node if self.opts.scenario == "drain" else "",
+                "per_change": self.opts.scenario == "makespan",
             }
             first += count
             path = self.workdir / f"worker-{i}.json"
@@ -512,6 +513,42 @@ def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
             point["sent_away"] = buckets[second]["goaways"]
         out.append(point)
     return out
+
+
+def _makespan(workers: Workers, opts: Options, env_names: list[str]) -> dict[str, Any]:
+    """Each change's time from its publish (the `ts` in its payload, taken before the publish
+    request) to its first and to its last delivery over every generator process, and how
+    many changes reached every session of their environment."""
+    merged: dict[int, list[int]] = {}
+    for final in workers.finals:
+        for sent, first, last, count in final.get("changes") or []:
+            seen = merged.get(sent)
+            if seen is None:
+                merged[sent] = [first, last, count]
+            else:
+                seen[0] = min(seen[0], first)
+                seen[1] = max(seen[1], last)
+                seen[2] += count
+    sessions = sum(f["connections"] for f in workers.finals) / max(1, len(env_names))
+    order = sorted(merged)
+    overlapped = sum(1 for a, b in itertools.pairwise(order) if merged[a][1] > b)
+    first_ms = [(merged[t][0] - t) / 1e6 for t in order]
+    last_ms = [(merged[t][1] - t) / 1e6 for t in order]
+
+    def summary(values: list[float]) -> dict[str, float | None]:
+        if not values:
+            return {"p50": None, "p99": None, "max": None}
+        ordered = sorted(values)
+
+        def pick(q: float) -> float:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+        return {"p50": round(pick(0.5), 2), "p99": round(pick(0.99), 2),
+                "max": round(ordered[-1], 2)}
+
+    return {"changes": len(order), "sessions_per_env": round(sessions),
+            "complete": sum(1 for t in order if merged[t][2] >= sessions),
+            "overlapped": overlapped, "first_ms": summary(first_ms), "last_ms": summary(last_ms)}
 
 
 async def _drain_during(target: Target, opts: Options, record: dict[str, Any]) -> None:
@@ -903,6 +940,13 @@ async def _run_once(opts: Options) -> dict[str, Any]:
             for code, count in f["closed"].items():
                 closed[code] = closed.get(code, 0) + count
         result["closed_by_server"] = closed
+        if opts.scenario == "makespan":
+            result["makespan"] = _makespan(workers, opts, env_names)
+            if result["makespan"]["overlapped"]:
+                result["notes"].append(
+                    f"{opts.target}: {result['makespan']['overlapped']} changes were still "
+                    "being delivered when the next was published: lower --rate for changes "
+                    "that travel alone")
         if opts.scenario == "drain":
             result["drain"] = _drain_figures(workers, drain_record)
             result["drain"]["lost"] = result["missing"]

@@ -57,6 +57,7 @@ class Spec:
     stalled: int = 0  # connections more, that complete the handshake and then never read
     reconnect: bool = False  # reconnect (after goaway's retry_ms, with `since`) when closed
     watch_node: str = ""  # latency of connections on other nodes is also counted apart
+    per_change: bool = False  # makespan: each change's first and last delivery here
 
 
 class Stats:
@@ -83,6 +84,8 @@ class Stats:
         self.other_counts: dict[int, int] = {}  # latency on nodes other than watch_node
         self.last_delivery_ns = 0  # wall-clock time of the last latency sample
         self.latency_counts: dict[int, int] = {}
+        # makespan: {publish time (ns): [first delivery, last delivery (ns), deliveries]}
+        self.changes: dict[int, list[int]] | None = None
 
     def record(self, sent_ns: int, other: bool = False) -> None:
         """Count one latency sample, rounded to 0.1% (what the histogram keeps anyway); the
@@ -95,6 +98,13 @@ class Stats:
             us = (us >> shift) << shift
         counts = self.latency_counts
         counts[us] = counts.get(us, 0) + 1
+        if self.changes is not None:
+            change = self.changes.get(sent_ns)
+            if change is None:
+                self.changes[sent_ns] = [now, now, 1]
+            else:
+                change[1] = now
+                change[2] += 1
         if other:
             self.other_counts[us] = self.other_counts.get(us, 0) + 1
 
@@ -475,6 +485,8 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
     stalled: list[StalledConn] = []
     stop = asyncio.Event()
     stats.watch_node = spec.watch_node
+    if spec.per_change:
+        stats.changes = {}
     reconnector = Reconnector(spec, stats) if spec.reconnect else None
     tick_task = asyncio.create_task(ticker(stats, stop))
     t0 = time.monotonic()
@@ -513,6 +525,8 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
             "errors": stats.errors,
             "closed": stats.closed, "last_delivery": stats.last_delivery_ns / 1e9,
             "hist": hist.encode().decode() if hist.get_total_count() else None,
+            "changes": (None if stats.changes is None else
+                        [[sent, *seen] for sent, seen in stats.changes.items()]),
         })
     for c in conns:
         c.transport.disconnect()

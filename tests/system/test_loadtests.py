@@ -61,6 +61,26 @@ def test_tiny_fanout_reports_every_change(tmp_path: Path) -> None:
         relay.stop()
 
 
+def test_tiny_makespan_times_each_change_to_its_first_and_last_session(tmp_path: Path) -> None:
+    relay = start_relay(tmp_path / "data")
+    try:
+        result, data = _loadtest(relay, tmp_path, "makespan", "--connections", "40", "--envs",
+                                 "2", "--rate", "10", "--duration", "1", "--processes", "2")
+        ms = data["makespan"]
+        # 10 changes, one at a time, each to the 20 sessions of its environment, over 2
+        # generator processes: each change's first and last delivery are over both.
+        assert (ms["changes"], ms["complete"], ms["sessions_per_env"]) == (10, 10, 20)
+        assert data["deliveries"] == 200 and data["missing"] == 0
+        for q in ("p50", "p99", "max"):
+            assert 0 < ms["first_ms"][q] <= ms["last_ms"][q]
+        # The slowest delivery of all is the last of some change (the histogram keeps 0.1%).
+        assert abs(ms["last_ms"]["max"] - data["latency_ms"]["max"]) <= (
+            0.01 * data["latency_ms"]["max"] + 0.01)
+        assert "to last delivery p99" in result.stdout
+    finally:
+        relay.stop()
+
+
 def test_the_relay_the_harness_starts_has_its_per_address_limits_off(tmp_path: Path) -> None:
     """The generator's connections come from one address per process, 2,000/s: relay's
     per-address defaults would refuse all but ~200 of these 300. The harness turns them off
