@@ -94,6 +94,7 @@ ROWS: list[tuple[str, str, str]] = [
     ("server CPU in kernel", "server.cpu_system_share", ""),
     ("others on server's core", "server.others_cpu_share", ""),
     ("server CPU/delivery", "server.cpu_us_per_delivery", " us"),
+    ("server CPU/change", "server.cpu_us_per_change", " us"),
     ("server CPU/handshake", "server.cpu_us_per_handshake", " us"),
     ("server RSS before", "server.rss_mb_before", " MB"),
     ("server RSS after", "server.rss_mb_after", " MB"),
@@ -134,6 +135,13 @@ SPREAD = ("deliveries_per_s", "latency_ms.p50", "latency_ms.p99", "server.cpu_us
           "makespan.last_ms.p50", "makespan.last_ms.p99",
           "server.cpu_us_per_handshake", "connections_per_s", "server.rss_kb_per_connection",
           "server.others_cpu_share")
+
+
+def spread_label(path: str) -> str:
+    """A figure's short name in the range lines ("last delivery p99" for makespan's)."""
+    if path.startswith("makespan.last_ms."):
+        return "last delivery " + path.rsplit(".", 1)[-1]
+    return path.rsplit(".", 1)[-1]
 
 
 def _set(result: dict[str, Any], path: str, value: Any) -> None:
@@ -211,7 +219,7 @@ def summary(results: list[dict[str, Any]]) -> str:
             lines.append(f"{base['target']} / {other['target']}: " + ", ".join(parts))
     for r in results:
         if "repeat" in r:
-            spread = ", ".join(f"{path.split('.')[-1]} {_fmt(a)}-{_fmt(b)}"
+            spread = ", ".join(f"{spread_label(path)} {_fmt(a)}-{_fmt(b)}"
                                for path, (a, b) in r["repeat"]["spread"].items())
             lines.append(f"{r['target']}: median of {r['repeat']['runs']} runs; "
                          f"range {spread}")

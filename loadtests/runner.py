@@ -519,17 +519,21 @@ def _makespan(workers: Workers, opts: Options, env_names: list[str]) -> dict[str
     """Each change's time from its publish (the `ts` in its payload, taken before the publish
     request) to its first and to its last delivery over every generator process, and how
     many changes reached every session of their environment."""
-    merged: dict[int, list[int]] = {}
+    merged: dict[int, list[Any]] = {}
     for final in workers.finals:
-        for sent, first, last, count in final.get("changes") or []:
+        for sent, first, last, count, env in final.get("changes") or []:
             seen = merged.get(sent)
             if seen is None:
-                merged[sent] = [first, last, count]
+                merged[sent] = [first, last, count, env]
             else:
                 seen[0] = min(seen[0], first)
                 seen[1] = max(seen[1], last)
                 seen[2] += count
-    sessions = sum(f["connections"] for f in workers.finals) / max(1, len(env_names))
+    # Each environment's sessions: those that opened (a server may refuse some).
+    sessions: dict[str, int] = {}
+    for final in workers.finals:
+        for env, count in (final.get("env_connections") or {}).items():
+            sessions[env] = sessions.get(env, 0) + count
     order = sorted(merged)
     overlapped = sum(1 for a, b in itertools.pairwise(order) if merged[a][1] > b)
     first_ms = [(merged[t][0] - t) / 1e6 for t in order]
@@ -546,8 +550,9 @@ def _makespan(workers: Workers, opts: Options, env_names: list[str]) -> dict[str
         return {"p50": round(pick(0.5), 2), "p99": round(pick(0.99), 2),
                 "max": round(ordered[-1], 2)}
 
-    return {"changes": len(order), "sessions_per_env": round(sessions),
-            "complete": sum(1 for t in order if merged[t][2] >= sessions),
+    per_env = sum(sessions.values()) / max(1, len(env_names))
+    return {"changes": len(order), "sessions_per_env": round(per_env),
+            "complete": sum(1 for t in order if merged[t][2] >= sessions.get(merged[t][3], 0)),
             "overlapped": overlapped, "first_ms": summary(first_ms), "last_ms": summary(last_ms)}
 
 
@@ -922,6 +927,8 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                     names.get(pid, str(pid)): round(t - per_process1.get(pid, 0.0), 3)
                     for pid, t in sampler.server_cpu_by_pid().items()}
             server["cpu_us_per_delivery"] = round(cpu * 1e6 / deliveries, 3) if deliveries else None
+            if opts.scenario == "makespan":  # what each change costs, with its fan-out
+                server["cpu_us_per_change"] = round(cpu * 1e6 / acked, 1) if acked else None
             _others(result, others, elapsed, server_cpus)
             result["deliveries"] = deliveries
             result["deliveries_per_s"] = round(deliveries / window)

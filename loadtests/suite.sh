@@ -12,6 +12,11 @@ run fanout-1k     fanout --connections 1000  --envs 10 --rate 100 --duration 20 
 run fanout-10k    fanout --connections 10000 --envs 10 --rate 100 --duration 20 --compare --repeat "$repeat"
 run fanout-75k    fanout --connections 5000  --envs 10 --rate 150 --duration 20 --compare --repeat "$repeat"
 run burst-10k     burst  --connections 10000 --envs 10 --duration 10 --compare --repeat "$repeat"
+# A lone change (issue 15): one change at a time, 5 a second, each to one of 10 environments of
+# 100, 500 or 1,900 sessions; the time from its publish to its first and last delivery.
+run makespan-1k   makespan --connections 1000  --envs 10 --rate 5 --duration 20 --compare --repeat "$repeat"
+run makespan-5k   makespan --connections 5000  --envs 10 --rate 5 --duration 20 --compare --repeat "$repeat"
+run makespan-19k  makespan --connections 19000 --envs 10 --rate 5 --duration 20 --compare --repeat "$repeat"
 run storm-10k     connect-storm --connections 10000 --envs 10 --compare --repeat "$repeat"
 run idle-10k      idle   --connections 10000 --envs 10 --compare
 run idle-19k      idle   --connections 19000 --envs 10 --compare

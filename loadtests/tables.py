@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtests.report import HOSTILE_COLUMNS, _get, cpu_by_process, hostile_rows, params_text
+from loadtests.report import (
+    HOSTILE_COLUMNS,
+    _get,
+    cpu_by_process,
+    hostile_rows,
+    params_text,
+    spread_label,
+)
 
 # (label, path in a result, digits after the point)
 ROWS: list[tuple[str, str, int]] = [
@@ -17,6 +24,11 @@ ROWS: list[tuple[str, str, int]] = [
     ("p50 ms", "latency_ms.p50", 1),
     ("p99 ms", "latency_ms.p99", 1),
     ("p99.9 ms", "latency_ms.p999", 1),
+    ("makespan: changes, each to every session", "makespan.complete", 0),
+    ("makespan: to first delivery p50 ms", "makespan.first_ms.p50", 1),
+    ("makespan: to first delivery p99 ms", "makespan.first_ms.p99", 1),
+    ("makespan: to last delivery p50 ms", "makespan.last_ms.p50", 1),
+    ("makespan: to last delivery p99 ms", "makespan.last_ms.p99", 1),
     ("p50 ms without stalled", "without_stalled.latency_ms.p50", 1),
     ("p99 ms without stalled", "without_stalled.latency_ms.p99", 1),
     ("one node: deliveries/s", "one_node.deliveries_per_s", 0),
@@ -45,6 +57,7 @@ ROWS: list[tuple[str, str, int]] = [
     ("evictions (relay's metric)", "stalled.evictions", 0),
     ("connections/s", "connections_per_s", 0),
     ("server CPU us/delivery", "server.cpu_us_per_delivery", 2),
+    ("server CPU us/change", "server.cpu_us_per_change", 0),
     ("server CPU us/handshake", "server.cpu_us_per_handshake", 0),
     ("server CPU in kernel", "server.cpu_system_share", 2),
     ("other processes on the server's core", "server.others_cpu_share", 2),
@@ -102,7 +115,7 @@ def table(path: Path) -> str:
     spreads = [(r["target"], r["repeat"]["spread"]) for r in results if "repeat" in r]
     for target, spread in spreads:
         shown = "; ".join(
-            f"{k.split('.')[-1]} {_cell(a, 0 if a >= 100 else 1)}-{_cell(b, 0 if b >= 100 else 1)}"
+            f"{spread_label(k)} {_cell(a, 0 if a >= 100 else 1)}-{_cell(b, 0 if b >= 100 else 1)}"
             for k, (a, b) in spread.items())
         lines.append(f"\n{target}, range over the runs: {shown}.")
     return "\n".join(lines) + "\n"

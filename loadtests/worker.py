@@ -84,10 +84,10 @@ class Stats:
         self.other_counts: dict[int, int] = {}  # latency on nodes other than watch_node
         self.last_delivery_ns = 0  # wall-clock time of the last latency sample
         self.latency_counts: dict[int, int] = {}
-        # makespan: {publish time (ns): [first delivery, last delivery (ns), deliveries]}
-        self.changes: dict[int, list[int]] | None = None
+        # makespan: {publish time (ns): [first delivery, last delivery (ns), deliveries, env]}
+        self.changes: dict[int, list[Any]] | None = None
 
-    def record(self, sent_ns: int, other: bool = False) -> None:
+    def record(self, sent_ns: int, other: bool = False, env: str = "") -> None:
         """Count one latency sample, rounded to 0.1% (what the histogram keeps anyway); the
         histogram is filled once a second from the counts, off the per-delivery path."""
         now = time.time_ns()
@@ -101,7 +101,7 @@ class Stats:
         if self.changes is not None:
             change = self.changes.get(sent_ns)
             if change is None:
-                self.changes[sent_ns] = [now, now, 1]
+                self.changes[sent_ns] = [now, now, 1, env]
             else:
                 change[1] = now
                 change[2] += 1
@@ -199,7 +199,7 @@ class Conn(WSListener):
             put = msg["put"].get("p")
             if put is not None:
                 stats.record(put["value"]["ts"],
-                             stats.watch_node != "" and self.node != stats.watch_node)
+                             stats.watch_node != "" and self.node != stats.watch_node, self.env)
         elif t == "snap":
             if self.held < 0:
                 stats.ready += 1
@@ -230,7 +230,7 @@ class NchanConn(Conn):
         self.held = seq
         self.received += 1
         stats.deliveries += 1
-        stats.record(msg["ts"])
+        stats.record(msg["ts"], False, self.env)
 
 
 class StalledConn(WSListener):
@@ -527,6 +527,8 @@ async def run(spec: Spec, reader: asyncio.StreamReader) -> None:
             "hist": hist.encode().decode() if hist.get_total_count() else None,
             "changes": (None if stats.changes is None else
                         [[sent, *seen] for sent, seen in stats.changes.items()]),
+            "env_connections": {env: sum(1 for c in conns if c.env == env)
+                                for env in {c.env for c in conns}},
         })
     for c in conns:
         c.transport.disconnect()
