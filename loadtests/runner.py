@@ -515,7 +515,7 @@ def _timeline(workers: Workers, t0: float) -> list[dict[str, Any]]:
     return out
 
 
-def _makespan(workers: Workers, opts: Options, env_names: list[str]) -> dict[str, Any]:
+def _makespan(workers: Workers, env_names: list[str]) -> dict[str, Any]:
     """Each change's time from its publish (the `ts` in its payload, taken before the publish
     request) to its first and to its last delivery over every generator process, and how
     many changes reached every session of their environment."""
@@ -948,7 +948,7 @@ async def _run_once(opts: Options) -> dict[str, Any]:
                 closed[code] = closed.get(code, 0) + count
         result["closed_by_server"] = closed
         if opts.scenario == "makespan":
-            result["makespan"] = _makespan(workers, opts, env_names)
+            result["makespan"] = _makespan(workers, env_names)
             if result["makespan"]["overlapped"]:
                 result["notes"].append(
                     f"{opts.target}: {result['makespan']['overlapped']} changes were still "

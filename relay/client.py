@@ -62,13 +62,16 @@ class RelayClientError(Exception):
 
 @dataclass(frozen=True)
 class ChangeEvent:
-    """What one server frame changed. `kind` is "snap" (all flags replaced) or "delta"."""
+    """What one server frame changed. `kind` is "snap" (all flags replaced: `put` holds them
+    all) or "delta". `changed`: the keys whose value came, went or changed (for a snap,
+    against what the client held before it)."""
 
     kind: str
     base: int | None
     v: int
     put: dict[str, Any]
     deleted: list[str]
+    changed: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -344,10 +347,15 @@ class RelayClient:
 
     async def _apply_snap(self, frame: dict[str, Any]) -> None:
         flags = frame["flags"]
+        before, before_v = self._flags, self.flag_versions
         self._flags = {k: f["value"] for k, f in flags.items()}
         self.flag_versions = {k: f["v"] for k, f in flags.items()}
+        changed = sorted(k for k in before.keys() | self._flags.keys()
+                         if before_v.get(k) != self.flag_versions.get(k)
+                         or before.get(k) != self._flags.get(k))
         self.stats.snaps += 1
-        await self._updated_to(ChangeEvent("snap", None, frame["v"], dict(self._flags), []))
+        await self._updated_to(
+            ChangeEvent("snap", None, frame["v"], dict(self._flags), [], changed))
 
     async def _apply_delta(self, frame: dict[str, Any]) -> None:
         put = {k: f["value"] for k, f in frame["put"].items()}
@@ -359,7 +367,8 @@ class RelayClient:
             self._flags.pop(key, None)
             self.flag_versions.pop(key, None)
         self.stats.deltas += 1
-        await self._updated_to(ChangeEvent("delta", frame["base"], frame["v"], put, deleted))
+        await self._updated_to(
+            ChangeEvent("delta", frame["base"], frame["v"], put, deleted, [*put, *deleted]))
 
     async def _updated_to(self, event: ChangeEvent) -> None:
         self.version = event.v

@@ -35,7 +35,6 @@ class RelayProvider(AbstractProvider):
         self.ready_timeout = ready_timeout
         self._stale = False
         self._not_ready = False
-        self._held: dict[str, Any] = client.flags  # what the last event left, to diff snapshots
         # Chain the client's callbacks: its owner may have set its own.
         before_change, before_status = client.on_change, client.on_status
         client.on_change = _chain(before_change, self._changed)
@@ -114,16 +113,7 @@ class RelayProvider(AbstractProvider):
     # --- events ---------------------------------------------------------------------------------
 
     def _changed(self, event: ChangeEvent) -> None:
-        if event.kind == "snap":  # every flag, as the client now holds them: diff them
-            before, self._held = self._held, dict(event.put)
-            changed = sorted(k for k in before.keys() | self._held.keys()
-                             if k not in before or k not in self._held
-                             or before[k] != self._held[k])
-        else:
-            self._held.update(event.put)
-            for key in event.deleted:
-                self._held.pop(key, None)
-            changed = sorted({*event.put, *event.deleted})
+        changed = sorted(event.changed)
         if changed:
             self.emit_provider_configuration_changed(ProviderEventDetails(
                 flags_changed=changed, metadata={"version": event.v}))

@@ -370,7 +370,7 @@ class EnvState:
 
     def catch_up_frame(self, since: int | None) -> bytes:
         """What a client holding `since` needs first: a delta if history allows, else a snap."""
-        if since is None or since > self.v or since < self.oldest_base:
+        if since is None or self.join_kind(since) == "snapshot":  # (None: for the type checker)
             return self.snap_frame()
         frame = self._catch_up.get(since)
         if frame is None:

@@ -11,7 +11,7 @@ from openfeature.event import EventDetails, ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.provider import ProviderStatus
 
-from relay.client import ChangeEvent, RelayClient
+from relay.client import RelayClient
 from relay.node import Node
 from relay.openfeature import RelayProvider
 from tests.helpers import Admin, wait_until
@@ -129,8 +129,10 @@ async def test_a_snapshot_after_a_reconnect_names_exactly_what_changed(
                     lambda d: d.provider_name == "relay" and changes.append(d.flags_changed or []))
     api.set_provider(provider)
     try:
-        event = ChangeEvent("snap", None, 9, {"same": 1, "edited": 2, "new": 1}, [])
-        provider._changed(event)  # what the client calls on a snapshot after a reconnect
+        # What the client does with a snapshot after a reconnect that history did not cover.
+        await client._apply_snap({"t": "snap", "v": 9, "flags": {
+            "same": {"v": 1, "value": 1}, "edited": {"v": 9, "value": 2},
+            "new": {"v": 9, "value": 1}}})
         await wait_until(lambda: bool(changes), "the event")
         assert changes == [["edited", "gone", "new"]]
     finally:
