@@ -1,3 +1,3 @@
 """relay: a WebSocket edge relay for feature-flag delivery."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -450,8 +450,10 @@ class Hub:
         if via_peer and entry.followers:
             return  # it serves edges: it follows the store itself (no cycles of edges)
         entry.via_peer = via_peer
-        if not via_peer:
-            self._start_resync(entry)
+        if via_peer:
+            self.store.unwatch(env)  # the owner sends its changes now
+        else:
+            self._start_resync(entry)  # (which watches the store first)
 
     def on_upstream(self, message: peer_protocol.PeerMessage) -> None:
         """A message from the owner of an environment this node follows as an edge."""
@@ -617,6 +619,8 @@ class Hub:
 
     async def _load(self, entry: _Env) -> None:
         try:
+            # Watched before the read: every change after what it returns is heard.
+            await self.store.watch(entry.env)
             snapshot = await self.store.load(
                 entry.env, self.max_history, history_bytes=self.max_history_bytes
             )
@@ -628,12 +632,15 @@ class Hub:
         except BaseException:
             if self._channels.get(entry.env) is entry:
                 del self._channels[entry.env]
+                self.store.unwatch(entry.env)
             raise
         entry.channel.state = state
         self.metrics.envs_loaded.set(len(self._channels))
         self._take_all(entry, entry.channel.take_held())
         if self.upstream is not None and not entry.followers:
             entry.via_peer = self.upstream.follow(entry.env, state.v)
+            if entry.via_peer:
+                self.store.unwatch(entry.env)
 
     async def _resync(self, entry: _Env) -> None:
         """Fill a version gap from the store's log, or jump to its state if the log is gone."""
@@ -641,6 +648,10 @@ class Hub:
         assert state is not None
         self.metrics.store_resyncs.inc()
         try:
+            if not entry.via_peer:  # (an edge fills a gap in its owner's stream: no watch)
+                await self.store.watch(entry.env, state.v)
+                if entry.via_peer:  # its owner's link came up meanwhile
+                    self.store.unwatch(entry.env)
             while True:
                 try:
                     changes = await self.store.changes_since(entry.env, state.v)
@@ -698,6 +709,7 @@ class Hub:
         ):
             if entry.via_peer and self.upstream is not None:
                 self.upstream.unfollow(entry.env)
+            self.store.unwatch(entry.env)
             del self._channels[entry.env]
             self.metrics.envs_loaded.set(len(self._channels))
             with contextlib.suppress(KeyError):  # no session ever attached

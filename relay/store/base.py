@@ -166,7 +166,19 @@ class Store(Protocol):
         ...
 
     def add_change_listener(self, listener: ChangeListener) -> None:
-        """Call `listener` on the loop with every committed change, in version order per env."""
+        """Call `listener` on the loop with every committed change of the environments watched
+        (`watch`), in version order per env."""
+        ...
+
+    async def watch(self, env: str, since: int | None = None) -> None:
+        """Have `env`'s changes reach the change listeners: every change committed after this
+        returns does. `since` is the version the caller holds, from which the store replays
+        what a lost notification channel missed. (A store shared by nodes notifies each node
+        only of what it watches.)"""
+        ...
+
+    def unwatch(self, env: str) -> None:
+        """Stop telling the listeners `env`'s changes (they may still hear a few in flight)."""
         ...
 
     def add_keys_listener(self, listener: KeysListener) -> None:

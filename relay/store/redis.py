@@ -13,11 +13,13 @@ environments.
 
 A publish is one Lua script on the environment's slot: it bumps the version, writes the flags,
 appends to the stream (trimmed to the log retention) and publishes the change itself on the
-channel `relay:changes`, atomically; it is acknowledged once Redis answers (as durable as Redis's
-persistence settings make it: see docs/architecture.md). Every node's listeners learn of changes
-from that channel, in the order Redis committed them. Pub/sub is at-most-once: a listener that
-misses one sees a version gap and reads the stream (`changes_since`); after a lost subscription
-the store itself replays, from the streams, what the environments it has seen may have missed.
+environment's channel `relay:{env}:changes`, atomically; it is acknowledged once Redis answers
+(as durable as Redis's persistence settings make it: see docs/architecture.md). A node
+subscribes only to the channels of the environments it follows from the store (`watch`), so
+it never receives, let alone decodes, the changes of the others; its listeners learn of
+changes in the order Redis committed them. Pub/sub is at-most-once: a listener that misses one
+sees a version gap and reads the stream (`changes_since`); after a lost subscription the store
+itself replays, from the streams, what the environments it watches may have missed.
 On a Redis Cluster (found at connect time) commands go to the node of their slot.
 """
 
@@ -53,15 +55,19 @@ from relay.tasks import Backoff, cancel_and_wait, raise_if_cancelled, run_in_ste
 log = logging.getLogger("relay.store.redis")
 
 T = TypeVar("T")
-CHANGES_CHANNEL = b"relay:changes"
 KEYS_CHANNEL = b"relay:keys"
+_WATCH_CONFIRM_S = 5.0  # how long a subscription waits for Redis to confirm it
+_PING_TOKEN = b"relay-subscribed"
 _RECONNECT_S = (0.1, 2.0)  # first and longest pause between subscription attempts
 _CATCH_UP_PASSES = 35  # about a minute of retries, at the longest pause
 _BIG = 64 << 10  # change notices above this many bytes are decoded in steps
 
 # KEYS: v, flags, log. ARGV: env, ts, retention, n_put, the put's pairs (`_put_steps`), the
-# packed put map, the packed deleted keys (an array). Returns {version, committed (0/1), packed
-# deleted keys}. (Few arguments: redis-py packs each argument in Python, ~3 us apiece, on the
+# packed put map, the packed deleted keys (an array), the environment's change channel. Every
+# change is also published on `relay:changes`, which nodes of relay 0.1 follow, so that they keep
+# hearing changes during a rolling upgrade to 0.2 (no node of 0.2 subscribes to it; with no
+# subscriber, Redis drops it at once). To be removed in 0.3. Returns {version, committed (0/1),
+# packed deleted keys}. (Few arguments: redis-py packs each argument in Python, ~3 us apiece, on the
 # event loop: one per flag held it ~30 ms for 10,000 flags.)
 _PUBLISH = """
 local cur = redis.call('GET', KEYS[1])
@@ -90,7 +96,9 @@ end
 for _, k in ipairs(dels) do redis.call('HDEL', KEYS[2], k) end
 redis.call('XADD', KEYS[3], 'MAXLEN', ARGV[3], v .. '-1', 'ts', ARGV[2], 'put', putblob,
            'del', delblob)
-redis.call('PUBLISH', 'relay:changes', cmsgpack.pack(ARGV[1], v, ARGV[2]) .. delblob .. putblob)
+local notice = cmsgpack.pack(ARGV[1], v, ARGV[2]) .. delblob .. putblob
+redis.call('PUBLISH', ARGV[8], notice)
+redis.call('PUBLISH', 'relay:changes', notice)
 return {v, 1, delblob}
 """
 
@@ -279,6 +287,16 @@ _SECRET_CHECK = "relay:{relay-keys}:secret-check"
 _ENVS = "relay:{relay-envs}"
 
 
+def _changes_channel(env: str) -> bytes:
+    """The channel an environment's changes are published on (in its slot, `{env}`)."""
+    return f"relay:{{{env}}}:changes".encode()
+
+
+def _ignore_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _env_keys(env: str) -> str:
     return f"relay:{{relay-keys}}:env:{env}"
 
@@ -307,8 +325,14 @@ class RedisStore:
         self._subscriber: asyncio.Task[None] | None = None
         self._catch_up_task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
-        # Per environment, the newest version told to listeners (or, before any, the first
-        # one loaded): what a lost subscription is caught up from.
+        self._pubsub: Any = None  # the subscription's connection, while it is up
+        # Channel -> environment, for every environment watched: what the subscription holds.
+        self._watched: dict[bytes, str] = {}
+        # Per channel, the `watch` calls waiting for Redis to confirm, oldest first.
+        self._confirming: dict[bytes, list[asyncio.Future[None]]] = {}
+        # Per environment watched, the newest version told to listeners (or, before any, the
+        # version the watcher holds or the first one loaded): what a lost subscription is
+        # caught up from.
         self._seen: dict[str, int] = {}
         self._origin = os.urandom(8)  # tells this store's own key notices apart
 
@@ -374,28 +398,78 @@ class RedisStore:
 
     # --- notifications ------------------------------------------------------------------------
 
+    async def watch(self, env: str, since: int | None = None) -> None:
+        """Subscribe to `env`'s change channel; return once Redis has confirmed it, so that every
+        change committed after this returns reaches the listeners. `since`: the version the
+        caller holds, from which a lost subscription is replayed. While the subscription is
+        down this returns at once: its replay covers the environment once it is back."""
+        channel = _changes_channel(env)
+        if since is not None:
+            self._seen.setdefault(env, since)
+        if channel in self._watched:
+            return
+        self._watched[channel] = env
+        pubsub = self._pubsub
+        if pubsub is None:
+            return
+        confirmed = asyncio.get_running_loop().create_future()
+        self._confirming.setdefault(channel, []).append(confirmed)
+        try:
+            await pubsub.subscribe(channel)
+            await asyncio.wait_for(asyncio.shield(confirmed), _WATCH_CONFIRM_S)
+        except (RedisError, OSError, TimeoutError) as exc:
+            # The subscription's loop notices a broken connection, resubscribes and replays.
+            log.warning("subscribing to %s's changes: %s", env, exc or "no answer from Redis")
+
+    def unwatch(self, env: str) -> None:
+        """Stop taking `env`'s changes (this node follows it from a peer now, or dropped it)."""
+        channel = _changes_channel(env)
+        if self._watched.pop(channel, None) is None:
+            return
+        self._seen.pop(env, None)
+        pubsub = self._pubsub
+        if pubsub is not None:
+            task = asyncio.get_running_loop().create_task(pubsub.unsubscribe(channel))
+            task.add_done_callback(_ignore_failure)  # (a broken connection: resubscribed anew)
+
+    def watched(self) -> list[str]:
+        """The environments whose changes reach the listeners (for tests and the status)."""
+        return list(self._watched.values())
+
     async def _subscribe(self) -> None:
-        """Follow the change and key channels for as long as the store is open."""
+        """Follow the key channel and the watched environments' channels for as long as the
+        store is open."""
         backoff = Backoff(*_RECONNECT_S)
         first = True
         while True:
             assert self._redis is not None
             pubsub = self._redis.pubsub()
             try:
-                await pubsub.subscribe(CHANGES_CHANNEL, KEYS_CHANNEL)
+                subscribed = set(self._watched)
+                await pubsub.subscribe(KEYS_CHANNEL, *subscribed)
+                await self._confirm(pubsub)
+                self._pubsub = pubsub
                 self._subscribed.set()
-                if not first:
+                # Watched meanwhile: subscribed now, and replayed like the rest.
+                added = [channel for channel in self._watched if channel not in subscribed]
+                if added:
+                    await pubsub.subscribe(*added)
+                if not first or added:
                     log.info("Redis subscription restored; replaying what it may have missed")
                     self._start_catch_up()
                 first = False
                 backoff.reset()
                 while True:
                     raise_if_cancelled()
-                    message = await pubsub.get_message(ignore_subscribe_messages=True,
-                                                       timeout=1.0)
+                    message = await pubsub.get_message(timeout=1.0)
                     if message is None:
                         continue
-                    if message["channel"] == CHANGES_CHANNEL and len(message["data"]) > _BIG:
+                    kind = message["type"]
+                    if kind == "subscribe":
+                        self._confirmed(message["channel"])
+                    elif kind != "message":
+                        continue
+                    elif message["channel"] in self._watched and len(message["data"]) > _BIG:
                         await self._dispatch_big(message["data"])  # (in order: awaited here)
                     else:
                         self._dispatch(message["channel"], message["data"])
@@ -406,13 +480,46 @@ class RedisStore:
                 log.warning("Redis subscription lost (%s); retrying in %.1fs", exc,
                             backoff.peek())
             finally:
+                self._pubsub = None
+                self._release_confirming()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
             await asyncio.sleep(backoff.next())
 
+    @staticmethod
+    async def _confirm(pubsub: Any) -> None:
+        """Wait until Redis has taken the SUBSCRIBE sent: it answers a PING sent after it."""
+        await pubsub.ping(_PING_TOKEN)
+        deadline = time.monotonic() + _WATCH_CONFIRM_S
+        while (left := deadline - time.monotonic()) > 0:
+            message = await pubsub.get_message(timeout=left)
+            if message is not None and message["type"] == "pong":
+                return
+        raise TimeoutError("Redis did not confirm the subscription")
+
+    def _confirmed(self, channel: bytes) -> None:
+        """Redis confirmed a SUBSCRIBE: the oldest `watch` of that channel may return (replies
+        come in the order the commands went)."""
+        waiting = self._confirming.get(channel)
+        if waiting:
+            future = waiting.pop(0)
+            if not future.done():
+                future.set_result(None)
+            if not waiting:
+                del self._confirming[channel]
+
+    def _release_confirming(self) -> None:
+        """The subscription is down: no confirmation will come; the replay after it is back
+        covers what the waiting `watch` calls are for."""
+        for waiting in self._confirming.values():
+            for future in waiting:
+                if not future.done():
+                    future.set_result(None)
+        self._confirming.clear()
+
     def _dispatch(self, channel: bytes, data: bytes) -> None:
         try:
-            if channel == CHANGES_CHANNEL:
+            if channel in self._watched:
                 unpacker = codec.unpacker()
                 unpacker.feed(data)
                 env, v, ts, dels, put = (unpacker.unpack() for _ in range(5))
@@ -430,11 +537,13 @@ class RedisStore:
         try:
             change = await run_in_steps(_decode_change_steps(data))
         except Exception:
-            log.exception("cannot handle a message on %r", CHANGES_CHANNEL)
+            log.exception("cannot handle a change notice")
             return
         self._tell(change)
 
     def _tell(self, change: Change) -> None:
+        if _changes_channel(change.env) not in self._watched:
+            return  # unwatched meanwhile (the replay, or a notice read before the UNSUBSCRIBE)
         if change.v > self._seen.get(change.env, -1):
             self._seen[change.env] = change.v
         for listener in self._change_listeners:
@@ -457,7 +566,8 @@ class RedisStore:
         first commands after a Redis restart can meet a dead pooled connection) is read again,
         for about a minute: skipping it would leave its followers behind until its next
         change."""
-        pending = dict(self._seen)
+        watched = set(self._watched.values())
+        pending = {env: v for env, v in self._seen.items() if env in watched}
         backoff = Backoff(*_RECONNECT_S)
         for _ in range(_CATCH_UP_PASSES):
             for env, v in list(pending.items()):
@@ -514,7 +624,8 @@ class RedisStore:
         pairs, put_blob = await run_in_steps(_put_steps(put))  # TypeError if not encodable
         dels = list(dict.fromkeys(dels))  # the script drops those that do not exist
         ts = time.time()
-        args = [env, repr(ts), self.log_retention, len(put), pairs, put_blob, codec.pack(dels)]
+        args = [env, repr(ts), self.log_retention, len(put), pairs, put_blob, codec.pack(dels),
+                _changes_channel(env)]
         try:
             v, committed, delblob = await self._call(
                 lambda: self._publish_script(keys=list(_keys(env)), args=args)
@@ -541,7 +652,8 @@ class RedisStore:
             snapshot = await run_in_steps(_snapshot_steps(env, *result))
             # Replays start from the first load, and move only with what listeners are told:
             # a later load (an admin read) must not skip what a listener has not heard.
-            self._seen.setdefault(env, snapshot.v)
+            if _changes_channel(env) in self._watched:
+                self._seen.setdefault(env, snapshot.v)
             return snapshot
 
         return await self._call(run)

@@ -150,6 +150,12 @@ class SQLiteStore:
     def add_change_listener(self, listener: ChangeListener) -> None:
         self._change_listeners.append(listener)
 
+    async def watch(self, env: str, since: int | None = None) -> None:
+        """Every commit is this process's own: its listeners hear every environment's."""
+
+    def unwatch(self, env: str) -> None:
+        pass
+
     def add_keys_listener(self, listener: KeysListener) -> None:
         self._keys_listeners.append(listener)
 

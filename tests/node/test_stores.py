@@ -229,6 +229,7 @@ async def test_concurrent_publishes_get_unique_consecutive_versions(store: Store
     await store.put_env("prod", [H1])
     seen: list[int] = []
     store.add_change_listener(lambda c: seen.append(c.v))
+    await store.watch("prod")
     changes = await asyncio.gather(*(store.publish("prod", {"k": i}, []) for i in range(50)))
     versions = [c.v for c in changes]
     assert sorted(versions) == list(range(1, 51))
@@ -260,6 +261,7 @@ async def test_an_empty_change_commits_nothing(store: Store) -> None:
     await store.put_env("prod", [H1])
     seen: list[Change] = []
     store.add_change_listener(seen.append)
+    await store.watch("prod")
     await store.publish("prod", {"a": 1}, [])
     await delivered(lambda: len(seen) == 1)
     for put, dels in [({}, []), ({}, ["missing"]), ({}, ["x", "y", "x"])]:
@@ -578,6 +580,7 @@ async def test_change_listener_gets_the_committed_change(store: Store) -> None:
     await store.put_env("prod", [H1])
     got: list[Change] = []
     store.add_change_listener(got.append)
+    await store.watch("prod")
     first = await store.publish("prod", {"a": 1}, [])
     c = await store.publish("prod", {"b": [1]}, ["a", "missing"])
     await delivered(lambda: len(got) == 2)
@@ -590,6 +593,7 @@ async def test_big_changes_reach_the_listeners_whole_and_in_order(store: Store) 
     await store.put_env("prod", [H1])
     got: list[Change] = []
     store.add_change_listener(got.append)
+    await store.watch("prod")
     big = {f"k{i}": {"n": i, "s": "x" * 50} for i in range(10_000)}
     published = [
         await store.publish("prod", {"k1": 0}, []),

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from relay.core.ring import Ring
 from tests.cluster import Cluster, all_exact, clients_on, publish_steadily
@@ -26,8 +27,11 @@ def cluster3(tmp_path: Path, redis_url: str) -> Iterator[Cluster]:
 ENVS = [f"env{i}" for i in range(12)]
 
 
-async def test_every_client_sees_every_change_once_in_order(cluster3: Cluster) -> None:
-    """3 nodes, clients on every node, changes published through every node."""
+async def test_every_client_sees_every_change_once_in_order(
+    cluster3: Cluster, redis_url: str,
+) -> None:
+    """3 nodes, clients on every node, changes published through every node. Only each
+    environment's owner subscribes to its change channel on Redis: the others follow it."""
     for i in range(3):
         cluster3.start(i)
     await cluster3.wait_ring({0, 1, 2})
@@ -57,6 +61,14 @@ async def test_every_client_sees_every_change_once_in_order(cluster3: Cluster) -
                 assert cluster3.metric(i, "relay_peer_links") >= 1
         owned = {m["node"]: m["owned_envs"] for m in cluster3.status(0)["ring"]}
         assert sum(owned.values()) == len(ENVS)
+        with redis.Redis.from_url(redis_url) as r:
+            channels = [f"relay:{{{env}}}:changes" for env in ENVS]
+            for _ in range(100):  # (an edge unsubscribes once its owner's link is up)
+                counts = dict(r.pubsub_numsub(*channels))
+                if all(n == 1 for n in counts.values()):
+                    break
+                await asyncio.sleep(0.1)
+            assert counts == {c.encode(): 1 for c in channels}
     finally:
         for a in admins:
             await a.close()

@@ -86,6 +86,7 @@ async def test_two_nodes_see_each_others_changes_in_order(redis_url: str) -> Non
         seen_b: list[Change] = []
         keys_b: list[tuple[str, frozenset[str]]] = []
         b.add_change_listener(seen_b.append)
+        await b.watch("prod")
         b.add_keys_listener(lambda env, hashes: keys_b.append((env, hashes)))
         await a.put_env("prod", [H1])
         published = await asyncio.gather(*(a.publish("prod", {"n": i}, []) for i in range(30)))
@@ -100,23 +101,69 @@ async def test_two_nodes_see_each_others_changes_in_order(redis_url: str) -> Non
         await b.close()
 
 
-async def test_a_lost_subscription_is_caught_up_from_the_streams(redis_url: str) -> None:
-    """Pub/sub is at-most-once: changes published while b's subscription is down reach b's
-    listeners anyway, in order, once it is back."""
+async def test_a_store_hears_only_the_environments_it_watches(redis_url: str) -> None:
+    """Each environment has its own channel: a node receives (and decodes) the changes of the
+    environments it watches, nothing else; and once `watch` returns, the next change is heard."""
     a, b = await _open(redis_url), await _open(redis_url)
     admin = redis.Redis.from_url(redis_url)
     try:
-        seen: list[int] = []
-        b.add_change_listener(lambda c: seen.append(c.v))
+        seen: list[tuple[str, int]] = []
+        b.add_change_listener(lambda c: seen.append((c.env, c.v)))
+        envs = [f"w{i}" for i in range(20)]
+        for env in envs:
+            await a.put_env(env, [hash_key(env, SECRET)])
+        for env in envs[:10]:  # a publish right after `watch` returns is heard
+            await b.watch(env)
+            await a.publish(env, {"n": 1}, [])
+        for env in envs:
+            await a.publish(env, {"n": 2}, [])
+        await _until(lambda: len(seen) == 20, "watched changes missing")
+        await asyncio.sleep(0.2)  # time for more, were there any
+        assert sorted(seen) == sorted((env, v) for env in envs[:10] for v in (1, 2))
+        assert sorted(b.watched()) == sorted(envs[:10])
+        numsub = dict(admin.pubsub_numsub(*(f"relay:{{{env}}}:changes" for env in envs)))
+        assert [numsub[f"relay:{{{env}}}:changes".encode()] for env in envs] == [1] * 10 + [0] * 10
+
+        b.unwatch(envs[0])
+        await _until(lambda: admin.pubsub_numsub(f"relay:{{{envs[0]}}}:changes")[0][1] == 0,
+                     "not unsubscribed")
+        await a.publish(envs[0], {"n": 3}, [])
+        await a.publish(envs[1], {"n": 3}, [])
+        await _until(lambda: (envs[1], 3) in seen, "still watched: not heard")
+        await asyncio.sleep(0.2)
+        assert (envs[0], 3) not in seen
+        await b.watch(envs[0], 3)  # watched again, holding v3
+        await a.publish(envs[0], {"n": 4}, [])
+        await _until(lambda: (envs[0], 4) in seen, "watched again: not heard")
+    finally:
+        admin.close()
+        await a.close()
+        await b.close()
+
+
+async def test_a_lost_subscription_is_caught_up_from_the_streams(redis_url: str) -> None:
+    """Pub/sub is at-most-once: changes published while b's subscription is down reach b's
+    listeners anyway, in order, once it is back; so do those of an environment watched while
+    it was down."""
+    a, b = await _open(redis_url), await _open(redis_url)
+    admin = redis.Redis.from_url(redis_url)
+    try:
+        seen: list[tuple[str, int]] = []
+        b.add_change_listener(lambda c: seen.append((c.env, c.v)))
+        await b.watch("prod")
         await a.put_env("prod", [H1])
+        await a.put_env("dev", [H2])
         await a.publish("prod", {"n": 0}, [])
-        await _until(lambda: seen == [1], "first change not heard")
+        await _until(lambda: seen == [("prod", 1)], "first change not heard")
         admin.client_kill_filter(_type="pubsub")  # every subscription on the server drops
+        await b.watch("dev", 0)  # (watched while the subscription is down, or just back)
         for i in range(1, 20):
             await a.publish("prod", {"n": i}, [])
-        await _until(lambda: len(set(seen)) == 20, "missed changes were not replayed")
-        assert sorted(set(seen)) == list(range(1, 21))
-        firsts = [v for i, v in enumerate(seen) if v not in seen[:i]]
+        await a.publish("dev", {"n": 0}, [])
+        await _until(lambda: len(set(seen)) == 21, "missed changes were not replayed")
+        assert sorted(set(seen)) == [("dev", 1)] + [("prod", v) for v in range(1, 21)]
+        prod = [v for env, v in seen if env == "prod"]
+        firsts = [v for i, v in enumerate(prod) if v not in prod[:i]]
         assert firsts == sorted(firsts)  # never a version before one already heard
     finally:
         admin.close()
@@ -213,6 +260,7 @@ async def test_the_store_works_on_a_redis_cluster(tmp_path: Path) -> None:
         envs = [f"env{i}" for i in range(12)]
         for i, env in enumerate(envs):
             await a.put_env(env, [hash_key(f"key{i}", SECRET)])
+            await b.watch(env)
         slots = {redis.Redis(port=servers[0].port).execute_command("CLUSTER KEYSLOT",
                                                                    f"relay:{{{env}}}:v")
                  for env in envs}
