@@ -99,6 +99,23 @@ _PAUSE_BUDGET = 2
 # Every connection's `proto` until its request head is complete: nothing is fed to it or sent
 # through it (it is only ever asked for its state, CONNECTING). The real one is made then.
 _HANDSHAKING = ServerProtocol(logger=_ws_log)
+# Every fast-path connection's `proto` from its 101 until it first needs a parser: data from the
+# client, its EOF, or a close to send. Most SDK sessions send nothing after the upgrade but the
+# pongs to keepalive pings, so the many that are only written to share this one, which is only
+# asked for its state, OPEN (a ServerProtocol costs about 7 us and 1 KB per connection).
+_OPEN_UNFED = ServerProtocol(state=State.OPEN, logger=_ws_log)
+
+
+_PONG = Frame(Opcode.PONG, b"")
+
+
+def _is_lone_pong(chunk: bytes) -> bool:
+    """`chunk` is exactly one whole, valid client pong (FIN, no RSV bit, masked, at most 125
+    bytes of payload, which nothing reads); anything else goes through the parser."""
+    if len(chunk) < 6 or chunk[0] != 0x8A or chunk[1] & 0x80 == 0:
+        return False
+    size = chunk[1] & 0x7F
+    return size <= 125 and len(chunk) == 6 + size
 
 
 def _select_subprotocol(
@@ -300,7 +317,7 @@ class SdkConnection(asyncio.Protocol):
             self.transport.close()  # type: ignore[union-attr]
             return True
         if self.proto.state is not State.CLOSED:
-            self.proto.receive_eof()
+            self._parser().receive_eof()
             self._process()
         return True  # we close the transport ourselves once the close handshake is done
 
@@ -407,7 +424,7 @@ class SdkConnection(asyncio.Protocol):
         self.server.metrics.closes.labels(str(code)).inc()
         self._leave()
         self._fragments = None
-        self.proto.send_close(code, protocol.close_reason(reason))
+        self._parser().send_close(code, protocol.close_reason(reason))
         self._flush()
 
     def ping(self) -> bool:
@@ -552,8 +569,19 @@ class SdkConnection(asyncio.Protocol):
         if not self._inbox:
             self._set_read_paused(_PAUSE_BUDGET, False)
 
+    def _parser(self) -> ServerProtocol:
+        """The connection's own sans-I/O protocol, made now if it shares _OPEN_UNFED."""
+        if self.proto is _OPEN_UNFED:
+            self.proto = ServerProtocol(state=_OPEN,
+                                        max_size=self.server.config.max_client_message,
+                                        logger=_ws_log)
+        return self.proto
+
     def _feed(self, chunk: bytes) -> None:
-        proto = self.proto
+        if self.proto is _OPEN_UNFED and _is_lone_pong(chunk):
+            self._on_frame(_PONG)  # (the keepalive's answer, most often: no parser needed)
+            return
+        proto = self._parser()
         if proto.state is State.CLOSED:
             return
         if self._close_armed:
@@ -641,8 +669,7 @@ class SdkConnection(asyncio.Protocol):
             self._process()
             return
         self._cancel_timer()
-        self.proto = ServerProtocol(state=_OPEN, max_size=self.server.config.max_client_message,
-                                    logger=_ws_log)
+        self.proto = _OPEN_UNFED  # (made when first needed: _parser)
         # The 101 waits for what _opened sends first (hello and catch-up, or a close): one
         # send() for both.
         self._greeting = upgrade.response

@@ -193,13 +193,14 @@ async def test_what_a_client_sends_is_parsed_a_budget_at_a_time(make_node: NodeF
         conn = next(iter(node.sdk.connections))
         ticks = 0
         fed: list[tuple[int, int]] = []  # (bytes, tick)
-        parse = conn.proto.receive_data
+        proto = conn._parser()  # its own frame parser (made when first needed), spied on
+        parse = proto.receive_data
 
         def spy(data: bytes) -> None:
             fed.append((len(data), ticks))
             parse(data)
 
-        conn.proto.receive_data = spy  # type: ignore[method-assign]
+        proto.receive_data = spy  # type: ignore[method-assign]
         loop = asyncio.get_running_loop()
         ticking = True
 
@@ -217,4 +218,61 @@ async def test_what_a_client_sends_is_parsed_a_budget_at_a_time(make_node: NodeF
         assert len({t for _, t in fed}) >= 64_000 // READ_BUDGET // 2  # over many ticks
         writer.close()
     finally:
+        await admin.close()
+
+
+async def test_sessions_that_only_answer_pings_share_one_idle_parser(
+    make_node: NodeFactory,
+) -> None:
+    """A fast-path session has no frame parser of its own until it needs one: its pongs, one
+    whole frame per read, are taken without one. Anything else (a pong split over two reads,
+    a ping, a pong with a reserved bit) gets its own parser and is answered as before, and the
+    shared one is never fed."""
+    from websockets.protocol import State
+
+    from relay.sdk_server import _OPEN_UNFED
+
+    node = await make_node(ping_interval=0.1, ping_timeout=5.0)
+    admin = Admin(node.admin_url)
+    clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+    try:
+        await admin.put_env("prod", ["k"])
+        for _ in range(4):
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            writer.write(_upgrade("/v1/stream", "Authorization: Bearer k"))
+            await reader.readuntil(b"\r\n\r\n")
+            clients.append((reader, writer))
+        await wait_until(lambda: node.hub.session_count() == 4, "not attached")
+        by_port = {c.transport.get_extra_info("peername")[1]: c  # type: ignore[union-attr]
+                   for c in node.sdk.connections}
+        assert all(c.proto is _OPEN_UNFED for c in by_port.values())
+        pong = client_frame(0xA, b"k")
+        (_, w0), (_, w1), (_, w2), (_, w3) = clients
+        # 0 answers a few pings whole; 1 splits one; 2 pings; 3 sends a pong with RSV1.
+        for _ in range(3):
+            await asyncio.sleep(0.12)
+            w0.write(pong)
+        w1.write(pong[:3])
+        await asyncio.sleep(0.05)
+        w1.write(pong[3:])
+        w2.write(client_frame(0x9, b"hi"))
+        w3.write(bytes([pong[0] | 0x40]) + pong[1:])
+        c0, c1, c2, c3 = (by_port[w.get_extra_info("sockname")[1]] for w in (w0, w1, w2, w3))
+        await wait_until(lambda: c3.proto.state is not State.OPEN, "the bad pong was taken")
+        assert c0.proto is _OPEN_UNFED and c0.attached
+        assert c1.proto is not _OPEN_UNFED and c1.attached
+        assert c2.proto is not _OPEN_UNFED and c2.attached
+        assert c3.proto.close_sent is not None and c3.proto.close_sent.code == 1002
+        assert _OPEN_UNFED.state is State.OPEN and _OPEN_UNFED.data_to_send() == []
+        version = await admin.publish("prod", {"a": 1})
+        assert version == 1
+        # Every attached session still gets the change (after its hello, snapshot, pings).
+        for reader, _ in clients[:3]:
+            data = b""
+            async with asyncio.timeout(10):
+                while b"put" not in data:
+                    data += await reader.read(65536)
+    finally:
+        for _, writer in clients:
+            writer.close()
         await admin.close()
