@@ -1,8 +1,9 @@
 """The public SDK WebSocket server: an asyncio Protocol per connection around websockets'
 sans-I/O `ServerProtocol`.
 
-No task, stream or queue per connection: a connection costs its transport, this object and the
-sans-I/O parser, which is what lets one process hold tens of thousands of idle SDKs. The only
+No task, stream or queue per connection: a connection costs its transport and this object (and
+a sans-I/O parser once it sends more than pongs: `_OPEN_UNFED`), which is what lets one process
+hold tens of thousands of idle SDKs. The only
 per-connection task is a short one while the SDK key is looked up and the session attached (and
 the TLS handshake, with --tls-cert).
 
