@@ -156,7 +156,7 @@ class SdkConnection(asyncio.Protocol):
         self.writing_paused = False
         self.lost = False
         self.last_seen = 0.0
-        self._timer: asyncio.TimerHandle | None = None  # handshake, auth or close timeout
+        self._timer: asyncio.TimerHandle | None = None  # auth or close timeout
         self._auth_task: asyncio.Task[None] | None = None
         self._tls: TlsStream | None = None  # with --tls-cert
         self._tls_wait = b""  # handshake bytes waiting for the server's next TLS turn
@@ -202,7 +202,7 @@ class SdkConnection(asyncio.Protocol):
             self._proxy_head = b""  # the client's address comes from the proxy
         elif not self._identify(self.peer_ip):
             return
-        self._timer = loop.call_later(config.handshake_timeout, self._abort)
+        server.handshake_started(self)
         if server.tls is not None:
             self._tls = TlsStream(server.tls)
 
@@ -327,6 +327,7 @@ class SdkConnection(asyncio.Protocol):
             return
         self.lost = True
         self._cancel_timer()
+        self.server.handshake_done(self)
         if self._auth_task is not None:
             self._auth_task.cancel()
         self.server.lost(self)
@@ -655,6 +656,7 @@ class SdkConnection(asyncio.Protocol):
     def _handshake(self, head: bytes) -> None:
         """Answer the upgrade request: the fast path when it is a plain valid upgrade and the
         node accepts connections, websockets' handshake (and its error answers) otherwise."""
+        self.server.handshake_done(self)
         upgrade = (
             handshake.accept_upgrade(head, protocol.STREAM_PATH, protocol.SUBPROTOCOL)
             if self.server.accepting
@@ -960,6 +962,11 @@ class SdkServer:
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
         self._ticker: asyncio.TimerHandle | None = None
+        # Connections in their handshake (TLS, PROXY header, request head) and their
+        # deadlines, oldest first, so in deadline order: one timer for them all, where one
+        # each cost about 4 us per connection (uvloop's call_later and its cancel).
+        self._handshaking: dict[SdkConnection, float] = {}
+        self._handshake_timer: asyncio.TimerHandle | None = None
         self._rounds: PingRounds[SdkConnection] = PingRounds(
             config.ping_interval or 1.0, PING_SLICES)
         self._pings: PendingPings[SdkConnection] = PendingPings()
@@ -1101,6 +1108,30 @@ class SdkServer:
             self.admission.auth_failed(conn.ticket, now)
         self.failures.record(reason, conn.client_ip, now)
 
+    def handshake_started(self, conn: SdkConnection) -> None:
+        """`conn` has --handshake-timeout from now to send its whole request head."""
+        deadline = self.loop.time() + self.config.handshake_timeout
+        self._handshaking[conn] = deadline
+        if self._handshake_timer is None:
+            self._handshake_timer = self.loop.call_at(deadline, self._handshake_deadlines)
+
+    def handshake_done(self, conn: SdkConnection) -> None:
+        self._handshaking.pop(conn, None)
+
+    def _handshake_deadlines(self) -> None:
+        """Cut the connections past their handshake deadline; wait for the next one."""
+        self._handshake_timer = None
+        now = self.loop.time()
+        handshaking = self._handshaking
+        while handshaking:
+            conn, deadline = next(iter(handshaking.items()))
+            if deadline > now:
+                self._handshake_timer = self.loop.call_at(deadline, self._handshake_deadlines)
+                return
+            del handshaking[conn]
+            if conn.transport is not None:
+                conn.transport.abort()
+
     def lost(self, conn: SdkConnection) -> None:
         if conn.ticket is None:
             return
@@ -1165,6 +1196,9 @@ class SdkServer:
         self._server.close()
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+            self._handshake_timer = None
         for conn in list(self.connections):
             conn.disconnect(dc.SHUTDOWN)
             if conn.proto.state is State.CONNECTING and conn.transport is not None:

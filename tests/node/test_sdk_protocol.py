@@ -331,6 +331,41 @@ async def test_a_silent_tcp_connection_is_dropped_after_the_handshake_timeout(
     writer.close()
 
 
+async def test_each_handshake_has_its_own_deadline(make_node: NodeFactory) -> None:
+    """One timer serves every connection's handshake deadline: each silent connection is cut
+    no sooner than its own deadline, in order, and one that finished its handshake in between
+    is never cut."""
+    timeout = 0.6
+    node = await make_node(handshake_timeout=timeout)
+    admin = Admin(node.admin_url)
+    try:
+        await admin.put_env("prod", ["k"])
+        loop = asyncio.get_running_loop()
+
+        async def silent() -> tuple[float, float]:
+            opened = loop.time()
+            reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
+            assert await asyncio.wait_for(reader.read(), 10) == b""  # EOF: cut
+            writer.close()
+            return opened, loop.time()
+
+        first = asyncio.ensure_future(silent())
+        await asyncio.sleep(0.05)
+        ws = await open_stream(node.ws_url, "k")  # done within its deadline: never cut
+        assert (await recv_frame(ws))["t"] == "hello"
+        await asyncio.sleep(0.25)
+        second = asyncio.ensure_future(silent())
+        (opened_1, cut_1), (opened_2, cut_2) = await first, await second
+        assert cut_1 - opened_1 >= timeout * 0.9 and cut_2 - opened_2 >= timeout * 0.9
+        assert cut_1 <= cut_2
+        await asyncio.sleep(timeout)
+        assert node.hub.session_count() == 1
+        await ws.ping()  # still served
+        await ws.close()
+    finally:
+        await admin.close()
+
+
 async def test_a_plain_http_request_is_refused(node: Node) -> None:
     import aiohttp
 
