@@ -105,6 +105,9 @@ _HANDSHAKING = ServerProtocol(logger=_ws_log)
 # pongs to keepalive pings, so the many that are only written to share this one, which is only
 # asked for its state, OPEN (a ServerProtocol costs about 7 us and 1 KB per connection).
 _OPEN_UNFED = ServerProtocol(state=State.OPEN, logger=_ws_log)
+# What such a connection's `proto` becomes when its client goes (EOF) without ever needing a
+# parser: CLOSED, as websockets' own would be, and as little fed as _OPEN_UNFED.
+_CLOSED_UNFED = ServerProtocol(state=State.CLOSED, logger=_ws_log)
 
 
 _PONG = Frame(Opcode.PONG, b"")
@@ -317,8 +320,15 @@ class SdkConnection(asyncio.Protocol):
         if self._head is not None:  # gone before its request was complete
             self.transport.close()  # type: ignore[union-attr]
             return True
-        if self.proto.state is not State.CLOSED:
-            self._parser().receive_eof()
+        if self.proto is _OPEN_UNFED:  # gone without a close frame, never needing a parser
+            self.proto = _CLOSED_UNFED
+            if self._tail is not None:  # a big frame cut short: a reset, as websockets' path
+                self._tail, self._queued = None, _NOTHING_QUEUED
+                self.transport.abort()  # type: ignore[union-attr]
+                return True
+            self._flush()  # (it leaves, and the transport closes)
+        elif self.proto.state is not State.CLOSED:
+            self.proto.receive_eof()
             self._process()
         return True  # we close the transport ourselves once the close handshake is done
 
@@ -643,8 +653,9 @@ class SdkConnection(asyncio.Protocol):
             self._close_armed = True
             self._inbox = b""
             self._cancel_timer()
-            self._timer = self.server.loop.call_later(self.server.config.close_timeout,
-                                                      self._abort)
+            if not closed or transport.get_write_buffer_size():  # (else it closes at once)
+                self._timer = self.server.loop.call_later(self.server.config.close_timeout,
+                                                          self._abort)
         if closed:
             transport.close()
 

@@ -230,24 +230,24 @@ async def test_sessions_that_only_answer_pings_share_one_idle_parser(
     shared one is never fed."""
     from websockets.protocol import State
 
-    from relay.sdk_server import _OPEN_UNFED
+    from relay.sdk_server import _CLOSED_UNFED, _OPEN_UNFED
 
     node = await make_node(ping_interval=0.1, ping_timeout=5.0)
     admin = Admin(node.admin_url)
     clients: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
     try:
         await admin.put_env("prod", ["k"])
-        for _ in range(4):
+        for _ in range(5):
             reader, writer = await asyncio.open_connection("127.0.0.1", node.port)
             writer.write(_upgrade("/v1/stream", "Authorization: Bearer k"))
             await reader.readuntil(b"\r\n\r\n")
             clients.append((reader, writer))
-        await wait_until(lambda: node.hub.session_count() == 4, "not attached")
+        await wait_until(lambda: node.hub.session_count() == 5, "not attached")
         by_port = {c.transport.get_extra_info("peername")[1]: c  # type: ignore[union-attr]
                    for c in node.sdk.connections}
         assert all(c.proto is _OPEN_UNFED for c in by_port.values())
         pong = client_frame(0xA, b"k")
-        (_, w0), (_, w1), (_, w2), (_, w3) = clients
+        (_, w0), (_, w1), (_, w2), (_, w3), (r4, w4) = clients
         # 0 answers a few pings whole; 1 splits one; 2 pings; 3 sends a pong with RSV1.
         for _ in range(3):
             await asyncio.sleep(0.12)
@@ -257,17 +257,24 @@ async def test_sessions_that_only_answer_pings_share_one_idle_parser(
         w1.write(pong[3:])
         w2.write(client_frame(0x9, b"hi"))
         w3.write(bytes([pong[0] | 0x40]) + pong[1:])
-        c0, c1, c2, c3 = (by_port[w.get_extra_info("sockname")[1]] for w in (w0, w1, w2, w3))
+        c0, c1, c2, c3, c4 = (by_port[w.get_extra_info("sockname")[1]]
+                              for w in (w0, w1, w2, w3, w4))
+        w4.write_eof()  # 4 goes without a close frame: it is closed without a parser
+        await _read_until_eof(r4)  # its hello, snapshot and pings, then the server's EOF
+        await wait_until(lambda: c4.lost, "not closed")
+        assert c4.proto is _CLOSED_UNFED and not c4.attached
         await wait_until(lambda: c3.proto.state is not State.OPEN, "the bad pong was taken")
         assert c0.proto is _OPEN_UNFED and c0.attached
         assert c1.proto is not _OPEN_UNFED and c1.attached
         assert c2.proto is not _OPEN_UNFED and c2.attached
         assert c3.proto.close_sent is not None and c3.proto.close_sent.code == 1002
         assert _OPEN_UNFED.state is State.OPEN and _OPEN_UNFED.data_to_send() == []
+        assert _CLOSED_UNFED.state is State.CLOSED and _CLOSED_UNFED.data_to_send() == []
+        assert node.hub.session_count() == 3
         version = await admin.publish("prod", {"a": 1})
         assert version == 1
         # Every attached session still gets the change (after its hello, snapshot, pings).
-        for reader, _ in clients[:3]:
+        for reader, _ in clients[:3]:  # (3 was closed 1002, 4 is gone)
             data = b""
             async with asyncio.timeout(10):
                 while b"put" not in data:
