@@ -30,6 +30,7 @@ import contextlib
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -292,11 +293,6 @@ def _changes_channel(env: str) -> bytes:
     return f"relay:{{{env}}}:changes".encode()
 
 
-def _ignore_failure(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled():
-        task.exception()
-
-
 def _env_keys(env: str) -> str:
     return f"relay:{{relay-keys}}:env:{env}"
 
@@ -330,6 +326,8 @@ class RedisStore:
         self._watched: dict[bytes, str] = {}
         # Per channel, the `watch` calls waiting for Redis to confirm, oldest first.
         self._confirming: dict[bytes, list[asyncio.Future[None]]] = {}
+        self._commands: deque[tuple[bytes, bytes]] = deque()  # (UN)SUBSCRIBEs to send, in order
+        self._sender: asyncio.Task[None] | None = None
         # Per environment watched, the newest version told to listeners (or, before any, the
         # version the watcher holds or the first one loaded): what a lost subscription is
         # caught up from.
@@ -380,9 +378,9 @@ class RedisStore:
             await asyncio.wait_for(self._subscribed.wait(), 5)
 
     async def close(self) -> None:
-        for task in (self._subscriber, self._catch_up_task):
+        for task in (self._subscriber, self._catch_up_task, self._sender):
             await cancel_and_wait(task)
-        self._subscriber = self._catch_up_task = None
+        self._subscriber = self._catch_up_task = self._sender = None
         if self._cluster is not None:
             await self._cluster.aclose()
             self._cluster = None
@@ -407,19 +405,22 @@ class RedisStore:
         if since is not None:
             self._seen.setdefault(env, since)
         if channel in self._watched:
-            return
-        self._watched[channel] = env
-        pubsub = self._pubsub
-        if pubsub is None:
-            return
-        confirmed = asyncio.get_running_loop().create_future()
-        self._confirming.setdefault(channel, []).append(confirmed)
+            waiting = self._confirming.get(channel)
+            if not waiting:
+                return
+            confirmed = waiting[-1]  # watched just now by another caller: the same wait
+        else:
+            self._watched[channel] = env
+            if self._pubsub is None:
+                return
+            confirmed = asyncio.get_running_loop().create_future()
+            self._confirming.setdefault(channel, []).append(confirmed)
+            self._command(b"SUBSCRIBE", channel)
         try:
-            await pubsub.subscribe(channel)
             await asyncio.wait_for(asyncio.shield(confirmed), _WATCH_CONFIRM_S)
-        except (RedisError, OSError, TimeoutError) as exc:
+        except TimeoutError:
             # The subscription's loop notices a broken connection, resubscribes and replays.
-            log.warning("subscribing to %s's changes: %s", env, exc or "no answer from Redis")
+            log.warning("Redis did not confirm the subscription to %s's changes", env)
 
     def unwatch(self, env: str) -> None:
         """Stop taking `env`'s changes (this node follows it from a peer now, or dropped it)."""
@@ -427,10 +428,30 @@ class RedisStore:
         if self._watched.pop(channel, None) is None:
             return
         self._seen.pop(env, None)
-        pubsub = self._pubsub
-        if pubsub is not None:
-            task = asyncio.get_running_loop().create_task(pubsub.unsubscribe(channel))
-            task.add_done_callback(_ignore_failure)  # (a broken connection: resubscribed anew)
+        if self._pubsub is not None:
+            self._command(b"UNSUBSCRIBE", channel)
+
+    def _command(self, command: bytes, channel: bytes) -> None:
+        """Send SUBSCRIBE or UNSUBSCRIBE on the subscription's connection, in the order of the
+        calls (an unwatch and a watch of one environment must reach Redis in that order)."""
+        self._commands.append((command, channel))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send_commands())
+
+    async def _send_commands(self) -> None:
+        while self._commands:
+            command, channel = self._commands.popleft()
+            pubsub = self._pubsub
+            if pubsub is None:
+                continue  # down: the resubscription sends whatever is watched by then
+            try:
+                if command == b"SUBSCRIBE":
+                    await pubsub.subscribe(channel)
+                else:
+                    await pubsub.unsubscribe(channel)
+            except (RedisError, OSError) as exc:  # the subscription's loop notices it too
+                log.warning("Redis subscription: %s %r failed: %s", command.decode(), channel,
+                            exc)
 
     def watched(self) -> list[str]:
         """The environments whose changes reach the listeners (for tests and the status)."""
@@ -452,8 +473,8 @@ class RedisStore:
                 self._subscribed.set()
                 # Watched meanwhile: subscribed now, and replayed like the rest.
                 added = [channel for channel in self._watched if channel not in subscribed]
-                if added:
-                    await pubsub.subscribe(*added)
+                for channel in added:
+                    self._command(b"SUBSCRIBE", channel)
                 if not first or added:
                     log.info("Redis subscription restored; replaying what it may have missed")
                     self._start_catch_up()

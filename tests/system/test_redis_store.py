@@ -135,6 +135,16 @@ async def test_a_store_hears_only_the_environments_it_watches(redis_url: str) ->
         await b.watch(envs[0], 3)  # watched again, holding v3
         await a.publish(envs[0], {"n": 4}, [])
         await _until(lambda: (envs[0], 4) in seen, "watched again: not heard")
+
+        # An unwatch and a watch at once reach Redis in that order; two watches at once both
+        # wait for the one confirmation.
+        b.unwatch(envs[1])
+        await b.watch(envs[1])
+        await asyncio.gather(b.watch(envs[15]), b.watch(envs[15]))
+        await a.publish(envs[1], {"n": 4}, [])
+        await a.publish(envs[15], {"n": 3}, [])  # (its v2: its v1 was not watched)
+        await _until(lambda: {(envs[1], 4), (envs[15], 2)} <= set(seen), "not heard")
+        assert admin.pubsub_numsub(f"relay:{{{envs[1]}}}:changes")[0][1] == 1
     finally:
         admin.close()
         await a.close()
