@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the last deliveries before counting missing")
     p.add_argument("--server-cpus", default="0", help="CPUs the server is pinned to")
     p.add_argument("--server-workers", type=int, default=1,
-                   help="nginx worker processes for nchan (one process holds about 19,000 "
-                        "connections; relay is one process)")
+                   help="server processes: relay serve --workers N, nginx worker processes "
+                        "for nchan (one process holds about 19,000 connections)")
     p.add_argument("--nodes", type=int, default=3,
                    help="relay nodes in the cluster scenario (compared with one node)")
     p.add_argument("--drain-node", default="n1", help="the node the drain scenario drains")

@@ -791,11 +791,11 @@ async def _run_once(opts: Options) -> dict[str, Any]:
         opts = dataclasses.replace(opts, target="cluster")
     if opts.scenario == "drain":
         opts = dataclasses.replace(opts, target="cluster-haproxy")
-    if opts.server_workers > 1 and opts.target != "nchan":
-        opts.notes.append(f"{opts.target}: --server-workers applies to nchan only; "
+    if opts.server_workers > 1 and opts.target not in ("nchan", "relay"):
+        opts.notes.append(f"{opts.target}: --server-workers applies to relay and nchan only; "
                           f"{opts.target} ran as one process")
     target = make_target(opts.target, workdir, server_cpus,
-                         workers=(opts.server_workers if opts.target == "nchan" else
+                         workers=(opts.server_workers if opts.target in ("nchan", "relay") else
                                   opts.nodes if opts.target.startswith("cluster") else 1),
                          defaults=opts.scenario == "hostile",
                          **({"url": opts.url, "admin_url": opts.admin_url,

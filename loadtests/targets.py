@@ -8,6 +8,7 @@ server someone else started.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import msgpack
+import psutil
 
 from loadtests import haproxy
 from relay.config import DEFAULT_FD_RESERVE, open_files_limit
@@ -198,9 +200,10 @@ class RelayTarget(RelayProtocolTarget):
 
     def __init__(self, workdir: Path, cpus: set[int] | None, url: str = "",
                  admin_url: str = "", admin_token: str = "", pid: int = 0,
-                 defaults: bool = False) -> None:
+                 defaults: bool = False, workers: int = 1) -> None:
         super().__init__(workdir, cpus)
         self.defaults = defaults  # relay's own limits (the hostile scenario), else limits_off()
+        self.workers = workers  # `relay serve --workers N`
         self.external_pid = pid
         if url:
             self.ws_base = url.removesuffix("/v1/stream")
@@ -212,17 +215,29 @@ class RelayTarget(RelayProtocolTarget):
             return
         port, admin = free_port(), free_port()
         shutil.rmtree(self.workdir / "relay-data", ignore_errors=True)
-        env, self.settings = relay_environment({} if self.defaults else limits_off())
+        settings = {} if self.defaults else limits_off()
+        if self.workers > 1:  # the caps given are the node's, shared out: each process its own
+            settings.update({name: str(int(settings[name]) * self.workers)
+                             for name in ("max_connections", "max_pending") if name in settings})
+            settings["workers"] = str(self.workers)
+        env, self.settings = relay_environment(settings)
         self._spawn([sys.executable, "-m", "relay", "serve", "--port", str(port),
                      "--admin-port", str(admin), "--data-dir", str(self.workdir / "relay-data"),
                      "--admin-token", self.token, "--node-id", "loadtest",
                      "--log-level", "warning"], env)
         self.ws_base = f"ws://127.0.0.1:{port}"
         self.http_base = f"http://127.0.0.1:{admin}"
-        await self._wait_http(self.http_base + "/healthz")
+        await self._wait_http(self.http_base + "/readyz", timeout=60)
 
     def pids(self) -> list[int]:
-        return [self.external_pid] if self.external_pid else super().pids()
+        """The node's processes: with --workers, the primary's children too."""
+        if self.external_pid:
+            return [self.external_pid]
+        pids = super().pids()
+        if self.workers > 1 and pids:
+            with contextlib.suppress(psutil.Error):
+                pids += [child.pid for child in psutil.Process(pids[0]).children()]
+        return pids
 
 
 class NaiveTarget(RelayProtocolTarget):
@@ -459,8 +474,8 @@ class ClusterTarget(RelayProtocolTarget):
 
 def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 1,
                 defaults: bool = False, **external: Any) -> Target:
-    """`workers` > 1 only applies to nchan (nginx worker processes), and is the number of
-    relay nodes for `cluster`; relay is one process. `defaults`: relay with its own
+    """`workers`: nginx worker processes for nchan, `relay serve --workers` for relay, and
+    the number of relay nodes for `cluster`. `defaults`: relay with its own
     admission limits (else `limits_off()`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if name == "cluster":
@@ -468,7 +483,7 @@ def make_target(name: str, workdir: Path, cpus: set[int] | None, workers: int = 
     if name == "cluster-haproxy":  # the drain scenario: 2 HAProxy processes in front
         return ClusterTarget(workdir, cpus, workers, proxies=2)
     if name == "relay":
-        return RelayTarget(workdir, cpus, defaults=defaults, **external)
+        return RelayTarget(workdir, cpus, defaults=defaults, workers=workers, **external)
     if name == "naive":
         return NaiveTarget(workdir, cpus)
     if name == "nchan":

@@ -38,6 +38,7 @@ def _default_max_connections() -> int:
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+MAX_WORKERS = 64
 MIN_SDK_KEY_SECRET = 16  # characters: a short secret makes the stored hashes guessable again
 
 
@@ -233,6 +234,12 @@ class Config:
         "PEM CA bundle that peers' certificates are checked against (a private CA: host names "
         "are not checked); empty: the system's CAs, host names checked",
     )
+    workers: int = _opt(
+        1,
+        "processes that serve the public port together (SO_REUSEPORT), one per core to use: "
+        "the first owns the store and the admin API and speaks for the others (metrics, "
+        "status, drain); --max-connections and --max-pending, when given, are shared out",
+    )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
 
@@ -256,7 +263,7 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _env_var(name: str) -> str:
+def env_var(name: str) -> str:
     return "RELAY_" + name.upper()
 
 
@@ -272,7 +279,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             type=kind,
             default=None,
             metavar=f.name.upper(),
-            help=f"{f.metadata['help']} [{_env_var(f.name)}; default: {f.default!r}]",
+            help=f"{f.metadata['help']} [{env_var(f.name)}; default: {f.default!r}]",
         )
 
 
@@ -338,14 +345,14 @@ def from_args(args: argparse.Namespace, environ: dict[str, str] | None = None) -
     values: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         given = getattr(args, f.name, None)
-        if given is None and _env_var(f.name) in environ:
-            raw = environ[_env_var(f.name)]
+        if given is None and env_var(f.name) in environ:
+            raw = environ[env_var(f.name)]
             kind = {"int": int, "float": float}.get(str(f.type), str)
             try:
                 given = kind(raw)
             except ValueError:
                 raise ConfigError(
-                    f"{_env_var(f.name)}={raw!r} is not a valid {kind.__name__}"
+                    f"{env_var(f.name)}={raw!r} is not a valid {kind.__name__}"
                 ) from None
         if given is not None:
             values[f.name] = given
@@ -359,6 +366,8 @@ def check(config: Config) -> None:
         value = getattr(config, name)
         if not 0 <= value <= 65535:
             raise ConfigError(f"{_flag(name)} must be a port number (0-65535), got {value}")
+    if not 1 <= config.workers <= MAX_WORKERS:
+        raise ConfigError(f"--workers must be 1 to {MAX_WORKERS}, got {config.workers}")
     for name in ("history", "history_bytes", "log_retention", "max_connections",
                  "max_session_buffer", "write_high_water", "max_pending", "ip_connect_burst",
                  "ip_auth_failure_burst", "client_control_burst", "max_request_head",
@@ -372,8 +381,8 @@ def check(config: Config) -> None:
     for name in ("admin_token", "peer_token", "sdk_key_secret"):
         if getattr(config, name) and getattr(config, name + "_file"):
             raise ConfigError(
-                f"give {_flag(name)} ({_env_var(name)}) or {_flag(name + '_file')} "
-                f"({_env_var(name + '_file')}), not both"
+                f"give {_flag(name)} ({env_var(name)}) or {_flag(name + '_file')} "
+                f"({env_var(name + '_file')}), not both"
             )
     if config.discovery:
         if config.store == "sqlite":

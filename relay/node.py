@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import itertools
 import logging
+import os
 import socket
 import time
 from pathlib import Path
@@ -21,14 +24,18 @@ from relay.cluster.upstream import Cluster
 from relay.config import Config, ConfigError
 from relay.core.disconnects import DRAIN
 from relay.core.drain import DrainPacer, DrainPlan, DrainRefused
-from relay.core.node_state import DrainStatus, NodeState, NodeStatus, RingMember
+from relay.core.node_state import DrainStatus, EnvSummary, NodeState, NodeStatus, RingMember
 from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.sdk_server import SdkServer, SdkSettings
 from relay.store import StoreSettings, make_store
 from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
+from relay.store.sqlite_follower import SQLiteFollowerStore
 from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
+from relay.workers.metrics_merge import merge
+from relay.workers.notices import LOAD_INTERVAL_S, SOCKET_NAME, NoticeClient
+from relay.workers.pool import WorkerPool, WorkerRole
 
 log = logging.getLogger("relay.node")
 
@@ -41,8 +48,22 @@ class Node:
     """Starts, drains and stops a node's parts in order.
     States: starting -> ready -> draining -> stopped."""
 
-    def __init__(self, config: Config, store: Store | None = None) -> None:
+    def __init__(self, config: Config, store: Store | None = None,
+                 worker: WorkerRole | None = None) -> None:
         self.config = config
+        self.worker = worker  # set in a worker process of a node (`relay serve --workers N`)
+        self.pool: WorkerPool | None = None  # the primary's workers, once started
+        self._pool_drain: asyncio.Task[None] | None = None
+        # A worker's channel to its primary: notices of the primary's commits (SQLite) and its
+        # lifeline (a worker whose primary is gone stops).
+        self.notices: NoticeClient | None = None
+        self._reporter: asyncio.Task[None] | None = None
+        if worker is not None:
+            self.notices = NoticeClient(Path(config.data_dir) / SOCKET_NAME, worker.secret,
+                                        worker.index, on_gone=self.interrupt)
+            if store is None and config.store == "sqlite":
+                store = SQLiteFollowerStore(config.data_dir, config.log_retention,
+                                            self.notices)
         self.started_at = time.time()
         self.metrics = Metrics()
         self._set_state(NodeState.STARTING)
@@ -71,7 +92,10 @@ class Node:
                 else None
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
-        self.sdk = SdkServer(SdkSettings.of(config), self.hub, self.metrics,
+        sdk_settings = SdkSettings.of(config)
+        if worker is not None or config.workers > 1:  # the port is shared with the workers
+            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True)
+        self.sdk = SdkServer(sdk_settings, self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
         self.admin = AdminApi(self, AdminSettings.of(config))
         self._runner: web.AppRunner | None = None
@@ -156,6 +180,8 @@ class Node:
         self.keys = KeyHasher(secret.encode(),
                               keep_legacy=self.config.sdk_key_legacy_hashes == "keep")
         self.hub.keys = self.keys
+        if self.notices is not None:
+            self.notices.start()
         await self.store.open()
         try:
             await self._check_key_secret()
@@ -171,6 +197,11 @@ class Node:
             )
             await self._site.start()
             await self.sdk.start()
+            if self.notices is not None:
+                self.notices.announce(self.admin_port)
+                self._reporter = asyncio.get_running_loop().create_task(self._report_load())
+            if self.config.workers > 1 and self.worker is None:
+                await self._start_workers()
             if self.membership is not None:
                 await self.membership.start()
         except BaseException:
@@ -180,6 +211,25 @@ class Node:
         if self.cluster is not None:
             self.cluster.on_members()  # into the ring, as this node sees it
         log.info("node %s ready", self.config.node_id)
+
+    async def _report_load(self) -> None:
+        """A worker's sessions and held connections, to its primary, when they change."""
+        assert self.notices is not None
+        last = None
+        for tick in itertools.count():
+            load = (self.hub.session_count(), self.sdk.held())
+            if load != last or tick % 8 == 0:  # (and every 2 s: a reconnected primary)
+                self.notices.report(*load)
+                last = load
+            await asyncio.sleep(LOAD_INTERVAL_S)
+
+    async def _start_workers(self) -> None:
+        """Start workers 1..N-1 on the port bound; with SQLite they hear every commit."""
+        self.pool = WorkerPool(self.config, self.port, self.admin_token, tls=self.tls is not None)
+        if self.config.store == "sqlite":
+            self.store.add_change_listener(self.pool.server.on_change)
+            self.store.add_keys_listener(self.pool.server.on_keys)
+        await self.pool.start()
 
     async def _check_key_secret(self) -> None:
         """Refuse to serve with another SDK-key secret than the store's keys were hashed
@@ -218,13 +268,15 @@ class Node:
             raise DrainRefused(f"node {self.config.node_id} is {self.state}, not ready")
         self._set_state(NodeState.DRAINING)
         self.sdk.refuse_new()
-        sessions = self.sdk.open_count()
+        sessions = self.sdk.open_count() + (self.pool.held() if self.pool else 0)
         self._drain_ends = time.monotonic() + plan.deadline_s
         self._drain = DrainStatus(plan.deadline_s, plan.window_s,
                                   round(time.time() + plan.deadline_s, 3), sessions)
         log.warning("draining: %d session(s) over %.1f s, deadline %.1f s", sessions,
                     plan.window_s, plan.deadline_s)
         self._drain_task = asyncio.get_running_loop().create_task(self._run_drain(plan))
+        if self.pool is not None:  # the workers drain with the same plan, and then exit
+            self._pool_drain = asyncio.get_running_loop().create_task(self.pool.drain(plan))
         if self.membership is not None:
             try:
                 self.membership.changed()  # out of this node's ring now; peers at their next look
@@ -234,7 +286,7 @@ class Node:
 
     def drain_info(self) -> dict[str, Any]:
         info = {"node": self.config.node_id, "state": self.state,
-                "sessions": self.sdk.held(), **(self._drain.fields() if self._drain else {})}
+                "sessions": self.open_count(), **(self._drain.fields() if self._drain else {})}
         if self._drain is not None:  # what clocks on other hosts can use
             info["deadline_in_s"] = round(max(0.0, self._drain_ends - time.monotonic()), 3)
         return info
@@ -312,13 +364,19 @@ class Node:
         return await self.store.load(env, 0)
 
     def session_count(self) -> int:
-        return self.hub.session_count()
+        """The node's sessions: with --workers, theirs as they last reported too."""
+        return self.hub.session_count() + (self.pool.sessions() if self.pool else 0)
 
     def open_count(self) -> int:
-        return self.sdk.held()
+        """What a drain waits for: with --workers, theirs as they last reported too."""
+        return self.sdk.held() + (self.pool.held() if self.pool else 0)
 
-    def metrics_text(self) -> bytes:
-        return generate_latest(self.metrics.registry)
+    async def metrics_text(self) -> bytes:
+        """This process's metrics, with its workers' added in (relay/workers/metrics_merge.py)."""
+        own = generate_latest(self.metrics.registry)
+        if self.pool is None:
+            return own
+        return merge(own.decode(), await self.pool.metrics_texts())
 
     def drain_time_left(self) -> float | None:
         """Seconds to a drain's deadline, or None when not draining."""
@@ -341,7 +399,9 @@ class Node:
                     log.warning("drain deadline passed with %d session(s) left", left)
                     self._drain_outcome("deadline", left)
                     break
-                if not left and (self.hub.follower_count() == 0 or elapsed >= handoff):
+                workers_left = self.pool is not None and not self.pool.exited()
+                if (not left and not workers_left
+                        and (self.hub.follower_count() == 0 or elapsed >= handoff)):
                     log.warning("drained in %.1f s", elapsed)
                     self._drain_outcome("drained", 0)
                     break
@@ -363,7 +423,12 @@ class Node:
         self._set_state(NodeState.STOPPED)
         if self._drain_task is not None and not self._drain_task.done():
             await cancel_and_wait(self._drain_task)
-        await self.sdk.stop(linger_s=linger_s)
+        await cancel_and_wait(self._pool_drain)
+        if self.pool is not None:  # theirs and ours at once
+            await asyncio.gather(self.pool.stop(linger_s or self.config.close_timeout),
+                                 self.sdk.stop(linger_s=linger_s))
+        else:
+            await self.sdk.stop(linger_s=linger_s)
         await self._close_parts()
 
     async def _close_parts(self) -> None:
@@ -377,6 +442,9 @@ class Node:
         if self._runner is not None:
             await self._runner.cleanup()
         await self.store.close()
+        await cancel_and_wait(self._reporter)
+        if self.notices is not None:
+            await self.notices.stop()
 
     def _owned(self, envs: dict[str, int]) -> dict[str, int]:
         """Environments per owner on this node's ring."""
@@ -403,6 +471,23 @@ class Node:
 
     async def status(self) -> NodeStatus:
         envs = await self.store.envs()
+        loaded = self.hub.env_summary()
+        connections = self.hub.session_count()
+        workers: list[dict[str, Any]] | None = None
+        if self.pool is not None:  # the node is all its processes
+            workers = [{"worker": 0, "pid": os.getpid(), "state": self.state.value,
+                        "connections": connections}]
+            for answer in sorted(await self.pool.ask("GET", "/admin/v1/status"),
+                                 key=lambda a: int(a["worker"])):
+                workers.append({"worker": answer["worker"], "pid": answer["pid"],
+                                "state": answer.get("state"),
+                                "connections": answer.get("connections", 0)})
+                connections += int(answer.get("connections", 0))
+                for env, summary in answer.get("loaded_envs", {}).items():
+                    mine = loaded.get(env)
+                    loaded[env] = EnvSummary(
+                        max(int(summary["v"]), mine.v if mine else -1),
+                        int(summary["sessions"]) + (mine.sessions if mine else 0))
         return NodeStatus(
             node=self.config.node_id,
             version=__version__,
@@ -412,7 +497,8 @@ class Node:
             ring=self._ring_status(envs),
             owned_envs=self._owned(envs).get(self.config.node_id, 0),
             envs=len(envs),
-            connections=self.hub.session_count(),
-            loaded_envs=self.hub.env_summary(),
+            connections=connections,
+            loaded_envs=loaded,
             drain=self.drain_info() if self._drain is not None else None,
+            workers=workers,
         )

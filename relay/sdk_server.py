@@ -3,9 +3,8 @@ sans-I/O `ServerProtocol`.
 
 No task, stream or queue per connection: a connection costs its transport and this object (and
 a sans-I/O parser once it sends more than pongs: `_OPEN_UNFED`), which is what lets one process
-hold tens of thousands of idle SDKs. The only
-per-connection task is a short one while the SDK key is looked up and the session attached (and
-the TLS handshake, with --tls-cert).
+hold tens of thousands of idle SDKs. The only per-connection task is a short one while the SDK
+key is looked up and the session attached (and the TLS handshake, with --tls-cert).
 
 A plain, valid upgrade is answered by `relay.core.handshake` (httptools) and the protocol starts
 OPEN; any other request goes through websockets' own handshake, which answers its errors.
@@ -935,10 +934,12 @@ class SdkSettings:
     trusted_proxies: str
     write_high_water: int
     write_low_water: int
+    reuse_port: bool = False  # the port is shared by the node's worker processes
 
     @classmethod
     def of(cls, config: Config) -> SdkSettings:
-        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
+                      if f.name != "reuse_port"})
 
 
 class SdkServer:
@@ -1156,7 +1157,7 @@ class SdkServer:
         self.loop = asyncio.get_running_loop()
         self._server = await self.loop.create_server(
             lambda: SdkConnection(self), self.config.host, self.config.port,
-            backlog=4096, reuse_address=True,
+            backlog=4096, reuse_address=True, reuse_port=self.config.reuse_port or None,
         )
         # Accepted sockets inherit these from the listening socket.
         for sock in self._server.sockets:

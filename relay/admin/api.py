@@ -297,7 +297,7 @@ class NodeApi(Protocol):
         """Connections past their request head not yet gone: what a drain waits for."""
         ...
 
-    def metrics_text(self) -> bytes:
+    async def metrics_text(self) -> bytes:
         """The Prometheus exposition of the node's metrics."""
         ...
 
@@ -319,6 +319,8 @@ def status_json(status: NodeStatus) -> dict[str, Any]:
     }
     if status.drain is not None:
         answer["drain"] = status.drain
+    if status.workers is not None:
+        answer["workers"] = status.workers
     return answer
 
 
@@ -500,5 +502,5 @@ class AdminApi:
             200 if ready else 503)
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self.node.metrics_text(),
+        return web.Response(body=await self.node.metrics_text(),
                             headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -15,6 +15,7 @@ from relay import __version__, credentials, redact
 from relay import config as config_mod
 from relay.cli.common import DEFAULT_ADMIN_URL, DEFAULT_WS_URL, UserError, run_async
 from relay.store import StoreSettings
+from relay.workers.pool import WorkerRole
 
 
 def _token_note(node: Any, cfg: config_mod.Config) -> tuple[str, str]:
@@ -49,11 +50,11 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
     ])
 
 
-async def _serve(cfg: config_mod.Config) -> None:
+async def _serve(cfg: config_mod.Config, worker: WorkerRole | None) -> None:
     from relay.node import Node
 
     try:
-        node = Node(cfg)
+        node = Node(cfg, worker=worker)
     except config_mod.ConfigError as exc:  # (a TLS certificate or key it cannot use)
         raise UserError(str(exc)) from None
     try:
@@ -62,11 +63,14 @@ async def _serve(cfg: config_mod.Config) -> None:
         raise UserError(str(exc)) from None
     except OSError as exc:
         raise UserError(f"cannot start: {exc.strerror or exc}") from None
+    except RuntimeError as exc:  # a worker process that did not start
+        raise UserError(f"cannot start: {exc}") from None
     # What the node has made by now (modules, the app, its tables) lives as long as the
     # process: out of the collector's full passes, which then cost what connections and
     # environments hold, not the whole program.
     gc.freeze()
-    print(_banner(node, cfg), flush=True)
+    if worker is None:  # (the primary speaks for the node)
+        print(_banner(node, cfg), flush=True)
     loop = asyncio.get_running_loop()
     # Signals in, the node's lifecycle decides (Node.terminate, Node.run_until_stopped).
     loop.add_signal_handler(signal.SIGINT, node.interrupt)
@@ -96,15 +100,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             print(f"{name} = {shown}")
         print("configuration OK (--dry-run: not started)")
         return 0
+    worker = WorkerRole.from_environ()  # set when the node's primary started this process
     logging.basicConfig(
         level=cfg.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=("%(asctime)s %(levelname)s " + (f"[worker {worker.index}] " if worker else "")
+                + "%(name)s: %(message)s"),
     )
     redact.install(logging.getLogger().level)
     from relay.store.base import StoreUnavailable
 
     try:
-        run_async(_serve(cfg))
+        run_async(_serve(cfg, worker))
     except StoreUnavailable as exc:
         raise UserError(f"cannot open the store: {exc}") from None
     except PermissionError as exc:

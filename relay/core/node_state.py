@@ -76,3 +76,5 @@ class NodeStatus:
     connections: int
     loaded_envs: dict[str, EnvSummary]
     drain: dict[str, Any] | None  # the drain's info, once one started
+    # With --workers N: each process (the primary is worker 0): pid, state, connections.
+    workers: list[dict[str, Any]] | None = None
