@@ -40,6 +40,8 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
         f"  admin token     {where} (not printed)",
         f"  store           {redact.text(StoreSettings.of(cfg).describe())}",
+        *([f"  workers         {cfg.workers} processes on the SDK port (SO_REUSEPORT)"]
+          if cfg.workers > 1 else []),
         "",
         "Try it (in another terminal):",
         f"  {token_env}",

@@ -439,16 +439,18 @@ class RedisStore:
             self._sender = asyncio.get_running_loop().create_task(self._send_commands())
 
     async def _send_commands(self) -> None:
+        """Written straight on the subscription's connection, never reconnecting it: only the
+        subscription's loop reads it, and after a lost connection the loop subscribes anew
+        to whatever is watched by then (redis-py's own `subscribe` would reconnect here and
+        read the reply beside the loop)."""
         while self._commands:
             command, channel = self._commands.popleft()
             pubsub = self._pubsub
-            if pubsub is None:
+            connection = None if pubsub is None else pubsub.connection
+            if connection is None or not connection.is_connected:
                 continue  # down: the resubscription sends whatever is watched by then
             try:
-                if command == b"SUBSCRIBE":
-                    await pubsub.subscribe(channel)
-                else:
-                    await pubsub.unsubscribe(channel)
+                await connection.send_command(command, channel, check_health=False)
             except (RedisError, OSError) as exc:  # the subscription's loop notices it too
                 log.warning("Redis subscription: %s %r failed: %s", command.decode(), channel,
                             exc)
