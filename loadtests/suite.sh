@@ -23,6 +23,12 @@ run idle-19k      idle   --connections 19000 --envs 10 --compare
 # The generator at 100,000 connections (6 processes, 6 source addresses). One relay process holds
 # ~19,000 under the open-files limit, so the server here is nchan with 6 workers (reuseport).
 run idle-100k     idle   --connections 100000 --envs 10 --connect-rate 4000 --target nchan --server-workers 6
+# relay serve --workers 2 (issue 15): 38,000 connections on one node of two processes; and a lone
+# change with two workers against nchan with two, both on the machine's two cores (the
+# generator too), beside relay with one worker on the same cores.
+run idle-38k-2w   idle   --connections 38000 --envs 10 --target relay --server-workers 2
+run makespan-5k-2w makespan --connections 5000 --envs 10 --rate 5 --duration 20 --compare --targets relay,nchan --server-workers 2 --server-cpus 0,1 --client-cpus 0,1 --repeat "$repeat"
+run makespan-5k-1w makespan --connections 5000 --envs 10 --rate 5 --duration 20 --target relay --server-cpus 0,1 --client-cpus 0,1 --repeat "$repeat"
 run fanout-100k   fanout --connections 100000 --envs 10 --rate 5 --duration 20 --connect-rate 4000 --target nchan --server-workers 6
 # Slow consumers (issue 4): 5,000 readers and 500 connections that never read, one environment,
 # 30 s, beside the same run without them. 20 changes/s (100,000 deliveries/s) is what this
