@@ -109,7 +109,7 @@ class _Env:
 
     __slots__ = (
         "channel", "encode_task", "followers", "gauge", "idle_timer", "load_task", "resync_task",
-        "via_peer",
+        "to_store", "via_peer",
     )
 
     def __init__(self, env: str, node_id: str) -> None:
@@ -121,6 +121,9 @@ class _Env:
         self.idle_timer: asyncio.TimerHandle | None = None
         self.gauge: Any = None  # this environment's relay_connections child, once resolved
         self.via_peer = False  # changes come from the owner's peer link, not from the store
+        # The store became the source again: a resync must watch it and read it, after any
+        # resync under way (which may have read before the watch).
+        self.to_store = False
         # Remote edges (on the owner). None: it is sent each change; a list: its catch-up is
         # being decoded, and what it is told meanwhile waits there, in order.
         self.followers: dict[Follower, list[bytes] | None] = {}
@@ -453,7 +456,7 @@ class Hub:
         if via_peer:
             self.store.unwatch(env)  # the owner sends its changes now
         else:
-            self._start_resync(entry)  # (which watches the store first)
+            self._back_to_store(entry)
 
     def on_upstream(self, message: peer_protocol.PeerMessage) -> None:
         """A message from the owner of an environment this node follows as an edge."""
@@ -491,7 +494,7 @@ class Hub:
             entry.via_peer = False
             if self.upstream is not None:
                 self.upstream.unfollow(env)
-            self._start_resync(entry)
+            self._back_to_store(entry)
         self._flush_entry(entry)
         # What it lacks, decoded in steps from the state and history held now; the changes
         # told to followers meanwhile wait for it, in order.
@@ -555,6 +558,12 @@ class Hub:
         encoded, are held again."""
         for change in sorted(changes, key=lambda c: c.v):
             self._take(entry, change)
+
+    def _back_to_store(self, entry: _Env) -> None:
+        """The store is the source again: watch it, then read what came meanwhile (now, or
+        once a resync under way ends: it may have read before the watch)."""
+        entry.to_store = True
+        self._start_resync(entry)
 
     def _start_resync(self, entry: _Env) -> None:
         if entry.resync_task is None:
@@ -647,6 +656,7 @@ class Hub:
         state = entry.state
         assert state is not None
         self.metrics.store_resyncs.inc()
+        entry.to_store = False
         try:
             if not entry.via_peer:  # (an edge fills a gap in its owner's stream: no watch)
                 await self.store.watch(entry.env, state.v)
@@ -667,6 +677,8 @@ class Hub:
             entry.resync_task = None
             entry.channel.resyncing = False
         self._take_all(entry, changes + entry.channel.take_held())
+        if entry.to_store and not entry.via_peer and self._channels.get(entry.env) is entry:
+            self._start_resync(entry)  # back to the store meanwhile: watch it and read again
 
     async def _jump_task(self, entry: _Env, state: peer_protocol.State) -> None:
         try:

@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import logging
 import os
+import signal
 import socket
 import time
 from pathlib import Path
@@ -34,8 +35,8 @@ from relay.store.sqlite_follower import SQLiteFollowerStore
 from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
 from relay.workers.metrics_merge import merge
-from relay.workers.notices import LOAD_INTERVAL_S, SOCKET_NAME, NoticeClient
-from relay.workers.pool import WorkerPool, WorkerRole
+from relay.workers.notices import LOAD_INTERVAL_S, NoticeClient
+from relay.workers.pool import WorkerPool, WorkerRole, shared_limits
 
 log = logging.getLogger("relay.node")
 
@@ -59,8 +60,8 @@ class Node:
         self.notices: NoticeClient | None = None
         self._reporter: asyncio.Task[None] | None = None
         if worker is not None:
-            self.notices = NoticeClient(Path(config.data_dir) / SOCKET_NAME, worker.secret,
-                                        worker.index, on_gone=self.interrupt)
+            self.notices = NoticeClient(worker.socket, worker.secret, worker.index,
+                                        on_gone=self.interrupt, parent=os.getppid())
             if store is None and config.store == "sqlite":
                 store = SQLiteFollowerStore(config.data_dir, config.log_retention,
                                             self.notices)
@@ -93,8 +94,13 @@ class Node:
         except TlsError as exc:
             raise ConfigError(str(exc)) from None
         sdk_settings = SdkSettings.of(config)
-        if worker is not None or config.workers > 1:  # the port is shared with the workers
+        if worker is not None:  # (its configuration holds its share of the limits)
             sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True)
+        elif config.workers > 1:  # the primary: the port is shared, and so are the limits
+            max_connections, max_pending = shared_limits(config)
+            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True,
+                                               max_connections=max_connections,
+                                               max_pending=max_pending)
         self.sdk = SdkServer(sdk_settings, self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
         self.admin = AdminApi(self, AdminSettings.of(config))
@@ -327,6 +333,8 @@ class Node:
             return
         log.warning("SIGHUP: reloaded --tls-cert %s (SHA-256 %s)", self.config.tls_cert,
                     self.tls.fingerprint)
+        if self.pool is not None:
+            self.pool.send_signal(signal.SIGHUP)  # each worker reloads its own
 
     async def run_until_stopped(self) -> None:
         """Serve until a stop is asked (`interrupt`, a second `terminate`) or a drain is over,

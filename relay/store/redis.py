@@ -320,7 +320,8 @@ class RedisStore:
         self._drop_kept_script: Any = None
         self._subscriber: asyncio.Task[None] | None = None
         self._catch_up_task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()
+        self._subscribed = asyncio.Event()  # (set once: the first subscription was made)
+        self._up = asyncio.Event()  # set while the subscription is up
         self._pubsub: Any = None  # the subscription's connection, while it is up
         # Channel -> environment, for every environment watched: what the subscription holds.
         self._watched: dict[bytes, str] = {}
@@ -400,7 +401,8 @@ class RedisStore:
         """Subscribe to `env`'s change channel; return once Redis has confirmed it, so that every
         change committed after this returns reaches the listeners. `since`: the version the
         caller holds, from which a lost subscription is replayed. While the subscription is
-        down this returns at once: its replay covers the environment once it is back."""
+        being (re)made this waits until it is up (it then includes the channel), at most
+        _WATCH_CONFIRM_S: after that, its replay covers the environment once it is back."""
         channel = _changes_channel(env)
         if since is not None:
             self._seen.setdefault(env, since)
@@ -412,6 +414,11 @@ class RedisStore:
         else:
             self._watched[channel] = env
             if self._pubsub is None:
+                try:
+                    await asyncio.wait_for(self._up.wait(), _WATCH_CONFIRM_S)
+                except TimeoutError:
+                    log.warning("Redis subscription down: %s's changes are replayed once "
+                                "it is back", env)
                 return
             confirmed = asyncio.get_running_loop().create_future()
             self._confirming.setdefault(channel, []).append(confirmed)
@@ -447,8 +454,13 @@ class RedisStore:
             command, channel = self._commands.popleft()
             pubsub = self._pubsub
             connection = None if pubsub is None else pubsub.connection
-            if connection is None or not connection.is_connected:
+            if pubsub is None or connection is None or not connection.is_connected:
                 continue  # down: the resubscription sends whatever is watched by then
+            # (redis-py resubscribes its own list if it ever reconnects this connection.)
+            if command == b"SUBSCRIBE":
+                pubsub.channels[channel] = None
+            else:
+                pubsub.channels.pop(channel, None)
             try:
                 await connection.send_command(command, channel, check_health=False)
             except (RedisError, OSError) as exc:  # the subscription's loop notices it too
@@ -471,15 +483,26 @@ class RedisStore:
                 subscribed = set(self._watched)
                 await pubsub.subscribe(KEYS_CHANNEL, *subscribed)
                 await self._confirm(pubsub)
+                # Watched meanwhile (their `watch` waits for this): subscribed and confirmed
+                # too; unwatched meanwhile: unsubscribed. No await between the last check
+                # and `_pubsub` being set: every later (un)watch goes through `_command`.
+                while added := [c for c in self._watched if c not in subscribed]:
+                    await pubsub.subscribe(*added)
+                    subscribed.update(added)
+                    await self._confirm(pubsub)
+                removed = [c for c in subscribed if c not in self._watched]
+                if removed:
+                    await pubsub.unsubscribe(*removed)
                 self._pubsub = pubsub
+                self._up.set()
                 self._subscribed.set()
-                # Watched meanwhile: subscribed now, and replayed like the rest.
-                added = [channel for channel in self._watched if channel not in subscribed]
-                for channel in added:
-                    self._command(b"SUBSCRIBE", channel)
-                if not first or added:
+                # If redis-py reconnects this connection by itself (it resubscribes its
+                # channels), what was missed meanwhile is replayed too.
+                if pubsub.connection is not None:
+                    pubsub.connection.register_connect_callback(self._reconnected)
+                if not first:
                     log.info("Redis subscription restored; replaying what it may have missed")
-                    self._start_catch_up()
+                self._start_catch_up()  # (nothing to do unless an environment was seen)
                 first = False
                 backoff.reset()
                 while True:
@@ -504,6 +527,7 @@ class RedisStore:
                             backoff.peek())
             finally:
                 self._pubsub = None
+                self._up.clear()
                 self._release_confirming()
                 with contextlib.suppress(Exception):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
@@ -519,6 +543,11 @@ class RedisStore:
             if message is not None and message["type"] == "pong":
                 return
         raise TimeoutError("Redis did not confirm the subscription")
+
+    def _reconnected(self, connection: Any) -> None:
+        if self._pubsub is not None:
+            log.warning("Redis subscription reconnected; replaying what it may have missed")
+            self._start_catch_up()
 
     def _confirmed(self, channel: bytes) -> None:
         """Redis confirmed a SUBSCRIBE: the oldest `watch` of that channel may return (replies

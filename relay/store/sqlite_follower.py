@@ -130,9 +130,22 @@ class SQLiteFollowerStore(SQLiteStore):
                 self._replay.cancel()
             self._replay = asyncio.get_running_loop().create_task(self._replay_missed())
 
+    def _key_hashes_sync(self, env: str) -> frozenset[str]:
+        rows = self._conn.execute("SELECT key_hash FROM sdk_keys WHERE env = ?", (env,))
+        return frozenset(str(row[0]) for row in rows)
+
     async def _replay_missed(self) -> None:
         """After a lost channel: what the watched environments may have missed, from the log
-        (duplicates are dropped by the listeners, which go by version)."""
+        (duplicates are dropped by the listeners, which go by version), and their keys as
+        they are now (a key revoked meanwhile closes its sessions)."""
+        for env in sorted(self._watched):
+            try:
+                hashes = await self._run(self._key_hashes_sync, env)
+            except StoreUnavailable as exc:
+                log.warning("replay of env %s's keys failed: %s", env, exc)
+                continue
+            for listener in self._keys_listeners:
+                listener(env, hashes)
         for env, v in list(self._seen.items()):
             if env not in self._watched:
                 continue

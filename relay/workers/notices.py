@@ -35,7 +35,6 @@ from relay.tasks import Backoff, cancel_and_wait
 
 log = logging.getLogger("relay.workers")
 
-SOCKET_NAME = "relay-workers.sock"
 MAX_BACKLOG = 64 << 20  # bytes of notices one worker may fall behind before it is cut
 MAX_FRAME = 256 << 20  # a notice carries one change: the admin API caps those far below this
 _LENGTH = struct.Struct(">I")
@@ -145,7 +144,10 @@ class NoticeServer:
             old = self.links.get(link.index)
             if old is not None:
                 old.writer.close()
-            self.links[link.index] = link  # (notices from now on: it replays the rest)
+            # Every commit from now on is sent to it, after this: what it reads from the
+            # store once welcomed includes every commit before.
+            self.links[link.index] = link
+            writer.write(frame(["welcome"]))
             while True:  # then `ready`, with its admin port, and its `load` now and then
                 message = await read_frame(reader)
                 if message[0] == "ready" and len(message) == 2:
@@ -173,7 +175,7 @@ class NoticeClient:
     stops). The handlers may be set after construction, before `start`."""
 
     def __init__(self, path: Path, secret: str, index: int, on_gone: Callable[[], None],
-                 gone_after_s: float = 10.0) -> None:
+                 gone_after_s: float = 10.0, parent: int | None = None) -> None:
         self.path = path
         self.secret = secret
         self.index = index
@@ -184,6 +186,7 @@ class NoticeClient:
         self.on_gone = on_gone
         self.gone_after_s = gone_after_s
         self.connected = asyncio.Event()
+        self.parent = parent  # the primary's pid: a worker whose parent changed is orphaned
         self._writer: asyncio.StreamWriter | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -206,21 +209,30 @@ class NoticeClient:
             self._writer.write(frame(["ready", admin_port]))
 
     async def _run(self) -> None:
+        """Connect, say hello, and hand on notices once welcomed. Gone: no welcome for
+        `gone_after_s` (however often it connects), a refusal (a primary that does not know
+        this worker's secret is another node's), or an orphaned process."""
         loop = asyncio.get_running_loop()
         backoff = Backoff(0.05, 1.0)
-        down_since = loop.time()
+        welcomed_at = loop.time()
         while True:
+            if (loop.time() - welcomed_at > self.gone_after_s
+                    or (self.parent is not None and os.getppid() != self.parent)):
+                log.error("the node's primary process is gone (%s): stopping", self.path)
+                self.on_gone()
+                return
             try:
                 reader, writer = await asyncio.open_unix_connection(str(self.path))
             except OSError:
-                if loop.time() - down_since > self.gone_after_s:
-                    log.error("the node's primary process is gone (%s): stopping", self.path)
-                    self.on_gone()
-                    return
                 await asyncio.sleep(backoff.next())
                 continue
+            welcomed = False
             try:
                 writer.write(frame(["hello", self.secret, self.index, os.getpid()]))
+                answer = await asyncio.wait_for(read_frame(reader), self.gone_after_s)
+                if answer != ["welcome"]:
+                    raise ValueError(f"not welcomed: {answer[:1]}")
+                welcomed = True
                 self._writer = writer
                 if self.admin_port:
                     self.announce(self.admin_port)
@@ -229,12 +241,20 @@ class NoticeClient:
                 self.on_connected()
                 while True:
                     self.on_notice(await read_frame(reader))
-            except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
+            except asyncio.IncompleteReadError:
+                if not welcomed:  # closed at the hello: refused
+                    log.error("the process at %s refused this worker: stopping", self.path)
+                    self.on_gone()
+                    return
+                log.warning("lost the node's primary process; reconnecting")
+            except (OSError, ValueError, TimeoutError) as exc:
                 log.warning("lost the node's primary process (%s); reconnecting",
-                            exc or "closed")
+                            exc or type(exc).__name__)
             finally:
                 self._writer = None
                 self.connected.clear()
                 writer.close()
-            down_since = loop.time()
-            self.on_lost()
+            if welcomed:
+                welcomed_at = loop.time()
+                self.on_lost()
+            await asyncio.sleep(backoff.next())

@@ -27,14 +27,16 @@ import aiohttp
 
 from relay.config import Config, env_var
 from relay.core.drain import DrainPlan
-from relay.workers.notices import SOCKET_NAME, NoticeServer, WorkerLink
+from relay.workers.notices import NoticeServer, WorkerLink
 
 log = logging.getLogger("relay.workers")
 
-WORKER_ENV = "_RELAY_WORKER"  # "<index>:<secret>": this process is a worker of a node
+WORKER_ENV = "_RELAY_WORKER"  # "<index>:<secret>:<socket>": this process is a worker of a node
 _READY_TIMEOUT_S = 30.0
 _RESTART_S = (1.0, 30.0)  # first and longest pause before a dead worker is started again
+_STABLE_S = 30.0  # a worker that ran this long before it died starts again after the first pause
 _ASK_TIMEOUT_S = 5.0
+_MAX_SOCKET_PATH = 107  # bytes of a Unix socket's path (sun_path, less its NUL)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -43,30 +45,66 @@ class WorkerRole:
 
     index: int
     secret: str
+    socket: Path  # the primary's notice socket
 
     @classmethod
     def from_environ(cls) -> WorkerRole | None:
         raw = os.environ.get(WORKER_ENV)
         if not raw:
             return None
-        index, _, secret = raw.partition(":")
-        return cls(int(index), secret)
+        index, _, rest = raw.partition(":")
+        secret, _, socket = rest.partition(":")
+        return cls(int(index), secret, Path(socket))
+
+
+def shared_limits(config: Config) -> tuple[int, int]:
+    """One process's share of the node's --max-connections and --max-pending (each process,
+    the primary too, gets one); the defaults, which follow each process's open-files limit,
+    stay whole."""
+    n = config.workers
+    default = Config()
+
+    def share(value: int, default_value: int) -> int:
+        return value if value == default_value else max(1, value // n)
+
+    return (share(config.max_connections, default.max_connections),
+            share(config.max_pending, default.max_pending))
 
 
 def worker_config(config: Config, port: int) -> Config:
     """A worker's configuration: the primary's, on the port the primary bound, with an
     internal admin port of its own, out of the cluster's membership, and with its share of the
-    node's limits (the defaults, which follow each process's open-files limit, stay whole)."""
-    n = config.workers
-    default = Config()
+    node's limits."""
+    max_connections, max_pending = shared_limits(config)
     return dataclasses.replace(
         config, port=port, admin_host="127.0.0.1", admin_port=0, advertise="", discovery="",
-        workers=1,
-        max_connections=(config.max_connections if config.max_connections
-                         == default.max_connections else max(1, config.max_connections // n)),
-        max_pending=(config.max_pending if config.max_pending == default.max_pending
-                     else max(1, config.max_pending // n)),
-    )
+        workers=1, max_connections=max_connections, max_pending=max_pending)
+
+
+def socket_path(data_dir: str) -> Path:
+    """This primary's notice socket (by pid: nodes on a Redis store may share a data dir);
+    those of primaries that are gone are removed."""
+    directory = Path(data_dir)
+    for stale in directory.glob("relay-workers-*.sock"):
+        pid = stale.stem.removeprefix("relay-workers-")
+        if pid.isdigit() and not _alive(int(pid)):
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    path = directory / f"relay-workers-{os.getpid()}.sock"
+    if len(str(path).encode()) > _MAX_SOCKET_PATH:
+        raise RuntimeError(f"--data-dir {data_dir} is too long a path for --workers' socket "
+                           f"({path}: at most {_MAX_SOCKET_PATH} bytes)")
+    return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class WorkerPool:
@@ -79,13 +117,13 @@ class WorkerPool:
         self._worker_config = worker_config(config, port)
         self._admin_token = admin_token
         self._scheme = "https" if tls else "http"
-        self.server = NoticeServer(Path(config.data_dir) / SOCKET_NAME, self.secret,
-                                   self._on_worker)
+        self.server = NoticeServer(socket_path(config.data_dir), self.secret, self._on_worker)
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._ready: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(1, self.n)}
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
         self.restarts = 0
+        self._pauses: dict[int, float] = {}  # per worker, the pause before its next restart
         self._http: aiohttp.ClientSession | None = None
 
     # --- lifecycle ----------------------------------------------------------------------------
@@ -144,6 +182,13 @@ class WorkerPool:
         """The workers' connections a drain waits for, as last reported."""
         return sum(link.held for link in self.server.links.values())
 
+    def send_signal(self, signum: int) -> None:
+        """Pass a signal on to every running worker (SIGHUP: reload the TLS certificate)."""
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signum)
+
     def alive(self) -> int:
         """Workers running now (the primary not counted)."""
         return sum(1 for proc in self._procs.values() if proc.returncode is None)
@@ -155,30 +200,35 @@ class WorkerPool:
         env = dict(os.environ)
         for field in dataclasses.fields(Config):
             env[env_var(field.name)] = str(getattr(self._worker_config, field.name))
-        env[WORKER_ENV] = f"{index}:{self.secret}"
+        env[WORKER_ENV] = f"{index}:{self.secret}:{self.server.path}"
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "relay", "serve", env=env, stdin=asyncio.subprocess.DEVNULL)
         self._procs[index] = proc
+        if self._stopping:  # (stopped while it was being started)
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
         log.info("worker %d started (pid %d)", index, proc.pid)
         self._watchers[index] = asyncio.get_running_loop().create_task(self._watch(index, proc))
 
     async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
-        """Start a worker that died again (unless the node is stopping or draining)."""
-        pause = _RESTART_S[0]
-        while True:
-            code = await proc.wait()
-            self._ready[index].clear()
-            if self._stopping:
-                return
-            log.error("worker %d (pid %d) exited with %s; starting it again in %.0f s",
-                      index, proc.pid, code, pause)
-            await asyncio.sleep(pause)
-            if self._stopping:
-                return
-            pause = min(_RESTART_S[1], pause * 2)
-            self.restarts += 1
-            await self._spawn(index)
-            return  # (the new process has a watcher of its own)
+        """Start a worker that died again (unless the node is stopping or draining), after a
+        pause that doubles while it keeps dying within _STABLE_S of its start."""
+        started = time.monotonic()
+        code = await proc.wait()
+        self._ready[index].clear()
+        if self._stopping:
+            return
+        pause = self._pauses.get(index, _RESTART_S[0])
+        if time.monotonic() - started > _STABLE_S:
+            pause = _RESTART_S[0]
+        self._pauses[index] = min(_RESTART_S[1], pause * 2)
+        log.error("worker %d (pid %d) exited with %s; starting it again in %.0f s",
+                  index, proc.pid, code, pause)
+        await asyncio.sleep(pause)
+        if self._stopping:
+            return
+        self.restarts += 1
+        await self._spawn(index)  # (the new process has a watcher of its own)
 
     def _on_worker(self, link: WorkerLink | None, index: int) -> None:
         if index in self._ready and link is not None and link.admin_port:

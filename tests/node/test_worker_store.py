@@ -5,6 +5,7 @@ channel it replays what it missed from the file."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ import pytest
 from relay.store.base import StoreUnavailable, hash_key
 from relay.store.sqlite import SQLiteStore
 from relay.store.sqlite_follower import SQLiteFollowerStore
-from relay.workers.notices import SOCKET_NAME, NoticeClient, NoticeServer, WorkerLink
+from relay.workers.notices import NoticeClient, NoticeServer, WorkerLink
 from tests.helpers import wait_until
 
 SECRET = b"test-sdk-key-secret"
@@ -24,7 +25,7 @@ async def test_a_worker_store_hears_its_primary_and_replays_after_a_lost_channel
 ) -> None:
     primary = SQLiteStore(tmp_path)
     await primary.open()
-    path = tmp_path / SOCKET_NAME
+    path = tmp_path / "notices.sock"
     workers: list[tuple[int, int]] = []
 
     def on_worker(link: WorkerLink | None, index: int) -> None:
@@ -66,10 +67,12 @@ async def test_a_worker_store_hears_its_primary_and_replays_after_a_lost_channel
         await wait_until(lambda: not client.connected.is_set(), "still connected")
         for i in range(5):
             await primary.publish("prod", {"a": i + 2}, [])
+        await primary.put_env("prod", [H1])  # H3 revoked meanwhile: told once it is back
         server = NoticeServer(path, "s3cret", on_worker)
         await server.start()
         await wait_until(lambda: ("prod", 6) in seen, "missed changes not replayed")
         assert sorted(set(seen)) == [("prod", v) for v in range(1, 7)]
+        await wait_until(lambda: keys[-1] == ("prod", frozenset({H1})), "keys not replayed")
         await primary.publish("prod", {"a": 9}, [])
         await wait_until(lambda: ("prod", 7) in seen, "not heard after the reconnect")
         assert not gone
@@ -88,22 +91,28 @@ async def test_a_worker_store_hears_its_primary_and_replays_after_a_lost_channel
 async def test_the_notice_channel_refuses_a_stranger_and_says_when_its_primary_is_gone(
     tmp_path: Path,
 ) -> None:
-    path = tmp_path / SOCKET_NAME
+    """A worker that another node's primary refuses (a primary restarted with a new secret at
+    the same place, say) stops at once, instead of knocking again and again; so does one
+    with no primary at all, after `gone_after_s`; and one whose parent process changed."""
+    path = tmp_path / "notices.sock"
     workers: list[int] = []
     server = NoticeServer(path, "s3cret", lambda link, index: workers.append(index))
     await server.start()
-    stranger = NoticeClient(path, "not-the-secret", 7, on_gone=lambda: None)
+    refused, nobody, orphaned = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    stranger = NoticeClient(path, "not-the-secret", 7, on_gone=refused.set)
     stranger.admin_port = 1234
-    stranger.start()
-    gone = asyncio.Event()
-    orphan = NoticeClient(tmp_path / "nobody.sock", "s3cret", 1, on_gone=gone.set,
-                          gone_after_s=0.3)
-    orphan.start()
+    alone = NoticeClient(tmp_path / "nobody.sock", "s3cret", 1, on_gone=nobody.set,
+                         gone_after_s=0.3)
+    orphan = NoticeClient(path, "s3cret", 2, on_gone=orphaned.set, parent=os.getppid() + 1)
+    clients = [stranger, alone, orphan]
+    for client in clients:
+        client.start()
     try:
-        await asyncio.wait_for(gone.wait(), 10)  # no primary at all: it gives up, and says so
-        await asyncio.sleep(0.3)
-        assert workers == [] and server.links == {}  # the stranger was never taken in
+        await asyncio.wait_for(refused.wait(), 10)
+        await asyncio.wait_for(nobody.wait(), 10)
+        await asyncio.wait_for(orphaned.wait(), 10)
+        assert workers == [] and server.links == {}  # none was taken in
     finally:
-        await stranger.stop()
-        await orphan.stop()
+        for client in clients:
+            await client.stop()
         await server.stop()

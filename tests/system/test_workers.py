@@ -15,6 +15,7 @@ from typing import Any
 import psutil
 import pytest
 from websockets.asyncio.client import ClientConnection
+from websockets.exceptions import ConnectionClosed
 
 from tests.helpers import (
     Admin,
@@ -174,3 +175,28 @@ def test_workers_is_checked(tmp_path: Path) -> None:
              str(tmp_path / "d")], capture_output=True, text=True, timeout=30)
         assert done.returncode != 0
         assert "--workers must be 1 to 64" in done.stderr and "Traceback" not in done.stderr
+
+
+async def test_given_connection_limits_are_the_nodes_shared_out(tmp_path: Path) -> None:
+    """--max-connections 8 on 2 workers: 4 each, the primary too, so the node holds at most 8
+    sessions (the others are closed 4101), wherever the kernel sent them."""
+    relay = start_relay(tmp_path / "data", "--workers", "2", "--max-connections", "8")
+    admin = Admin(relay.admin_url, relay.token)
+    try:
+        await admin.put_env("prod", ["k"])
+        clients = [await open_stream(relay.ws_url, "k") for _ in range(16)]
+        served = refused = 0
+        for ws in clients:
+            try:
+                served += (await recv_frame(ws))["t"] == "hello"
+            except ConnectionClosed:
+                refused += 1
+                assert ws.close_code == 4101
+        assert served <= 8 and served + refused == 16
+        status = await _status(admin)
+        assert status["connections"] == served
+        assert all(w["connections"] <= 4 for w in status["workers"])
+        for ws in clients:
+            await ws.close()
+    finally:
+        relay.stop()
