@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import secrets
@@ -237,43 +238,39 @@ class WorkerPool:
 
     # --- speaking for the workers -------------------------------------------------------------
 
-    async def ask(self, method: str, path: str, body: Any = None) -> list[dict[str, Any]]:
-        """Each connected worker's JSON answer to an internal admin request (those that do
-        not answer in time are left out, with a warning)."""
+    async def _each(self, method: str, path: str,
+                    body: Any = None) -> list[tuple[WorkerLink, str]]:
+        """Each connected worker's answer (its text) to an internal admin request; those that
+        do not answer in time are left out, with a warning."""
         links = [link for link in self.server.links.values() if link.admin_port]
 
-        async def one(link: WorkerLink) -> dict[str, Any] | None:
+        async def one(link: WorkerLink) -> str | None:
             assert self._http is not None
             url = f"{self._scheme}://127.0.0.1:{link.admin_port}{path}"
             try:
                 async with self._http.request(method, url, json=body) as resp:
-                    answer = await resp.json()
-                    return answer if isinstance(answer, dict) else None
-            except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+                    return await resp.text()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 log.warning("worker %d did not answer %s %s: %s", link.index, method, path,
                             exc or type(exc).__name__)
                 return None
 
         answers = await asyncio.gather(*(one(link) for link in links))
-        return [dict(answer, worker=link.index, pid=link.pid)
-                for link, answer in zip(links, answers, strict=True) if answer is not None]
+        return [(link, text) for link, text in zip(links, answers, strict=True) if text]
+
+    async def ask(self, method: str, path: str, body: Any = None) -> list[dict[str, Any]]:
+        """Each connected worker's JSON answer, with its index and pid."""
+        answers = []
+        for link, text in await self._each(method, path, body):
+            with contextlib.suppress(ValueError):
+                answer = json.loads(text)
+                if isinstance(answer, dict):
+                    answers.append(dict(answer, worker=link.index, pid=link.pid))
+        return answers
 
     async def metrics_texts(self) -> list[str]:
         """Each connected worker's /metrics text."""
-        links = [link for link in self.server.links.values() if link.admin_port]
-
-        async def one(link: WorkerLink) -> str | None:
-            assert self._http is not None
-            url = f"{self._scheme}://127.0.0.1:{link.admin_port}/metrics"
-            try:
-                async with self._http.get(url) as resp:
-                    return await resp.text()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                log.warning("worker %d did not answer /metrics: %s", link.index,
-                            exc or type(exc).__name__)
-                return None
-
-        return [text for text in await asyncio.gather(*(one(link) for link in links)) if text]
+        return [text for _, text in await self._each("GET", "/metrics")]
 
     async def drain(self, plan: DrainPlan) -> None:
         """Drain every worker with the node's plan; each exits once drained."""
