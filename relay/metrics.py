@@ -120,3 +120,12 @@ class Metrics:
             "relay_store_resyncs", "Times an environment was re-read after a version gap",
             registry=r,
         )
+        self.workers = Gauge(
+            "relay_workers", "Processes serving this node's public port (--workers): the "
+            "primary and the workers running now", registry=r,
+        )
+        self.workers.set(1)
+        self.worker_restarts = Counter(
+            "relay_worker_restarts", "Worker processes started again after they died",
+            registry=r,
+        )

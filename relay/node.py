@@ -231,7 +231,10 @@ class Node:
 
     async def _start_workers(self) -> None:
         """Start workers 1..N-1 on the port bound; with SQLite they hear every commit."""
-        self.pool = WorkerPool(self.config, self.port, self.admin_token, tls=self.tls is not None)
+        self.pool = WorkerPool(self.config, self.port, self.admin_token, tls=self.tls is not None,
+                               on_restart=self.metrics.worker_restarts.inc)
+        pool = self.pool
+        self.metrics.workers.set_function(lambda: 1 + pool.alive())
         if self.config.store == "sqlite":
             self.store.add_change_listener(self.pool.server.on_change)
             self.store.add_keys_listener(self.pool.server.on_keys)

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 PRIMARY_ONLY = frozenset({
     "relay_node_state", "relay_ring_members", "relay_peer_links", "relay_ownership_moves",
+    "relay_workers", "relay_worker_restarts",
 })
 LARGEST = frozenset({"relay_envs_loaded", "relay_upstream_lag_seconds"})
 

@@ -21,6 +21,7 @@ import signal
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +112,8 @@ def _alive(pid: int) -> bool:
 class WorkerPool:
     """Workers 1..N-1 of this node, as the primary runs them."""
 
-    def __init__(self, config: Config, port: int, admin_token: str, tls: bool) -> None:
+    def __init__(self, config: Config, port: int, admin_token: str, tls: bool,
+                 on_restart: Callable[[], None] = lambda: None) -> None:
         self.config = config
         self.n = config.workers
         self.secret = secrets.token_urlsafe(32)
@@ -123,7 +125,7 @@ class WorkerPool:
         self._ready: dict[int, asyncio.Event] = {i: asyncio.Event() for i in range(1, self.n)}
         self._watchers: dict[int, asyncio.Task[None]] = {}
         self._stopping = False
-        self.restarts = 0
+        self._on_restart = on_restart  # (the relay_worker_restarts counter)
         self._pauses: dict[int, float] = {}  # per worker, the pause before its next restart
         self._http: aiohttp.ClientSession | None = None
 
@@ -228,7 +230,7 @@ class WorkerPool:
         await asyncio.sleep(pause)
         if self._stopping:
             return
-        self.restarts += 1
+        self._on_restart()
         await self._spawn(index)  # (the new process has a watcher of its own)
 
     def _on_worker(self, link: WorkerLink | None, index: int) -> None:

@@ -89,6 +89,7 @@ async def test_two_workers_serve_as_one_node(tmp_path: Path, store: str,
         assert _metric(text, "relay_connections") == 40
         assert _metric(text, "relay_connections_accepted_total") == 40
         assert _metric(text, "relay_node_state") == 1  # the primary's alone, not added up
+        assert _metric(text, "relay_workers") == 2
         await wait_until_async(lambda: _readyz_counts(admin), (40, 40), "readyz totals")
 
         # Revoking key-b closes its 16 sessions, wherever they are (4001); key-a's stay.
@@ -138,6 +139,9 @@ async def test_a_killed_worker_is_started_again(tmp_path: Path) -> None:
 
         await wait_until_async(restarted, True, "worker 1 not started again", timeout=30)
         assert "worker 1 (pid" in "".join(relay.output) and "exited" in "".join(relay.output)
+        _, text = await admin.call("GET", "/metrics")
+        assert _metric(text, "relay_worker_restarts_total") == 1
+        assert _metric(text, "relay_workers") == 2
         clients = await _connect(relay, "k", 30)
         per_worker = {w["worker"]: w["connections"] for w in (await _status(admin))["workers"]}
         assert all(n > 0 for n in per_worker.values()), per_worker
