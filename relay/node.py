@@ -95,7 +95,8 @@ class Node:
             raise ConfigError(str(exc)) from None
         sdk_settings = SdkSettings.of(config)
         if worker is not None:  # (its configuration holds its share of the limits)
-            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True)
+            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True,
+                                               first_on_port=False)
         elif config.workers > 1:  # the primary: the port is shared, and so are the limits
             max_connections, max_pending = shared_limits(config)
             sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True,

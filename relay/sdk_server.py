@@ -935,11 +935,12 @@ class SdkSettings:
     write_high_water: int
     write_low_water: int
     reuse_port: bool = False  # the port is shared by the node's worker processes
+    first_on_port: bool = True  # (False in a worker: its primary holds the port already)
 
     @classmethod
     def of(cls, config: Config) -> SdkSettings:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
-                      if f.name != "reuse_port"})
+                      if f.name not in ("reuse_port", "first_on_port")})
 
 
 class SdkServer:
@@ -1155,6 +1156,8 @@ class SdkServer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
+        if self.config.reuse_port and self.config.first_on_port:
+            self._check_port_free()
         self._server = await self.loop.create_server(
             lambda: SdkConnection(self), self.config.host, self.config.port,
             backlog=4096, reuse_address=True, reuse_port=self.config.reuse_port or None,
@@ -1168,6 +1171,19 @@ class SdkServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                 self.config.socket_receive_buffer)
         self._ticker = self.loop.call_later(self._tick_s(), self._tick)
+
+    def _check_port_free(self) -> None:
+        """SO_REUSEPORT lets any process of this user bind a port already bound that way: the
+        primary first binds it without, so that a port another node holds (with workers or
+        not) is refused here as it is without workers (OSError: address in use)."""
+        if not self.config.port:
+            return  # (a free port, picked by the kernel)
+        infos = socket.getaddrinfo(self.config.host or None, self.config.port,
+                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in infos:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
 
     def _tick_s(self) -> float:
         if self.config.ping_interval:

@@ -204,3 +204,23 @@ async def test_given_connection_limits_are_the_nodes_shared_out(tmp_path: Path) 
             await ws.close()
     finally:
         relay.stop()
+
+
+def test_a_second_node_on_the_port_of_one_with_workers_is_refused(tmp_path: Path) -> None:
+    """SO_REUSEPORT would let a second node of the same user share the port: it is refused,
+    as without workers, with one line."""
+    import subprocess
+    import sys
+
+    first = start_relay(tmp_path / "a", "--workers", "2")
+    try:
+        port = first.ws_url.rsplit(":", 1)[1].split("/")[0]
+        for workers in ("2", "1"):
+            done = subprocess.run(
+                [sys.executable, "-m", "relay", "serve", "--workers", workers, "--port", port,
+                 "--admin-port", "0", "--data-dir", str(tmp_path / f"b{workers}")],
+                capture_output=True, text=True, timeout=60)
+            assert done.returncode != 0, done.stdout
+            assert "in use" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    finally:
+        first.stop()
