@@ -224,7 +224,11 @@ class Node:
         assert self.notices is not None
         last = None
         for tick in itertools.count():
-            load = (self.hub.session_count(), self.sdk.held())
+            # The exact count walks every connection: only while a drain waits for it.
+            # Otherwise every open socket (a few still in their handshake among them).
+            held = (self.sdk.held() if self.state is NodeState.DRAINING
+                    else len(self.sdk.connections))
+            load = (self.hub.session_count(), held)
             if load != last or tick % 8 == 0:  # (and every 2 s: a reconnected primary)
                 self.notices.report(*load)
                 last = load

@@ -320,7 +320,6 @@ class RedisStore:
         self._drop_kept_script: Any = None
         self._subscriber: asyncio.Task[None] | None = None
         self._catch_up_task: asyncio.Task[None] | None = None
-        self._subscribed = asyncio.Event()  # (set once: the first subscription was made)
         self._up = asyncio.Event()  # set while the subscription is up
         self._pubsub: Any = None  # the subscription's connection, while it is up
         # Channel -> environment, for every environment watched: what the subscription holds.
@@ -376,7 +375,7 @@ class RedisStore:
         self._subscriber = asyncio.get_running_loop().create_task(self._subscribe())
         # Changes committed from here on reach the listeners.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 5)
+            await asyncio.wait_for(self._up.wait(), 5)
 
     async def close(self) -> None:
         for task in (self._subscriber, self._catch_up_task, self._sender):
@@ -495,7 +494,6 @@ class RedisStore:
                     await pubsub.unsubscribe(*removed)
                 self._pubsub = pubsub
                 self._up.set()
-                self._subscribed.set()
                 # If redis-py reconnects this connection by itself (it resubscribes its
                 # channels), what was missed meanwhile is replayed too.
                 if pubsub.connection is not None:

@@ -92,7 +92,7 @@ class NoticeServer:
 
     async def start(self) -> None:
         with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()  # left by a process that was killed
+            self.path.unlink()  # left by a killed process that had this pid
         self._server = await asyncio.start_unix_server(self._accept, path=str(self.path))
         self.path.chmod(0o600)
 
