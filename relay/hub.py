@@ -43,7 +43,7 @@ from relay.core.envstate import (
 )
 from relay.core.node_state import EnvSummary
 from relay.metrics import Metrics
-from relay.store.base import KeyHasher, Store, legacy_hash_key
+from relay.store.base import KeyHasher, Store, UnknownEnv, legacy_hash_key
 from relay.tasks import run_in_steps
 
 log = logging.getLogger("relay.hub")
@@ -669,6 +669,10 @@ class Hub:
                         snapshot = await self.store.load(entry.env, 0)
                         await self._jump(entry, snapshot.v, snapshot.flags)
                         changes = []
+                    break
+                except UnknownEnv:  # deleted: its sessions are closed (the keys notice)
+                    log.info("env %s: deleted from the store; not resyncing", entry.env)
+                    changes = []
                     break
                 except Exception as exc:
                     log.warning("env %s: resync failed (%s); retrying", entry.env, exc)

@@ -30,7 +30,14 @@ from relay.hub import Hub
 from relay.metrics import Metrics
 from relay.sdk_server import SdkServer, SdkSettings
 from relay.store import StoreSettings, make_store
-from relay.store.base import EnvSnapshot, KeyHasher, Store, legacy_hash_key, secret_check
+from relay.store.base import (
+    EnvInfo,
+    EnvSnapshot,
+    KeyHasher,
+    Store,
+    legacy_hash_key,
+    secret_check,
+)
 from relay.store.sqlite_follower import SQLiteFollowerStore
 from relay.tasks import cancel_and_wait
 from relay.tls import Tls, TlsError
@@ -378,6 +385,17 @@ class Node:
 
     async def flags(self, env: str) -> EnvSnapshot:
         return await self.store.load(env, 0)
+
+    async def list_envs(self) -> list[EnvInfo]:
+        return await self.store.list_envs()
+
+    async def env_info(self, env: str) -> EnvInfo:
+        return await self.store.env_info(env)
+
+    async def delete_env(self, env: str) -> None:
+        """Its sessions, here and on every node, are closed 4001 (the keys notice)."""
+        await self.store.delete_env(env)
+        log.info("environment %s deleted", env)
 
     def session_count(self) -> int:
         """The node's sessions: with --workers, theirs as they last reported too."""

@@ -31,7 +31,7 @@ from relay.core import codec, protocol
 from relay.core.bearer import bearer, same_token
 from relay.core.drain import DrainError, DrainPlan, DrainRefused
 from relay.core.node_state import NodeState, NodeStatus
-from relay.store.base import EnvSnapshot, KeyConflict, StoreUnavailable, UnknownEnv
+from relay.store.base import EnvInfo, EnvSnapshot, KeyConflict, StoreUnavailable, UnknownEnv
 
 if TYPE_CHECKING:
     from relay.config import Config
@@ -276,6 +276,16 @@ class NodeApi(Protocol):
     async def flags(self, env: str) -> EnvSnapshot:
         ...
 
+    async def list_envs(self) -> list[EnvInfo]:
+        ...
+
+    async def env_info(self, env: str) -> EnvInfo:
+        ...
+
+    async def delete_env(self, env: str) -> None:
+        """Remove an environment; its sessions are closed with 4001."""
+        ...
+
     def drain(self, plan: DrainPlan) -> dict[str, Any]:
         """Start a drain (or answer the one under way); raises DrainRefused."""
         ...
@@ -333,7 +343,10 @@ class AdminApi:
             client_max_size=self.max_body, middlewares=[self._errors, self._auth, self._body]
         )
         r = self.app.router
+        r.add_get("/admin/v1/envs", self.list_envs)
         r.add_put("/admin/v1/envs/{env}", self.put_env)
+        r.add_get("/admin/v1/envs/{env}", self.get_env)
+        r.add_delete("/admin/v1/envs/{env}", self.delete_env)
         r.add_patch("/admin/v1/envs/{env}/flags", self.patch_flags)
         r.add_get("/admin/v1/envs/{env}/flags", self.get_flags)
         r.add_post("/admin/v1/drain", self.drain)
@@ -433,6 +446,17 @@ class AdminApi:
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"
             )
         return _json({"env": env, "v": await self.node.put_env(env, keys)})
+
+    async def list_envs(self, request: web.Request) -> web.Response:
+        return _json({"envs": [dataclasses.asdict(info) for info in await self.node.list_envs()]})
+
+    async def get_env(self, request: web.Request) -> web.Response:
+        return _json(dataclasses.asdict(await self.node.env_info(_env_id(request))))
+
+    async def delete_env(self, request: web.Request) -> web.Response:
+        env = _env_id(request)
+        await self.node.delete_env(env)
+        return _json({"env": env, "deleted": True})
 
     async def patch_flags(self, request: web.Request) -> web.Response:
         env = _env_id(request)

@@ -80,6 +80,16 @@ class EnvSnapshot:
     history: Sequence[Change] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True, slots=True)
+class EnvInfo:
+    """One line of `GET /admin/v1/envs`: an environment, its version and how many SDK key
+    hashes may read it."""
+
+    env: str
+    v: int
+    keys: int
+
+
 def stored_size(put: bytes, dels: bytes) -> int:
     """The size of a logged change, as `load` counts it: its put map and deleted keys as
     msgpack. A little less than its delta frame (relay/core/envstate.py), which adds each flag's
@@ -163,6 +173,25 @@ class Store(Protocol):
 
     async def envs(self) -> dict[str, int]:
         """Every environment with its current version."""
+        ...
+
+    async def list_envs(self) -> list[EnvInfo]:
+        """Every environment, its version and its number of SDK key hashes, by name."""
+        ...
+
+    async def env_info(self, env: str) -> EnvInfo:
+        """One environment's line of `list_envs`. Raises UnknownEnv."""
+        ...
+
+    async def delete_env(self, env: str) -> None:
+        """Remove the environment: its SDK keys first (the keys listeners hear it has none, so
+        its sessions are closed), then its flags and log. Raises UnknownEnv.
+
+        Its version is kept as a tombstone: an environment created again under the same name
+        starts after it, never at a version some cache or client already holds for other
+        flags. When it had flags, the listeners first hear one last change that deletes them
+        all (the tombstone's version), so every cache of it ends empty, as a new one starts.
+        """
         ...
 
     def add_change_listener(self, listener: ChangeListener) -> None:

@@ -45,6 +45,7 @@ from relay.core.changes import Change
 from relay.core.envstate import STEP, map_header
 from relay.store.base import (
     ChangeListener,
+    EnvInfo,
     EnvSnapshot,
     KeyConflict,
     KeysListener,
@@ -118,6 +119,37 @@ for i = 3, 2 + n do
   redis.call('SADD', KEYS[2], ARGV[i])
 end
 return 1
+"""
+
+# KEYS: v, tombstone. Creates the environment if it does not exist, at its tombstone's version
+# if it had one (see _DELETE). Returns its version.
+_CREATE = """
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('SET', KEYS[1], redis.call('GET', KEYS[2]) or 0)
+  redis.call('DEL', KEYS[2])
+end
+return redis.call('GET', KEYS[1])
+"""
+
+# KEYS: v, flags, log, tombstone. ARGV: env, ts, the environment's change channel. Deletes the
+# environment's flags and log and keeps its version as a tombstone. When it had flags, it first
+# publishes one last change deleting them all, at the next version (the tombstone's), so every
+# cache of it ends empty, as one created again under the name starts. Returns the tombstone.
+_DELETE = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then return redis.error_reply('UNKNOWN_ENV') end
+local v = tonumber(cur)
+local dels = redis.call('HKEYS', KEYS[2])
+if #dels > 0 then
+  table.sort(dels)
+  v = v + 1
+  local notice = cmsgpack.pack(ARGV[1], v, ARGV[2]) .. cmsgpack.pack(dels) .. string.char(0x80)
+  redis.call('PUBLISH', ARGV[3], notice)
+  redis.call('PUBLISH', 'relay:changes', notice)
+end
+redis.call('SET', KEYS[4], v)
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+return v
 """
 
 # KEYS: owner hash, the environment's key set, the kept pairs. ARGV: env, legacy hash, HMAC
@@ -293,6 +325,11 @@ def _changes_channel(env: str) -> bytes:
     return f"relay:{{{env}}}:changes".encode()
 
 
+def _tombstone(env: str) -> str:
+    """The version a deleted environment reached (in its slot)."""
+    return f"relay:{{{env}}}:deleted-v"
+
+
 def _env_keys(env: str) -> str:
     return f"relay:{{relay-keys}}:env:{env}"
 
@@ -312,6 +349,8 @@ class RedisStore:
         self._cluster: RedisCluster | None = None
         self._load_script: Any = None
         self._since_script: Any = None
+        self._create_script: Any = None
+        self._delete_script: Any = None
         self._change_listeners: list[ChangeListener] = []
         self._keys_listeners: list[KeysListener] = []
         self._publish_script: Any = None
@@ -372,6 +411,8 @@ class RedisStore:
         self._drop_kept_script = commands.register_script(_DROP_KEPT)
         self._load_script = commands.register_script(_LOAD)
         self._since_script = commands.register_script(_SINCE)
+        self._create_script = commands.register_script(_CREATE)
+        self._delete_script = commands.register_script(_DELETE)
         self._subscriber = asyncio.get_running_loop().create_task(self._subscribe())
         # Changes committed from here on reach the listeners.
         with contextlib.suppress(TimeoutError):
@@ -657,17 +698,43 @@ class RedisStore:
                 if str(exc).startswith("KEYCONFLICT "):
                     raise KeyConflict(str(exc).removeprefix("KEYCONFLICT ")) from None
                 raise
-            await self._r.set(v_key, 0, nx=True)
+            v = await self._create_script(keys=[v_key, _tombstone(env)])
             await self._r.sadd(_ENVS, env)
-            return int(await self._r.get(v_key) or 0)
+            return int(v or 0)
 
         v = await self._call(run)
+        await self._tell_keys(env, hashes)
+        return v
+
+    async def _tell_keys(self, env: str, hashes: list[str]) -> None:
+        """This node's keys listeners now; the other nodes' through Redis (at most once: they
+        also learn at their next lookup of a key)."""
         notice = frozenset(hashes)
         for listener in self._keys_listeners:
             asyncio.get_running_loop().call_soon(listener, env, notice)
-        with contextlib.suppress(RedisError, OSError):  # other nodes also learn at their next
-            await self._r.publish(KEYS_CHANNEL, codec.pack([self._origin, env, hashes]))  # lookup
-        return v
+        with contextlib.suppress(RedisError, OSError):
+            await self._r.publish(KEYS_CHANNEL, codec.pack([self._origin, env, hashes]))
+
+    async def delete_env(self, env: str) -> None:
+        """Keys first (no new session can start), then the flags and log (_DELETE), then the
+        environment's name from the list. A delete that fails part way can be run again."""
+        v_key, flags_key, log_key = _keys(env)
+
+        async def run() -> None:
+            if not await self._r.exists(v_key):
+                raise UnknownEnv(env)
+            await self._keys_script(keys=[_OWNER, _env_keys(env)], args=[env, 0])
+            try:
+                await self._delete_script(keys=[v_key, flags_key, log_key, _tombstone(env)],
+                                          args=[env, repr(time.time()), _changes_channel(env)])
+            except ResponseError as exc:
+                if not str(exc).startswith("UNKNOWN_ENV"):
+                    raise
+                # (deleted meanwhile by another node: what is left is this node's to finish)
+            await self._r.srem(_ENVS, env)
+
+        await self._call(run)
+        await self._tell_keys(env, [])
 
     async def publish(self, env: str, put: Mapping[str, Any], dels: Sequence[str]) -> Change:
         put = dict(put)
@@ -761,6 +828,27 @@ class RedisStore:
             await self._r.set(_SECRET_CHECK, check, nx=True)
             found: Any = await self._r.get(_SECRET_CHECK)
             return str(found.decode())
+
+        return await self._call(run)
+
+    async def env_info(self, env: str) -> EnvInfo:
+        async def run() -> EnvInfo:
+            v = await self._r.get(_keys(env)[0])
+            if v is None:
+                raise UnknownEnv(env)
+            return EnvInfo(env, int(v), int(await self._r.scard(_env_keys(env))))
+
+        return await self._call(run)
+
+    async def list_envs(self) -> list[EnvInfo]:
+        async def run() -> list[EnvInfo]:
+            members: Any = await self._r.smembers(_ENVS)
+            found = []
+            for env in sorted(n.decode() for n in members):
+                v = await self._r.get(_keys(env)[0])
+                if v is not None:
+                    found.append(EnvInfo(env, int(v), int(await self._r.scard(_env_keys(env)))))
+            return found
 
         return await self._call(run)
 

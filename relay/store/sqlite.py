@@ -30,6 +30,7 @@ from relay.core.changes import Change
 from relay.private_files import make_private, make_private_dir, open_private
 from relay.store.base import (
     ChangeListener,
+    EnvInfo,
     EnvSnapshot,
     KeyConflict,
     KeysListener,
@@ -43,7 +44,10 @@ log = logging.getLogger("relay.store")
 
 # 2: the meta table (the SDK-key secret check); key hashes are HMAC-SHA256, or SHA-256 for
 # keys not migrated yet (schema 1 held only those).
-SCHEMA_VERSION = 2
+# 3: deleted_envs, the version a deleted environment reached (its tombstone): one created again
+# under its name starts there (an older relay would start it at 0 again, under caches and
+# clients that hold the old one's flags at those versions, so it is refused this file).
+SCHEMA_VERSION = 3
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS envs (env TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
@@ -56,6 +60,7 @@ CREATE TABLE IF NOT EXISTS flags (
 CREATE TABLE IF NOT EXISTS changes (
     env TEXT NOT NULL, v INTEGER NOT NULL, put BLOB NOT NULL, dels BLOB NOT NULL, ts REAL NOT NULL,
     PRIMARY KEY (env, v)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS deleted_envs (env TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID;
 """
 
 T = TypeVar("T")
@@ -178,7 +183,10 @@ class SQLiteStore:
                 ).fetchone()
                 if row is not None and row[0] != env:
                     raise KeyConflict(row[0])
-            db.execute("INSERT OR IGNORE INTO envs (env, v) VALUES (?, 0)", (env,))
+            # A new environment starts at its name's tombstone, if it had one (delete_env).
+            db.execute("INSERT OR IGNORE INTO envs (env, v) VALUES "
+                       "(?, COALESCE((SELECT v FROM deleted_envs WHERE env = ?), 0))", (env, env))
+            db.execute("DELETE FROM deleted_envs WHERE env = ?", (env,))
             db.execute("DELETE FROM sdk_keys WHERE env = ?", (env,))
             db.executemany(
                 "INSERT INTO sdk_keys (key_hash, env) VALUES (?, ?)",
@@ -436,3 +444,56 @@ class SQLiteStore:
     async def envs(self) -> dict[str, int]:
         """Every environment with its version (for status)."""
         return await self._run(self._envs_sync)
+
+    def _list_envs_sync(self) -> list[EnvInfo]:
+        rows = self._conn.execute(
+            "SELECT envs.env, envs.v, COUNT(sdk_keys.key_hash) FROM envs "
+            "LEFT JOIN sdk_keys ON sdk_keys.env = envs.env GROUP BY envs.env ORDER BY envs.env")
+        return [EnvInfo(str(env), int(v), int(keys)) for env, v, keys in rows]
+
+    async def list_envs(self) -> list[EnvInfo]:
+        return await self._run(self._list_envs_sync)
+
+    def _env_info_sync(self, env: str) -> EnvInfo:
+        row = self._conn.execute(
+            "SELECT v, (SELECT COUNT(*) FROM sdk_keys WHERE env = ?) FROM envs WHERE env = ?",
+            (env, env)).fetchone()
+        if row is None:
+            raise UnknownEnv(env)
+        return EnvInfo(env, int(row[0]), int(row[1]))
+
+    async def env_info(self, env: str) -> EnvInfo:
+        return await self._run(self._env_info_sync, env)
+
+    def _delete_env_sync(self, env: str) -> Change | None:
+        """One transaction: keys, flags, log and the environment go; its tombstone stays.
+        Returns the last change (every flag deleted), if it had flags."""
+        db = self._conn
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = db.execute("SELECT v FROM envs WHERE env = ?", (env,)).fetchone()
+            if row is None:
+                raise UnknownEnv(env)
+            keys = tuple(str(r[0]) for r in db.execute(
+                "SELECT key FROM flags WHERE env = ? ORDER BY key", (env,)))
+            v = int(row[0]) + (1 if keys else 0)
+            for table in ("sdk_keys", "flags", "changes", "envs"):
+                db.execute(f"DELETE FROM {table} WHERE env = ?", (env,))
+            db.execute("INSERT OR REPLACE INTO deleted_envs (env, v) VALUES (?, ?)", (env, v))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return Change(env=env, v=v, put={}, dels=keys, ts=time.time()) if keys else None
+
+    async def delete_env(self, env: str) -> None:
+        last = await self._run(self._delete_env_sync, env)
+        if last is not None:
+            for listener in self._change_listeners:
+                try:
+                    listener(last)
+                except Exception:  # a listener's bug must not stop the others
+                    log.exception("change listener failed")
+        for keys_listener in self._keys_listeners:
+            keys_listener(env, frozenset())

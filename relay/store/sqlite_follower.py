@@ -169,3 +169,6 @@ class SQLiteFollowerStore(SQLiteStore):
     async def put_env(self, env: str, key_hashes: Sequence[str],
                       legacy_hashes: Sequence[str] = ()) -> int:
         raise StoreUnavailable("a worker process does not write: use the node's admin API")
+
+    async def delete_env(self, env: str) -> None:
+        raise StoreUnavailable("a worker process does not write: use the node's admin API")

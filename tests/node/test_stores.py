@@ -16,6 +16,7 @@ import pytest
 
 from relay.core.changes import Change
 from relay.store.base import (
+    EnvInfo,
     EnvSnapshot,
     KeyConflict,
     Store,
@@ -185,6 +186,70 @@ async def test_keys_listener_fires_on_the_loop(store: Store) -> None:
         await store.put_env("other", [H3])
     await asyncio.sleep(0)
     assert len(calls) == 2  # a refused put_env changes nothing and tells no one
+
+
+async def test_list_envs_and_env_info(store: Store) -> None:
+    assert await store.list_envs() == []
+    await store.put_env("prod", [H1, H2])
+    await store.put_env("dev", [])
+    await store.publish("prod", {"a": 1}, [])
+    assert await store.list_envs() == [EnvInfo("dev", 0, 0), EnvInfo("prod", 1, 2)]
+    assert await store.env_info("prod") == EnvInfo("prod", 1, 2)
+    with pytest.raises(UnknownEnv):
+        await store.env_info("ghost")
+
+
+async def test_delete_env_removes_keys_flags_and_log_and_tells_the_listeners(
+    store: Store,
+) -> None:
+    changes: list[Change] = []
+    keys: list[tuple[str, frozenset[str]]] = []
+    store.add_change_listener(changes.append)
+    store.add_keys_listener(lambda env, hashes: keys.append((env, hashes)))
+    await store.put_env("prod", [H1, H2])
+    await store.put_env("dev", [H3])
+    await store.watch("prod")
+    await store.watch("dev")
+    await store.publish("prod", {"b": 2, "a": 1}, [])
+    await store.publish("dev", {"x": 1}, [])
+    await delivered(lambda: len(changes) == 2)
+
+    await store.delete_env("prod")
+    # One last change deletes every flag, at the next version (the tombstone's); then the
+    # keys listeners hear the environment has no key.
+    await delivered(lambda: len(changes) == 3 and keys[-1] == ("prod", frozenset()))
+    last = changes[-1]
+    assert (last.env, last.v, last.put, sorted(last.dels)) == ("prod", 2, {}, ["a", "b"])
+    assert await store.env_for_key(H1) is None and await store.env_for_key(H2) is None
+    for read in (store.load("prod", 10), store.changes_since("prod", 0), store.env_info("prod"),
+                 store.publish("prod", {"a": 2}, []), store.delete_env("prod")):
+        with pytest.raises(UnknownEnv):
+            await read
+    assert [info.env for info in await store.list_envs()] == ["dev"]
+    assert "prod" not in await store.envs()
+    # The other environment is untouched.
+    assert (await store.load("dev", 10)).flags == {"x": (1, 1)}
+    assert await store.env_for_key(H3) == "dev"
+
+
+async def test_an_env_created_again_starts_after_its_tombstone(store: Store) -> None:
+    await store.put_env("prod", [H1])
+    for n in range(3):
+        await store.publish("prod", {"a": n}, [])
+    await store.delete_env("prod")  # the tombstone: v4, every flag deleted
+    # Its keys are free again, for any environment.
+    assert await store.put_env("other", [H1]) == 0
+    assert await store.put_env("prod", [H2]) == 4
+    snapshot = await store.load("prod", 10)
+    assert (snapshot.v, dict(snapshot.flags), list(snapshot.history)) == (4, {}, [])
+    # A client that held v2 or v3 of the old one cannot be served a delta: a snapshot.
+    assert await store.changes_since("prod", 2) is None
+    assert (await store.publish("prod", {"b": True}, [])).v == 5
+    assert await store.changes_since("prod", 4) is not None
+    # An environment deleted without flags keeps its version (nothing to tell anyone).
+    await store.put_env("empty", [H3])
+    await store.delete_env("empty")
+    assert await store.put_env("empty", [H3]) == 0
 
 
 # --- publish ----------------------------------------------------------------------------------

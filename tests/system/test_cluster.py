@@ -208,3 +208,60 @@ async def test_a_redis_restart_under_a_cluster_loses_nothing(tmp_path: Path) -> 
             await a.close()
         cluster.stop_all()
         server.stop()
+
+
+async def test_a_delete_through_one_node_closes_the_sessions_of_every_node(
+    cluster3: Cluster,
+) -> None:
+    """The environment's sessions on every node are closed 4001 (the keys notice on Redis),
+    the others' are not; created again, it is served empty from every node, whatever each
+    node held of the old one."""
+    for i in range(3):
+        cluster3.start(i)
+    await cluster3.wait_ring({0, 1, 2})
+    admins = [cluster3.admin(i) for i in range(3)]
+    envs = ["gone", "kept"]
+    for env in envs:
+        await admins[0].put_env(env, [f"key-{env}"])
+        await admins[0].publish(env, {"a": 1})
+    clients = {(i, env): await open_stream(cluster3.nodes[i].ws_url, f"key-{env}")
+               for i in range(3) for env in envs}
+    for ws in clients.values():
+        await recv_frame(ws)  # hello
+        assert (await recv_frame(ws))["v"] == 1  # snap
+
+    assert (await admins[1].call("DELETE", "/admin/v1/envs/gone"))[0] == 200
+    for i in range(3):
+        code = None
+        for _ in range(3):  # (the delta deleting its flags may come first)
+            try:
+                await recv_frame(clients[(i, "gone")], timeout=10)
+            except Exception:
+                code = clients[(i, "gone")].close_code
+                break
+        assert code == 4001, f"n{i}: {code}"
+    await admins[2].publish("kept", {"a": 2})
+    for i in range(3):
+        frame = await recv_frame(clients[(i, "kept")])
+        assert (frame["base"], frame["v"]) == (1, 2)
+        await clients[(i, "kept")].close()
+
+    assert await admins[2].put_env("gone", ["key-new"]) == 2
+    await admins[0].publish("gone", {"b": True})
+    for i in range(3):
+        ws = await open_stream(cluster3.nodes[i].ws_url, "key-new")
+        await recv_frame(ws)
+        held: dict[str, object] = {}
+        v = 0
+        while v < 3:  # (a node may serve v2, empty, until v3 reaches it)
+            frame = await recv_frame(ws)
+            if frame["t"] == "snap":
+                held = {k: f["value"] for k, f in frame["flags"].items()}
+            else:
+                held.update({k: f["value"] for k, f in frame["put"].items()})
+                for key in frame["del"]:
+                    held.pop(key)
+            assert held.keys() <= {"b"}, f"n{i} showed the old environment's flags: {frame}"
+            v = frame["v"]
+        assert (v, held) == (3, {"b": True}), f"n{i}"
+        await ws.close()
