@@ -11,14 +11,11 @@ A request that is not HTTP at all never reaches these routes: aiohttp answers it
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import functools
 import json
 import logging
 import math
-import re
-import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
@@ -27,7 +24,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from relay.core import codec, protocol
+from relay.core import codec, names, protocol, strict_json
 from relay.core.bearer import bearer, same_token
 from relay.core.drain import DrainError, DrainPlan, DrainRefused
 from relay.core.node_state import NodeState, NodeStatus
@@ -38,17 +35,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("relay.admin")
 
-MAX_KEYS = 100
-MAX_FLAG_KEY = 256
-ENV_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_KEYS = names.MAX_SDK_KEYS
 
 # Bodies up to this size are parsed and checked on the event loop (microseconds); bigger ones
 # on a worker thread, so a big change does not hold up SDK sessions, peer links and probes.
 INLINE_BODY_BYTES = 64 << 10
-# The longest integer literal a body may hold: what int() converts by default (longer ones
-# raise ValueError, which is not a JSONDecodeError). Routes then check their own ranges (a flag
-# value: msgpack's -2**63 to 2**64-1).
-MAX_INT_DIGITS = sys.int_info.default_max_str_digits
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 T = TypeVar("T")
@@ -85,51 +76,20 @@ def _error(status: int, message: str, **headers: str) -> web.Response:
 
 def _env_id(request: web.Request) -> str:
     env = request.match_info["env"]
-    if not ENV_ID.fullmatch(env):
-        raise BadRequest(
-            "environment ids are 1-128 characters of letters, digits, '.', '_' and '-', "
-            "starting with a letter or digit"
-        )
+    if not names.is_env_id(env):
+        raise BadRequest(names.ENV_ID_RULE)
     return env
-
-
-def _clip(text: str, limit: int = 40) -> str:
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
-
-
-def _int(literal: str) -> int:
-    """JSON integers, refused past MAX_INT_DIGITS digits."""
-    digits = len(literal) - literal.startswith("-")
-    if digits <= MAX_INT_DIGITS:
-        with contextlib.suppress(ValueError):  # (a lower sys.set_int_max_str_digits)
-            return int(literal)
-    raise BadRequest(f"a number is too long: an integer of {digits} digits "
-                     f"({_clip(literal)}); integers must be from -2**63 to 2**64-1")
-
-
-def _float(literal: str) -> float:
-    """JSON floats: finite ones only (1e400 would be read as infinity, which is not JSON)."""
-    value = float(literal)
-    if not math.isfinite(value):
-        raise BadRequest(f"a number is too large: {_clip(literal)} is beyond a 64-bit float; "
-                         "numbers must be finite")
-    return value
-
-
-def _no_constants(name: str) -> Any:
-    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
 
 
 def parse_object(raw: bytes) -> dict[str, Any]:
     """A body as a JSON object; 400 (BadRequest) for anything else, for NaN and Infinity, for
     a number that overflows a float (1e400) and for an integer of over MAX_INT_DIGITS digits."""
     try:
-        body = json.loads(raw, parse_constant=_no_constants, parse_int=_int,
-                          parse_float=_float)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
-    except RecursionError:
-        raise BadRequest("body is nested too deeply") from None
+        body = strict_json.loads(raw)
+    except strict_json.JsonSyntaxError as exc:
+        raise BadRequest(f"body is {exc}") from None
+    except strict_json.JsonValueError as exc:
+        raise BadRequest(str(exc)) from None
     if not isinstance(body, dict):
         raise BadRequest("body must be a JSON object")
     return body
@@ -164,8 +124,9 @@ def _unknown_fields(body: dict[str, Any], allowed: set[str]) -> None:
 
 
 def _check_flag_key(key: object) -> str:
-    if not _text(key) or not key or len(key) > MAX_FLAG_KEY:
-        raise BadRequest(f"flag keys are non-empty strings of at most {MAX_FLAG_KEY} characters")
+    if not names.is_flag_key(key):
+        raise BadRequest(names.FLAG_KEY_RULE)
+    assert isinstance(key, str)
     return key
 
 
@@ -232,7 +193,7 @@ class _OneLineBadRequests(logging.Filter):
         detail = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in detail)
         remote = record.args[0] if isinstance(record.args, tuple) and record.args else "?"
         record.msg = "bad request from %s, answered %s: %s"
-        record.args = (remote, exc.code, _clip(detail, 200))
+        record.args = (remote, exc.code, strict_json.clip(detail, 200))
         record.exc_info = record.exc_text = None
         if record.levelno > logging.INFO:
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
@@ -440,7 +401,7 @@ class AdminApi:
         if (
             not isinstance(keys, list)
             or len(keys) > MAX_KEYS
-            or not all(_text(k) and 0 < len(k) <= 512 for k in keys)
+            or not all(_text(k) and 0 < len(k) <= names.MAX_SDK_KEY for k in keys)
         ):
             raise BadRequest(
                 f"'keys' must be a list of at most {MAX_KEYS} non-empty strings (SDK keys)"

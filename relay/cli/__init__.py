@@ -9,6 +9,7 @@ what they share.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Sequence
@@ -17,30 +18,54 @@ from relay import __version__
 from relay import config as config_mod
 from relay.cli.common import DEFAULT_ADMIN_URL, DEFAULT_WS_URL, UserError, fail
 from relay.cli.drain import cmd_drain
-from relay.cli.manage import cmd_env_put, cmd_flags_del, cmd_flags_get, cmd_flags_set, cmd_status
-from relay.cli.serve import cmd_serve
+from relay.cli.manage import (
+    cmd_env_delete,
+    cmd_env_get,
+    cmd_env_list,
+    cmd_env_put,
+    cmd_flags_del,
+    cmd_flags_get,
+    cmd_flags_set,
+    cmd_status,
+)
 from relay.cli.watch import cmd_watch
+
+# The admin options' defaults: the options are SUPPRESSed in every parser, so that they can
+# be given before the command too (`relay --admin-url URL status`) without the command's
+# parser overwriting them with its defaults.
+ADMIN_DEFAULTS: dict[str, object] = {
+    "admin_url": None, "admin_token": None, "admin_token_file": None, "admin_ca": None,
+    "data_dir": None, "timeout": 10.0, "json": False,
+}
 
 
 def _admin_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--admin-url", help=f"[RELAY_ADMIN_URL; default {DEFAULT_ADMIN_URL}]")
-    parser.add_argument(
-        "--admin-token",
-        help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]",
-    )
-    parser.add_argument(
-        "--admin-token-file",
+    group = parser.add_argument_group("admin API (may also come before the command)")
+    add = functools.partial(group.add_argument, default=argparse.SUPPRESS)
+    add("--admin-url", metavar="URL",
+        help=f"the node's internal port: http(s)://HOST:PORT, or HOST:PORT for http "
+             f"[RELAY_ADMIN_URL; default {DEFAULT_ADMIN_URL}]")
+    add("--admin-token", metavar="TOKEN",
+        help="[RELAY_ADMIN_TOKEN; default: the token file in --data-dir]")
+    add("--admin-token-file", metavar="FILE",
         help="a file holding the admin token, which keeps it out of `ps` "
-             "[RELAY_ADMIN_TOKEN_FILE]",
-    )
-    parser.add_argument(
-        "--admin-ca", metavar="FILE",
+             "[RELAY_ADMIN_TOKEN_FILE]")
+    add("--admin-ca", metavar="FILE",
         help="PEM CA bundle that an https:// admin URL's certificate must chain to (a private "
-             "CA: host names are not checked) [RELAY_ADMIN_CA; default: the system's CAs]",
-    )
-    parser.add_argument("--data-dir", help="where to find the admin token file [./relay-data]")
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON answer")
+             "CA: host names are not checked) [RELAY_ADMIN_CA; default: the system's CAs]")
+    add("--data-dir", metavar="DIR", help="where to find the admin token file [./relay-data]")
+    add("--timeout", type=float, metavar="SECONDS", help="seconds per request [10]")
+    add("--json", action="store_true", help="print the answer as JSON")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """(Imported when run: it brings the whole server, which the other commands do not need.)"""
+    from relay.cli.serve import cmd_serve as serve
+
+    return serve(args)
+
+
+COMMANDS = ("serve", "env", "flags", "status", "drain", "watch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="relay", description="WebSocket edge relay for feature-flag delivery."
     )
     parser.add_argument("--version", action="version", version=f"relay {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _admin_options(parser)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run a relay node")
     config_mod.add_arguments(serve)
@@ -60,11 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="manage environments")
     env_sub = env.add_subparsers(dest="env_command", required=True, metavar="ACTION")
+    elist = env_sub.add_parser("list", help="list the environments")
+    _admin_options(elist)
+    elist.set_defaults(func=cmd_env_list)
+    eget = env_sub.add_parser("get", help="show an environment: version and SDK keys")
+    eget.add_argument("env", metavar="ENV")
+    _admin_options(eget)
+    eget.set_defaults(func=cmd_env_get)
     put = env_sub.add_parser("put", help="create an environment or replace its SDK keys")
-    put.add_argument("env")
+    put.add_argument("env", metavar="ENV")
     put.add_argument("--key", action="append", required=True, help="an SDK key (repeatable)")
     _admin_options(put)
     put.set_defaults(func=cmd_env_put)
+    edel = env_sub.add_parser(
+        "delete", help="delete an environment: its sessions closed (4001), flags and log gone")
+    edel.add_argument("env", metavar="ENV")
+    edel.add_argument("--yes", action="store_true",
+                      help="do not ask (without a terminal to ask on, --yes is required)")
+    _admin_options(edel)
+    edel.set_defaults(func=cmd_env_delete)
 
     flags = sub.add_parser("flags", help="read and change flags")
     flags_sub = flags.add_subparsers(dest="flags_command", required=True, metavar="ACTION")
@@ -117,8 +157,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options_before(argv: Sequence[str], commands: Sequence[str]) -> str | None:
+    """The command, if options come before it."""
+    for i, arg in enumerate(argv):
+        if arg in commands:
+            return arg if any(a.startswith("-") for a in argv[:i]) else None
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    if _options_before(argv, COMMANDS) == "serve":
+        fail("relay serve takes its options after it: relay serve --port ... "
+             "(see relay serve --help)", 2)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    for name, value in ADMIN_DEFAULTS.items():
+        if not hasattr(args, name):
+            setattr(args, name, value)
     try:
         return int(args.func(args))
     except UserError as exc:

@@ -8,6 +8,7 @@ import json
 import os
 import ssl
 import sys
+import urllib.parse
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -63,7 +64,30 @@ def admin_token(args: argparse.Namespace) -> str:
 
 
 def admin_base(args: argparse.Namespace) -> str:
-    return str(args.admin_url or os.environ.get("RELAY_ADMIN_URL") or DEFAULT_ADMIN_URL).rstrip("/")
+    """--admin-url (or RELAY_ADMIN_URL) as a base URL: HOST:PORT means http://HOST:PORT, as
+    `relay drain` takes it. A URL that cannot be one is a UserError naming the option."""
+    given = args.admin_url or os.environ.get("RELAY_ADMIN_URL")
+    source = "--admin-url" if args.admin_url else "RELAY_ADMIN_URL"
+    return admin_url(str(given or DEFAULT_ADMIN_URL), source)
+
+
+def admin_url(given: str, source: str = "--admin-url") -> str:
+    url = given.strip().rstrip("/")
+    if "://" not in url:
+        url = "http://" + url
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - a bad port raises ValueError here
+    except ValueError as exc:
+        raise UserError(f"{source} {given!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise UserError(f"{source} must be http:// or https:// (the node's internal port), "
+                        f"got {given!r}")
+    if not parts.hostname:
+        raise UserError(f"{source} {given!r} has no host: give HOST:PORT or a URL")
+    if parts.query or parts.fragment or any(c.isspace() for c in url) or not url.isascii():
+        raise UserError(f"{source} {given!r} is not a base URL: give http(s)://HOST:PORT")
+    return url
 
 
 def admin_ssl(args: argparse.Namespace) -> ssl.SSLContext | None:

@@ -13,7 +13,14 @@ import urllib.error
 import urllib.request
 from typing import Any
 
-from relay.cli.common import UserError, admin_base, admin_call, admin_ssl, print_json
+from relay.cli.common import (
+    UserError,
+    admin_base,
+    admin_call,
+    admin_ssl,
+    admin_url,
+    print_json,
+)
 from relay.core.drain import MAX_DEADLINE_S, DrainError, DrainPlan
 
 
@@ -22,10 +29,10 @@ def node_base(args: argparse.Namespace) -> str:
     looked up in the ring of the node at --admin-url."""
     node: str = args.node
     if node.startswith(("http://", "https://")):
-        return node.rstrip("/")
+        return admin_url(node, "NODE")
     scheme = admin_base(args).partition("://")[0]  # a cluster is all-TLS or all-plain
     if ":" in node:
-        return f"{scheme}://" + node.rstrip("/")
+        return admin_url(f"{scheme}://{node}", "NODE")
     status = admin_call(args, "GET", "/admin/v1/status")
     if status.get("node") == node:
         return admin_base(args)

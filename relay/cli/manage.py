@@ -1,18 +1,101 @@
-"""`relay env`, `relay flags` and `relay status`: the admin API from the command line."""
+"""`relay env`, `relay flags` and `relay status`: the admin API from the command line.
+
+Names and values are checked against the API's own rules (relay/core/names.py,
+relay/core/strict_json.py) before any request: a mistyped name is an error that names it and
+changes nothing, never a request to some other resource.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+import urllib.parse
 from typing import Any
 
 from relay.cli.common import UserError, admin_call, print_json
+from relay.core import codec, names, strict_json
+
+
+def env_path(env: str, suffix: str = "") -> str:
+    """The API path of an environment, its id checked first (and percent-encoded anyway)."""
+    if not names.is_env_id(env):
+        raise UserError(f"{env!r} is not an environment id: {names.ENV_ID_RULE}")
+    return f"/admin/v1/envs/{urllib.parse.quote(env, safe='')}{suffix}"
+
+
+def _flag_key(key: str, item: str | None = None) -> str:
+    if not names.is_flag_key(key):
+        raise UserError(f"{item or key!r}: {names.FLAG_KEY_RULE}")
+    return key
 
 
 def cmd_env_put(args: argparse.Namespace) -> int:
-    answer = admin_call(args, "PUT", f"/admin/v1/envs/{args.env}", {"keys": args.key})
-    print(f"environment {answer['env']} at v={answer['v']} with {len(args.key)} SDK key(s)")
+    path = env_path(args.env)
+    keys = list(dict.fromkeys(args.key))
+    if not all(0 < len(key) <= names.MAX_SDK_KEY for key in keys):
+        raise UserError(f"an SDK key (--key) must be 1-{names.MAX_SDK_KEY} characters")
+    if len(keys) > names.MAX_SDK_KEYS:
+        raise UserError(f"at most {names.MAX_SDK_KEYS} SDK keys per environment "
+                        f"(got {len(keys)})")
+    answer = admin_call(args, "PUT", path, {"keys": keys})
+    if args.json:
+        print_json(answer)
+        return 0
+    print(f"environment {answer['env']} at v={answer['v']} with {len(keys)} SDK key(s)")
+    return 0
+
+
+def cmd_env_list(args: argparse.Namespace) -> int:
+    envs = admin_call(args, "GET", "/admin/v1/envs")["envs"]
+    if args.json:
+        print_json(envs)
+        return 0
+    if not envs:
+        print("no environments (create one with: relay env put ENV --key SDK_KEY)")
+        return 0
+    width = max(len("ENV"), *(len(e["env"]) for e in envs))
+    print(f"{'ENV':{width}}  {'VERSION':>8}  {'SDK KEYS':>8}")
+    for e in envs:
+        print(f"{e['env']:{width}}  {e['v']:>8}  {e['keys']:>8}")
+    return 0
+
+
+def cmd_env_get(args: argparse.Namespace) -> int:
+    info = admin_call(args, "GET", env_path(args.env))
+    if args.json:
+        print_json(info)
+        return 0
+    print(f"environment {info['env']}: v={info['v']}, {info['keys']} SDK key(s)")
+    return 0
+
+
+def _confirmed(env: str, info: dict[str, Any]) -> bool:
+    """Ask on the terminal; False (refused) without one."""
+    if not sys.stdin.isatty():
+        raise UserError(f"deleting {env} needs --yes (there is no terminal to ask on)")
+    print(f"Delete environment {env} (v={info['v']}, {info['keys']} SDK key(s))? Its SDK "
+          "sessions are closed (4001) and its flags and change log are removed for good.",
+          file=sys.stderr)
+    try:
+        answer = input(f"Type the environment's name ({env}) to confirm: ")
+    except EOFError:
+        return False
+    return answer.strip() == env
+
+
+def cmd_env_delete(args: argparse.Namespace) -> int:
+    path = env_path(args.env)
+    if not args.yes:
+        info = admin_call(args, "GET", path)  # (also: an unknown one is refused before asking)
+        if not _confirmed(args.env, info):
+            raise UserError(f"not confirmed: {args.env} was not deleted")
+    answer = admin_call(args, "DELETE", path)
+    if args.json:
+        print_json(answer)
+        return 0
+    print(f"environment {args.env} deleted")
     return 0
 
 
@@ -20,29 +103,46 @@ def _parse_assignment(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise UserError(f"{item!r}: expected KEY=JSON, e.g. new-checkout=true")
+    _flag_key(key, item)
     try:
-        return key, json.loads(raw)
-    except json.JSONDecodeError:
+        value = strict_json.loads(raw)
+    except strict_json.JsonSyntaxError:
         raise UserError(
             f"{item!r}: the value is not valid JSON (for a string, quote it: {key}='\"{raw}\"')"
         ) from None
+    except strict_json.JsonValueError as exc:
+        raise UserError(f"{item!r}: {exc}") from None
+    try:
+        codec.pack(value)
+    except OverflowError:
+        raise UserError(f"{item!r}: integers must be from -2**63 to 2**64-1") from None
+    return key, value
 
 
 def cmd_flags_set(args: argparse.Namespace) -> int:
+    path = env_path(args.env, "/flags")
     put = dict(_parse_assignment(item) for item in args.assignments)
-    answer = admin_call(args, "PATCH", f"/admin/v1/envs/{args.env}/flags", {"put": put})
+    answer = admin_call(args, "PATCH", path, {"put": put})
+    if args.json:
+        print_json(answer)
+        return 0
     print(f"{args.env}: v={answer['v']} ({len(put)} flag(s) set)")
     return 0
 
 
 def cmd_flags_del(args: argparse.Namespace) -> int:
-    answer = admin_call(args, "PATCH", f"/admin/v1/envs/{args.env}/flags", {"del": args.keys})
+    path = env_path(args.env, "/flags")
+    keys = [_flag_key(key) for key in dict.fromkeys(args.keys)]
+    answer = admin_call(args, "PATCH", path, {"del": keys})
+    if args.json:
+        print_json(answer)
+        return 0
     print(f"{args.env}: v={answer['v']}")
     return 0
 
 
 def cmd_flags_get(args: argparse.Namespace) -> int:
-    answer = admin_call(args, "GET", f"/admin/v1/envs/{args.env}/flags")
+    answer = admin_call(args, "GET", env_path(args.env, "/flags"))
     if args.json:
         print_json(answer)
         return 0

@@ -331,3 +331,72 @@ def test_status_into_a_closed_pipe_exits_quietly(relay: RelayProcess) -> None:
 def test_a_timeout_that_is_not_a_number_is_refused() -> None:
     result = run(None, "serve", "--close-timeout", "nan", "--dry-run")
     assert "--close-timeout must be a positive number of seconds" in one_line_error(result)
+
+
+def test_a_bad_environment_name_changes_nothing(relay: RelayProcess) -> None:
+    """An id goes into the URL: checked before any request, so `prod?region=eu` can never
+    reach prod (it used to replace prod's keys and close every prod SDK with 4001)."""
+    run(relay, "env", "put", "prod", "--key", "sdk-prod")
+    before = run(relay, "--json", "env", "get", "prod").stdout
+    rule = "is not an environment id: environment ids are"
+    for args in (["env", "get"], ["env", "delete"], ["flags", "set"], ["flags", "del"],
+                 ["flags", "get"]):
+        extra = {"delete": ["--yes"], "set": ["a=1"], "del": ["a"]}.get(args[1], [])
+        assert rule in one_line_error(run(relay, *args, "prod?region=eu", *extra)), args
+    for name in ("prod?region=eu", "prod#eu", "a/b", "a b", "café", "", "x" * 129, "prod\n"):
+        assert rule in one_line_error(run(relay, "env", "put", name, "--key", "other")), name
+    assert run(relay, "--json", "env", "get", "prod").stdout == before
+
+
+def test_values_the_api_would_refuse_are_refused_before_sending(relay: RelayProcess) -> None:
+    run(relay, "env", "put", "vals", "--key", "sdk-vals")
+    cases = {"n=1e999": "a number is too large", "n=-1e999": "a number is too large",
+             "n=NaN": "not valid JSON", "n=Infinity": "not valid JSON",
+             "n=18446744073709551616": "integers must be from -2**63 to 2**64-1",
+             "=1": "expected KEY=JSON", f"{'k' * 257}=1": "flag keys are non-empty"}
+    for item, fragment in cases.items():
+        assert fragment in one_line_error(run(relay, "flags", "set", "vals", item)), item
+    assert fragment in one_line_error(run(relay, "flags", "del", "vals", "k" * 257))
+    assert json.loads(run(relay, "--json", "env", "get", "vals").stdout)["v"] == 0
+
+
+def test_env_list_get_and_delete(relay: RelayProcess) -> None:
+    run(relay, "env", "put", "listed", "--key", "sdk-listed")
+    run(relay, "flags", "set", "listed", "a=1")
+    listed = json.loads(run(relay, "env", "list", "--json").stdout)
+    assert {"env": "listed", "v": 1, "keys": 1} in listed
+    table = run(relay, "env", "list").stdout.splitlines()
+    assert table[0].split() == ["ENV", "VERSION", "SDK", "KEYS"]
+    assert ["listed", "1", "1"] in [line.split() for line in table]
+    assert run(relay, "env", "get", "listed").stdout.strip() == \
+        "environment listed: v=1, 1 SDK key(s)"
+    # Without --yes and without a terminal to ask on: refused, nothing deleted.
+    line = one_line_error(run(relay, "env", "delete", "listed"))
+    assert "needs --yes" in line
+    assert run(relay, "env", "get", "listed").returncode == 0
+    assert run(relay, "env", "delete", "listed", "--yes").stdout.strip() == \
+        "environment listed deleted"
+    assert "404 unknown environment 'listed'" in one_line_error(run(relay, "env", "get", "listed"))
+    assert "404 unknown environment" in one_line_error(
+        run(relay, "env", "delete", "listed", "--yes"))
+
+
+def test_relay_alone_lists_the_commands_and_options_may_come_first(
+    relay: RelayProcess,
+) -> None:
+    alone = run(None)
+    assert alone.returncode == 2 and "Traceback" not in alone.stderr
+    for command in ("serve", "env", "flags", "status", "drain", "watch"):
+        assert f"    {command}" in alone.stderr
+    # Admin options before the command, and HOST:PORT for --admin-url (as `relay drain`).
+    host_port = relay.admin_url.removeprefix("http://")
+    first = run(None, "--admin-url", host_port, "--admin-token", relay.token, "status", "--json")
+    assert first.returncode == 0, first.stderr
+    assert json.loads(first.stdout)["state"] == "ready"
+    line = one_line_error(run(None, "--data-dir", "x", "serve"))
+    assert "relay serve takes its options after it" in line
+    for url, fragment in (("ftp://x", "must be http:// or https://"),
+                          ("http://x:99999", "is not a URL"), ("http://:8", "has no host"),
+                          ("http://a b:1", "is not a base URL")):
+        line = one_line_error(run(None, "status", "--admin-url", url, "--admin-token", "t"))
+        assert fragment in line and "--admin-url" in line, line
