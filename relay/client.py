@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import ssl
 import time
@@ -55,9 +56,24 @@ class RelayClientError(Exception):
     """The server ended the stream for good (e.g. 4001 bad credentials)."""
 
     def __init__(self, code: int | None, reason: str) -> None:
-        super().__init__(f"relay closed the stream: {code} {reason}".strip())
+        super().__init__(f"relay closed the stream: {code} {reason}".strip() if code is not None
+                         else reason)
         self.code = code
         self.reason = reason
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    """What happened to the connection, for `on_connection` (e.g. `relay watch` prints it).
+    `kind`: "connecting" (the first attempt), "connected" (the first state held),
+    "reconnected" (a state held again, `v` the version), "retrying" (`delay` seconds from now,
+    `message` says why), "goaway" (the server sends it away: `delay` is its `retry_ms`),
+    "failed" (for good: `message` says why). `message` is one line for a person."""
+
+    kind: str
+    message: str
+    delay: float | None = None
+    v: int | None = None
 
 
 @dataclass(frozen=True)
@@ -72,6 +88,8 @@ class ChangeEvent:
     put: dict[str, Any]
     deleted: list[str]
     changed: list[str] = field(default_factory=list)
+    # The first state of a connection: a snap, or the delta of what was missed while away.
+    catch_up: bool = False
 
 
 @dataclass
@@ -102,9 +120,16 @@ class RelayClient:
         backoff_max: float = 30.0,
         open_timeout: float = 10.0,
         ssl: ssl.SSLContext | None = None,
+        on_connection: Callable[[ConnectionEvent], None] | None = None,
     ) -> None:
+        if not url.startswith(("ws://", "wss://")):
+            raise ValueError(f"url must be a ws:// or wss:// URL (the public port's "
+                             f"/v1/stream), not {url!r}")
         if ssl is not None and not url.startswith("wss://"):
             raise ValueError(f"ssl= is for wss:// URLs, not {url!r}")
+        self.on_connection = on_connection
+        # Why the last attempt failed, until a connection holds a state again.
+        self.last_error: str | None = None
         self.url = url
         self.ssl = ssl  # for wss:// (None: the system's CAs, host names checked)
         self.key = key
@@ -169,9 +194,15 @@ class RelayClient:
     ) -> None:
         await self.close()
 
-    async def wait_ready(self, timeout: float | None = None) -> None:
-        """Wait until the client holds a state (first snap or catch-up), or raise its error."""
-        await self.wait_for(lambda: self._ready.is_set(), timeout)
+    async def wait_ready(self, timeout: float | None = 30.0) -> None:
+        """Wait until the client holds a state (first snap or catch-up), or raise its error;
+        TimeoutError after `timeout` seconds (None: no limit), saying why it is not connected
+        (`last_error`). The client goes on trying meanwhile."""
+        try:
+            await self.wait_for(lambda: self._ready.is_set(), timeout)
+        except TimeoutError:
+            why = self.last_error or "no state received yet"
+            raise TimeoutError(f"not ready after {timeout:g} s: {why}") from None
 
     async def wait_for_version(self, v: int, timeout: float | None = None) -> None:
         await self.wait_for(lambda: self.version is not None and self.version >= v, timeout)
@@ -236,8 +267,17 @@ class RelayClient:
             error.__cause__ = exc
             await self._fail(error)
 
+    def _event(self, kind: str, message: str, delay: float | None = None,
+               v: int | None = None) -> None:
+        if self.on_connection is not None:
+            try:
+                self.on_connection(ConnectionEvent(kind, message, delay, v))
+            except Exception:
+                log.exception("on_connection raised")
+
     async def _connect_loop(self) -> None:
         backoff = Backoff(self.backoff_base, self.backoff_max, jitter=1.0)
+        self._event("connecting", f"connecting to {self.url}")
         while not self._closing:
             self._goaway_retry = None
             self._synced = False
@@ -259,7 +299,8 @@ class RelayClient:
                     retry_ms = protocol.close_retry_ms(reason)
                     if retry_ms is not None:
                         self._goaway_retry = retry_ms / 1000
-                log.info("stream closed (%s %s); reconnecting", code, reason)
+                self.last_error = (f"the stream closed ({code} {reason})".replace(" )", ")")
+                                   if code is not None else "the connection was lost")
             except RelayClientError as exc:
                 await self._fail(exc)
                 return
@@ -268,7 +309,7 @@ class RelayClient:
                 if status in (401, 403, 404):
                     await self._fail(RelayClientError(None, f"HTTP {status} from {self.url}"))
                     return
-                log.info("handshake refused with HTTP %d; retrying", status)
+                self.last_error = f"the handshake was refused with HTTP {status}"
             except ssl.SSLCertVerificationError as exc:
                 error = RelayClientError(
                     None, f"the server's TLS certificate is not trusted: {exc.verify_message}")
@@ -276,9 +317,10 @@ class RelayClient:
                 await self._fail(error)
                 return
             except (OSError, InvalidHandshake, TimeoutError) as exc:
-                log.info("cannot connect to %s (%s); retrying", self.url, exc)
+                self.last_error = f"cannot connect to {self.url}: {exc or type(exc).__name__}"
             except _Resync:
                 self._goaway_retry = 0.0
+                self.last_error = "a version gap: reconnecting with the version held"
             finally:
                 self._ws = None
             if self._closing:
@@ -293,6 +335,13 @@ class RelayClient:
             else:
                 backoff.reset()
             self.stats.reconnects += 1
+            why = self.last_error or "the connection ended"
+            # One warning per outage (a person should see that the client is not connected);
+            # the attempts after it at INFO.
+            outage = self._goaway_retry is None and (self._synced or self.stats.reconnects == 1)
+            log.log(logging.WARNING if outage else logging.INFO, "%s; retrying in %.1f s", why,
+                    delay)
+            self._event("retrying", f"{why}; retrying in {delay:.1f} s", delay)
             await asyncio.sleep(delay)
 
     async def _session(self) -> None:
@@ -343,6 +392,10 @@ class RelayClient:
                     log.info(
                         "goaway (%s): reconnect in %.2fs", frame.get("reason"), self._goaway_retry
                     )
+                    self.last_error = f"sent away by the server ({frame.get('reason')})"
+                    self._event("goaway", f"goaway ({frame.get('reason')}) from node "
+                                f"{self.node}: reconnecting in {self._goaway_retry:.1f} s",
+                                self._goaway_retry)
             raise ws.protocol.close_exc  # closed by the server with a normal code
 
     async def _apply_snap(self, frame: dict[str, Any]) -> None:
@@ -372,6 +425,13 @@ class RelayClient:
 
     async def _updated_to(self, event: ChangeEvent) -> None:
         self.version = event.v
+        if not self._synced:  # this connection's first state
+            event = dataclasses.replace(event, catch_up=True)
+            first = not self._ready.is_set()
+            self.last_error = None
+            self._event("connected" if first else "reconnected",
+                        f"{'connected' if first else 'reconnected'}: env {self.env} on node "
+                        f"{self.node}, v={event.v}", v=event.v)
         self._synced = True
         if self.on_change is not None and (event.put or event.deleted or event.kind == "snap"):
             try:
@@ -387,6 +447,7 @@ class RelayClient:
 
     async def _fail(self, error: RelayClientError) -> None:
         self.error = error
+        self._event("failed", str(error))
         self._set_status("closed")
         self._wake_all(None)
         async with self._updated:

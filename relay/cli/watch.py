@@ -14,9 +14,12 @@ from relay.admin.client import tls_hint
 from relay.cli.common import DEFAULT_WS_URL, UserError, run_async
 
 
-async def _watch(url: str, key: str, since: int | None,
-                 context: ssl.SSLContext | None = None) -> None:
-    from relay.client import ChangeEvent, RelayClient, RelayClientError
+async def _watch(url: str, key: str, since: int | None, context: ssl.SSLContext | None = None,
+                 timeout: float | None = None) -> None:
+    """Changes on stdout; the connection's state on stderr (connecting, connected, retrying
+    and why, goaway, reconnected at v), so that "no changes" and "not connected" look
+    different, and a pipe of stdout gets only the changes."""
+    from relay.client import ChangeEvent, ConnectionEvent, RelayClient, RelayClientError
 
     def show(event: ChangeEvent) -> None:
         if event.kind == "snap":
@@ -24,22 +27,31 @@ async def _watch(url: str, key: str, since: int | None,
             for k in sorted(event.put):
                 print(f"  {k} = {json.dumps(event.put[k])}")
         else:
+            if event.catch_up:
+                print(f"caught up from v={event.base} to v={event.v}: "
+                      f"{len(event.put) + len(event.deleted)} flag(s) changed meanwhile")
             for k in sorted(event.put):
                 print(f"v={event.v} set {k} = {json.dumps(event.put[k])}")
             for k in event.deleted:
                 print(f"v={event.v} del {k}")
         sys.stdout.flush()
 
+    def state(event: ConnectionEvent) -> None:
+        if event.kind != "failed":  # (the error is the command's one line)
+            print(f"relay watch: {event.message}", file=sys.stderr, flush=True)
+
     def reader_gone() -> None:
         """`relay watch | head`: the reader went away; stop quietly, like any Unix filter."""
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
-    client = RelayClient(url, key, since=since, on_change=show, backoff_max=10.0, ssl=context)
+    client = RelayClient(url, key, since=since, on_change=show, on_connection=state,
+                         backoff_max=10.0, ssl=context)
     async with client:
         try:
-            await client.wait_ready()
-            print(f"connected: env {client.env} on node {client.node}, v={client.version}",
-                  flush=True)
+            try:
+                await client.wait_ready(timeout)
+            except TimeoutError as exc:
+                raise UserError(f"{exc} (--timeout)") from None
             await client.wait_for(lambda: False)
         except BrokenPipeError:  # a print of ours (the snapshot may already be read)
             reader_gone()
@@ -79,7 +91,10 @@ def cmd_watch(args: argparse.Namespace) -> int:
             context = client_context(ca, "--ca")
         except TlsError as exc:
             raise UserError(str(exc)) from None
-    logging.basicConfig(level=logging.WARNING, format="relay watch: %(message)s")
+    if args.timeout is not None and not args.timeout > 0:
+        raise UserError("--timeout must be a positive number of seconds")
+    # The client's own log lines would repeat what `state` prints.
+    logging.basicConfig(level=logging.ERROR, format="relay watch: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        run_async(_watch(url, key, args.since, context))
+        run_async(_watch(url, key, args.since, context, args.timeout))
     return 0

@@ -239,3 +239,54 @@ async def test_backoff_survives_thousands_of_failures() -> None:
             await asyncio.sleep(0.05)
     assert client.error is None
     await client.close()
+
+
+async def test_a_url_that_is_not_a_websocket_url_is_refused_at_once() -> None:
+    for url in ("http://127.0.0.1:8080/v1/stream", "127.0.0.1:8080", ""):
+        with pytest.raises(ValueError, match="ws:// or wss://"):
+            RelayClient(url, "k")
+
+
+async def test_wait_ready_times_out_by_default_and_says_why() -> None:
+    """Not connected: wait_ready gives up (30 s by default, 0.5 here) and says why; the
+    client's `on_connection` heard each attempt meanwhile."""
+    events: list[Any] = []
+    url = "ws://127.0.0.1:9/v1/stream"
+    async with RelayClient(url, "k", on_connection=events.append, backoff_base=0.05,
+                           backoff_max=0.1) as client:
+        with pytest.raises(TimeoutError, match=r"not ready after 0.5 s: cannot connect to ws://"):
+            await client.wait_ready(0.5)
+        assert client.last_error is not None and "Connection refused" in client.last_error
+    assert events[0].kind == "connecting" and events[0].message == f"connecting to {url}"
+    retries = [e for e in events[1:] if e.kind == "retrying"]
+    assert retries and all(e.delay is not None and "retrying in" in e.message for e in retries)
+    import inspect
+
+    assert inspect.signature(RelayClient.wait_ready).parameters["timeout"].default == 30.0
+
+
+async def test_connection_events_and_errors_read_as_sentences(
+    node: Node, admin: Admin, scripted: Any,
+) -> None:
+    await admin.put_env("prod", ["k"])
+    events: list[Any] = []
+    seen: list[ChangeEvent] = []
+    async with RelayClient(node.ws_url, "k", on_connection=events.append,
+                           on_change=seen.append) as client:
+        await client.wait_ready(10)
+        assert events[-1].kind == "connected" and events[-1].v == 0
+        assert events[-1].message.startswith("connected: env prod on node ")
+        assert seen[0].catch_up and seen[0].kind == "snap"
+        v = await admin.publish("prod", {"a": 1})
+        await client.wait_for_version(v, 10)
+        assert not seen[-1].catch_up
+    # An error without a close code carries no "None".
+    async with RelayClient(node.ws_url, "k", on_change=lambda e: 1 / 0) as client:
+        with pytest.raises(RelayClientError) as info:
+            await client.wait_ready(10)
+        assert "None" not in str(info.value) and str(info.value).startswith("on_change raised")
+    url, _ = await scripted([[4002]])
+    async with RelayClient(url, "k") as client:
+        with pytest.raises(RelayClientError) as closed:
+            await client.wait_ready(10)
+        assert str(closed.value).startswith("relay closed the stream: 4002")

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +33,12 @@ def run(relay: RelayProcess | None, *args: str, token: str | None = None,
         env["RELAY_ADMIN_URL"] = relay.admin_url
         env["RELAY_ADMIN_TOKEN"] = relay.token if token is None else token
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=60, cwd=cwd)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
@@ -70,12 +78,14 @@ def test_watch_prints_changes_live(relay: RelayProcess) -> None:
         [sys.executable, "-m", "relay", "watch", "--url", relay.ws_url, "--key", "sdk-watch"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )
-    assert watch.stdout is not None
+    assert watch.stdout is not None and watch.stderr is not None
     try:
-        lines = [watch.stdout.readline() for _ in range(3)]
+        # The connection's state on stderr, first; the changes on stdout.
+        assert watch.stderr.readline().startswith("relay watch: connecting to ws://")
+        assert watch.stderr.readline().startswith("relay watch: connected: env watched on node")
+        lines = [watch.stdout.readline() for _ in range(2)]
         assert lines[0].startswith("snapshot v=1: 1 flag(s)")
         assert lines[1].strip() == "a = 1"
-        assert lines[2].startswith("connected: env watched")
         run(relay, "flags", "set", "watched", 'a="two"')
         assert watch.stdout.readline().strip() == 'v=2 set a = "two"'
         run(relay, "flags", "del", "watched", "a")
@@ -85,9 +95,73 @@ def test_watch_prints_changes_live(relay: RelayProcess) -> None:
         watch.wait(10)
 
 
-def test_watch_with_a_bad_key(relay: RelayProcess) -> None:
-    line = one_line_error(run(None, "watch", "--url", relay.ws_url, "--key", "nope"))
-    assert "SDK key was refused (4001" in line
+def _watch(relay_url: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "relay", "watch", "--url", relay_url, *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+
+def _line_with(stream: Any, fragment: str, limit: int = 20) -> str:
+    """The next line of `stream` holding `fragment` (at most `limit` lines read)."""
+    seen = []
+    for _ in range(limit):
+        line = stream.readline()
+        seen.append(line)
+        if fragment in line:
+            return str(line)
+        if not line:
+            break
+    raise AssertionError(f"no line with {fragment!r} in {seen}")
+
+
+def test_watch_says_when_it_is_not_connected_and_when_it_is_back(tmp_path: Path) -> None:
+    """A stop, a drain (goaway) and a restart are on stderr as they happen; a catch-up has a
+    header on stdout."""
+    port = str(_free_port())
+    node = start_relay(tmp_path / "d", "--port", port, "--drain-window", "0.2")
+    manage = RelayProcess(node.proc, node.ws_url, node.admin_url, node.token)
+    run(manage, "env", "put", "w", "--key", "sdk-w")
+    for n in range(3):
+        run(manage, "flags", "set", "w", f"a={n}", f"b{n}=true")
+    watch = _watch(node.ws_url, "--key", "sdk-w", "--since", "1")
+    try:
+        assert watch.stdout is not None and watch.stderr is not None
+        _line_with(watch.stderr, "connected: env w on node")
+        assert watch.stdout.readline().strip() == \
+            "caught up from v=1 to v=3: 3 flag(s) changed meanwhile"
+        assert [watch.stdout.readline().strip() for _ in range(3)] == [
+            "v=3 set a = 2", "v=3 set b1 = true", "v=3 set b2 = true"]
+        # A drain sends it away; the node then exits, and the watch says it cannot connect.
+        drained = run(manage, "drain", node.admin_url, "--deadline", "10", "--window", "0.2")
+        assert drained.returncode == 0, drained.stderr
+        _line_with(watch.stderr, "goaway (drain) from node")
+        _line_with(watch.stderr, "cannot connect to ws://127.0.0.1:" + port)
+        node.proc.wait(20)
+        # Back on the same port: reconnected, at the version it holds.
+        node = start_relay(tmp_path / "d", "--port", port)
+        _line_with(watch.stderr, "reconnected: env w on node", limit=50)
+        run(RelayProcess(node.proc, node.ws_url, node.admin_url, node.token),
+            "flags", "set", "w", "a=9")
+        assert watch.stdout.readline().strip() == "v=4 set a = 9"
+    finally:
+        watch.terminate()
+        watch.wait(10)
+        node.stop()
+
+
+def test_watch_timeout_and_errors(relay: RelayProcess) -> None:
+    dead = f"ws://127.0.0.1:{_free_port()}/v1/stream"
+    result = run(None, "watch", "--url", dead, "--key", "k", "--timeout", "1")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == f"relay watch: connecting to {dead}"
+    assert "Connection refused; retrying in" in lines[1]
+    assert lines[-1].startswith("relay: not ready after 1 s: cannot connect to ")
+    assert lines[-1].endswith("(--timeout)")
+    bad = run(None, "watch", "--url", relay.ws_url, "--key", "nope")
+    assert bad.stderr.strip().splitlines()[-1].startswith(
+        "relay: the SDK key was refused (4001")
 
 
 def test_user_errors_are_one_line(relay: RelayProcess, tmp_path: Path) -> None:
