@@ -73,6 +73,9 @@ def admin_base(args: argparse.Namespace) -> str:
 
 def admin_url(given: str, source: str = "--admin-url") -> str:
     url = given.strip().rstrip("/")
+    if url.isdigit():
+        raise UserError(f"{source} {given!r} is a port alone: give HOST:PORT, e.g. "
+                        f"127.0.0.1:{url}")
     if "://" not in url:
         url = "http://" + url
     try:

@@ -471,6 +471,6 @@ def test_relay_alone_lists_the_commands_and_options_may_come_first(
     assert "relay serve takes its options after it" in line
     for url, fragment in (("ftp://x", "must be http:// or https://"),
                           ("http://x:99999", "is not a URL"), ("http://:8", "has no host"),
-                          ("http://a b:1", "is not a base URL")):
+                          ("http://a b:1", "is not a base URL"), ("8081", "a port alone")):
         line = one_line_error(run(None, "status", "--admin-url", url, "--admin-token", "t"))
         assert fragment in line and "--admin-url" in line, line
