@@ -52,8 +52,8 @@ class Config:
     port: int = _opt(8080, "public SDK WebSocket port (0 picks a free port)")
     admin_host: str = _opt(
         "127.0.0.1",
-        "address of the internal port (admin API, metrics, probes, peer links); not --host's: "
-        "0.0.0.0 where probes and peers come from other hosts (a pod)",
+        "address of the internal port (admin API, metrics, probes, peer links). It does not "
+        "follow --host; set 0.0.0.0 where probes and peers come from other hosts (a pod)",
     )
     admin_port: int = _opt(8081, "internal admin/metrics port (0 picks a free port)")
     admin_request_timeout: float = _opt(
@@ -242,6 +242,9 @@ class Config:
     )
     env_idle_ttl: float = _opt(60.0, "seconds an environment stays cached with no sessions")
     log_level: str = _opt("info", "debug, info, warning or error")
+    log_format: str = _opt(
+        "text", "text (a line per event: time, level, logger, message, key=value fields) or "
+                "json (one JSON object per line, for a log collector)")
 
     @functools.cached_property
     def cluster_discovery(self) -> Discovery | None:
@@ -267,20 +270,81 @@ def env_var(name: str) -> str:
     return "RELAY_" + name.upper()
 
 
+# `relay serve --help`, in the order an operator looks for things.
+HELP_GROUPS: dict[str, tuple[str, ...]] = {
+    "ports": ("host", "port", "admin_host", "admin_port", "node_id", "workers"),
+    "store and data": ("store", "data_dir", "history", "history_bytes", "log_retention",
+                       "env_idle_ttl"),
+    "secrets": ("admin_token", "admin_token_file", "sdk_key_secret", "sdk_key_secret_file",
+                "sdk_key_legacy_hashes"),
+    "cluster": ("discovery", "advertise", "peer_token", "peer_token_file",
+                "membership_interval"),
+    "TLS": ("tls_cert", "tls_key", "tls_ca"),
+    "drain": ("drain_deadline", "drain_window"),
+    "connections and limits (the public port)": (
+        "max_connections", "max_pending", "fd_reserve", "max_sessions_per_ip",
+        "max_pending_per_ip", "ip_connect_rate", "ip_connect_burst", "ip_auth_failure_rate",
+        "ip_auth_failure_burst", "client_control_rate", "client_control_burst",
+        "trusted_proxies", "max_request_head", "max_client_message", "handshake_timeout",
+        "auth_timeout", "ping_interval", "ping_timeout", "close_timeout"),
+    "slow consumers": ("slow_consumer_timeout", "max_session_buffer", "write_high_water",
+                       "write_low_water", "write_stall_timeout", "socket_send_buffer",
+                       "socket_receive_buffer"),
+    "admin API": ("admin_request_timeout", "max_change_keys", "max_change_bytes"),
+    "logs": ("log_level", "log_format"),
+}
+
+
+def _default_text(f: dataclasses.Field[Any]) -> str:
+    value = f.default
+    if f.name in ("max_connections",):
+        return "the open-files limit less --max-pending and --fd-reserve"
+    if value == "" or value is None:
+        return "none"
+    return str(value)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add one flag per Config field (defaults are resolved later, in `from_args`)."""
-    for f in dataclasses.fields(Config):
-        kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(
-            str(f.type), str
-        )
-        parser.add_argument(
-            _flag(f.name),
-            dest=f.name,
-            type=kind,
-            default=None,
-            metavar=f.name.upper(),
-            help=f"{f.metadata['help']} [{env_var(f.name)}; default: {f.default!r}]",
-        )
+    """Add one flag per Config field, in HELP_GROUPS (defaults are resolved later, in
+    `from_args`)."""
+    fields = {f.name: f for f in dataclasses.fields(Config)}
+    for title, names in HELP_GROUPS.items():
+        group = parser.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            kind = f.type if isinstance(f.type, type) else {"int": int, "float": float}.get(
+                str(f.type), str
+            )
+            group.add_argument(
+                _flag(f.name),
+                dest=f.name,
+                type=kind,
+                default=None,
+                metavar=f.name.upper(),
+                help=(f"{f.metadata['help']} [{env_var(f.name)}" + (
+                    "]" if "default" in f.metadata["help"] else
+                    f"; default {_default_text(f)}]")),
+            )
+
+
+# RELAY_* variables read by the commands other than serve (relay/cli).
+CLIENT_VARIABLES = frozenset({"RELAY_ADMIN_URL", "RELAY_ADMIN_CA", "RELAY_URL", "RELAY_SDK_KEY",
+                              "RELAY_CA"})
+
+
+def unknown_variables(environ: dict[str, str]) -> list[str]:
+    """A warning for each RELAY_* variable that relay does not read (a misspelt one would be
+    ignored without a word), with the closest name it does read."""
+    import difflib
+
+    known = {env_var(f.name) for f in dataclasses.fields(Config)} | CLIENT_VARIABLES
+    warnings = []
+    for name in sorted(environ):
+        if name.startswith("RELAY_") and name not in known:
+            close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.8)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            warnings.append(f"{name} is not a relay setting{hint}; it is ignored")
+    return warnings
 
 
 class ConfigError(ValueError):
@@ -456,3 +520,5 @@ def check(config: Config) -> None:
             raise ConfigError(f"{_flag(name)} must be at least 1")
     if config.log_level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("--log-level must be debug, info, warning or error")
+    if config.log_format not in {"text", "json"}:
+        raise ConfigError(f"--log-format must be text or json, got {config.log_format!r}")

@@ -49,6 +49,7 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from relay import logs
 from relay.config import Config, open_files_limit
 from relay.core import admission as adm
 from relay.core import disconnects as dc
@@ -56,6 +57,7 @@ from relay.core import handshake, protocol, proxy_protocol
 from relay.core.auth_failures import FailureLog, UnknownKeys
 from relay.core.bearer import bearer
 from relay.core.keepalive import PendingPings, PingRounds
+from relay.core.log_sampler import LogSampler
 from relay.core.reqhead import HeadStatus, RequestHead
 from relay.core.trusted_proxies import TrustedProxies
 from relay.hub import Hub, Subscription
@@ -399,6 +401,7 @@ class SdkConnection(asyncio.Protocol):
         if self.proto.state is not _OPEN:
             return
         self.server.metrics.evictions.labels(why).inc()
+        self.server.session_event("session evicted", self, why, dc.EVICTED.code)
         self.disconnect(dc.EVICTED)
 
     @property
@@ -478,6 +481,7 @@ class SdkConnection(asyncio.Protocol):
         # Spread the retries of clients refused together over half as long again.
         retry = (retry_ms + random.randint(0, retry_ms // 2) if retry_ms
                  else dc.LIMIT.retry())
+        self.server.session_event("session refused", self, message, dc.LIMIT.code)
         self.disconnect(dc.LIMIT, protocol.limit_reason(message, retry), retry)
 
     def _abort(self) -> None:
@@ -971,6 +975,7 @@ class SdkServer:
         # Connections holding a pending slot, oldest first (at most --max-pending).
         self._unsettled: dict[SdkConnection, None] = {}
         self.failures = FailureLog()
+        self.events = LogSampler()  # the budget of lines about refused and evicted sessions
         self.socket_cap = self._socket_cap(config)
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
@@ -1120,6 +1125,21 @@ class SdkServer:
         if conn.ticket is not None:
             self.admission.auth_failed(conn.ticket, now)
         self.failures.record(reason, conn.client_ip, now)
+        code = (dc.AUTH_TIMEOUT.code if reason == dc.AUTH_TIMEOUT_REASON
+                else dc.BAD_CREDENTIALS.code)
+        self.session_event("session refused", conn, f"auth: {reason}", code)
+
+    def session_event(self, what: str, conn: SdkConnection, reason: str, code: int) -> None:
+        """One line per refused or evicted session, with who and why, within the budget of
+        `events` (a flood is a few lines, each saying how many were left out before it)."""
+        if not log.isEnabledFor(logging.INFO):
+            return
+        held = self.events.admit(self.loop.time())
+        if held is None:
+            return
+        log.info(what, extra=logs.fields(
+            addr=conn.client_ip or "unknown", env=conn.env or None, reason=reason, code=code,
+            not_logged_before=held or None))
 
     def handshake_started(self, conn: SdkConnection) -> None:
         """`conn` has --handshake-timeout from now to send its whole request head."""

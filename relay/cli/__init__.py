@@ -76,7 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     _admin_options(parser)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run a relay node")
+    serve = sub.add_parser(
+        "serve", help="run a relay node", usage="%(prog)s [--dry-run] [--OPTION VALUE ...]",
+        description="Run a relay node. Every option is also a RELAY_* environment variable "
+                    "(--max-connections is RELAY_MAX_CONNECTIONS); an option given wins.")
     config_mod.add_arguments(serve)
     serve.add_argument("--dry-run", action="store_true",
                        help="check the flags and RELAY_* variables, print the resulting "
@@ -181,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, value in ADMIN_DEFAULTS.items():
         if not hasattr(args, name):
             setattr(args, name, value)
+    for warning in config_mod.unknown_variables(dict(os.environ)):
+        print(f"relay: warning: {warning}", file=sys.stderr)
     try:
         return int(args.func(args))
     except UserError as exc:

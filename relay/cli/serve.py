@@ -6,12 +6,11 @@ import argparse
 import asyncio
 import dataclasses
 import gc
-import logging
 import signal
 from pathlib import Path
 from typing import Any
 
-from relay import __version__, credentials, redact
+from relay import __version__, credentials, logs, redact
 from relay import config as config_mod
 from relay.cli.common import DEFAULT_ADMIN_URL, DEFAULT_WS_URL, UserError, run_async
 from relay.store import StoreSettings
@@ -103,12 +102,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("configuration OK (--dry-run: not started)")
         return 0
     worker = WorkerRole.from_environ()  # set when the node's primary started this process
-    logging.basicConfig(
-        level=cfg.log_level.upper(),
-        format=("%(asctime)s %(levelname)s " + (f"[worker {worker.index}] " if worker else "")
-                + "%(name)s: %(message)s"),
-    )
-    redact.install(logging.getLogger().level)
+    logs.configure(cfg.log_level, cfg.log_format, worker.index if worker else None)
     from relay.store.base import StoreUnavailable
 
     try:
