@@ -387,6 +387,12 @@ def parse_discovery(text: str) -> Discovery:
             host, colon, port = address.rpartition(":")
             if not at or not node_id or not colon or not host or not port.isdigit():
                 raise DiscoveryError(f"static peers are ID@HOST:PORT, got {item!r}")
+            if node_id in peers:
+                raise DiscoveryError(f"static discovery lists node {node_id!r} twice: every "
+                                     "node needs its own id (--node-id)")
+            if address in peers.values():
+                raise DiscoveryError(f"static discovery lists {address} twice: one node per "
+                                     "internal port")
             peers[node_id] = address
         if not peers:
             raise DiscoveryError(

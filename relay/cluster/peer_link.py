@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
+import time
 from collections.abc import Callable
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from relay.core import peer_protocol
 from relay.tasks import Backoff, cancel_and_wait, raise_if_cancelled
@@ -47,7 +48,8 @@ class PeerLink:
         self.token = token
         self.ssl_context = ssl_context
         self._scheme = "wss" if ssl_context is not None else "ws"
-        self._tls_failure = ""  # the TLS failure last logged
+        self._failure = ""  # why the link is down, as last logged
+        self._down_at: float | None = None  # when a working link went down
         self.envs: set[str] = set()
         self.up = False
         self._on_message = on_message
@@ -87,24 +89,48 @@ class PeerLink:
                     ping_interval=10, ping_timeout=10,
                 ) as ws:
                     backoff.reset()
-                    self._tls_failure = ""
+                    if self._failure:
+                        down = ("" if self._down_at is None else
+                                f" after {time.monotonic() - self._down_at:.0f} s")
+                        log.warning("peer link to %s (%s) is up again%s", self.node_id,
+                                    self.address, down)
+                    self._failure = ""
+                    self._down_at = None
                     await self._session(ws)
             except asyncio.CancelledError:
                 raise
             except ssl.SSLError as exc:
                 raise_if_cancelled()
-                reason = peer_failure(exc)
-                if reason != self._tls_failure:
-                    self._tls_failure = reason
-                    log.warning("peer link to %s (%s): %s", self.node_id, self.address, reason)
-            except (OSError, InvalidHandshake, ConnectionClosed, TimeoutError) as exc:
+                self._failed(peer_failure(exc))
+            except InvalidStatus as exc:
                 raise_if_cancelled()
-                log.info("peer link to %s (%s): %s", self.node_id, self.address, exc)
+                status = exc.response.status_code
+                self._failed(
+                    f"refused with HTTP {status}: the peer's --peer-token (RELAY_PEER_TOKEN) is "
+                    "not this node's; every node of a cluster needs the same one"
+                    if status in (401, 403) else f"refused with HTTP {status}")
+            except ConnectionClosed as exc:
+                raise_if_cancelled()
+                # A peer that stops or drains closes its links 1001 (going away): expected.
+                going_away = exc.rcvd is not None and exc.rcvd.code in (1000, 1001)
+                self._failed(f"closed ({exc})", logging.INFO if going_away else logging.WARNING)
+            except (OSError, InvalidHandshake, TimeoutError) as exc:
+                raise_if_cancelled()
+                self._failed(f"{exc or type(exc).__name__}")
             finally:
                 if self.up:
                     self.up = False
+                    self._down_at = time.monotonic()
                     self._on_down(self)
             await asyncio.sleep(backoff.next())
+
+    def _failed(self, reason: str, level: int = logging.WARNING) -> None:
+        """Why the link is not up: logged once (again only when the reason changes), not at
+        every attempt."""
+        if reason != self._failure:
+            self._failure = reason
+            log.log(level, "peer link to %s (%s): %s; retrying", self.node_id, self.address,
+                    reason)
 
     async def _session(self, ws: ClientConnection) -> None:
         self._out = asyncio.Queue()  # what was queued for the last connection is stale

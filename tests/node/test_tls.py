@@ -448,6 +448,15 @@ def test_admin_commands_over_https(tls_relay: RelayProcess, pki: Pki) -> None:
     assert "an https:// port?" in plain
 
 
+def watch_error(result: subprocess.CompletedProcess[str]) -> str:
+    """`relay watch`'s error: its last line, after the connection's state ("connecting to")."""
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert lines[0].startswith("relay watch: connecting to "), lines
+    assert lines[-1].startswith("relay: "), lines
+    return lines[-1]
+
+
 def test_watch_over_wss(tls_relay: RelayProcess, pki: Pki) -> None:
     admin = ["--admin-url", tls_relay.admin_url, "--admin-token", "tls-token",
              "--admin-ca", str(pki.ca_file)]
@@ -461,18 +470,20 @@ def test_watch_over_wss(tls_relay: RelayProcess, pki: Pki) -> None:
     )
     assert watch.stdout is not None
     try:
-        lines = [watch.stdout.readline() for _ in range(3)]
+        lines = [watch.stdout.readline() for _ in range(2)]
         assert lines[0].startswith("snapshot v=1: 1 flag(s)"), lines
-        assert lines[2].startswith("connected: env watched")
+        assert watch.stderr is not None
+        watch.stderr.readline()  # connecting to
+        assert watch.stderr.readline().startswith("relay watch: connected: env watched")
         cli("flags", "set", "watched", "a=2", *admin)
         assert watch.stdout.readline().strip() == "v=2 set a = 2"
     finally:
         watch.terminate()
         watch.wait(10)
     url = ["--url", tls_relay.ws_url, "--key", "sdk-watch"]
-    untrusted = one_line_error(cli("watch", *url))
+    untrusted = watch_error(cli("watch", *url))
     assert "certificate is not trusted" in untrusted and "--ca" in untrusted
-    assert "certificate is not trusted" in one_line_error(
+    assert "certificate is not trusted" in watch_error(
         cli("watch", *url, "--ca", str(Pki(pki.dir / "other").ca_file)))
     assert "cannot load --ca" in one_line_error(cli("watch", *url, "--ca", str(pki.dir / "x")))
     plain_url = tls_relay.ws_url.replace("wss://", "ws://")

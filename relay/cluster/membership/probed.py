@@ -27,11 +27,14 @@ Self = Callable[[], Member]  # this node as it stands now
 class ProbedMembership(MemberView):
     def __init__(self, candidates: Callable[[], Awaitable[list[str]]], local: Self,
                  interval: float = 1.0, timeout: float = 1.0,
-                 ssl_context: ssl.SSLContext | None = None) -> None:
+                 ssl_context: ssl.SSLContext | None = None,
+                 on_start: Callable[[], None] | None = None) -> None:
         super().__init__(local)
+        self._on_start = on_start  # (a check of this node's configuration, once it is bound)
         self.ssl_context = ssl_context
         self._scheme = "https" if ssl_context is not None else "http"
         self._tls_failures: dict[str, str] = {}  # address -> the reason last logged
+        self._clashes: set[str] = set()  # node ids answered twice, as last logged
         self._candidates = candidates
         self.interval = interval
         self.timeout = timeout
@@ -39,6 +42,8 @@ class ProbedMembership(MemberView):
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
+        if self._on_start is not None:
+            self._on_start()
         self._session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=self.timeout),
             connector=aiohttp.TCPConnector(
@@ -67,7 +72,25 @@ class ProbedMembership(MemberView):
         answers = await asyncio.gather(*(self._probe(a) for a in addresses))
         for gone in self._tls_failures.keys() - set(addresses):
             del self._tls_failures[gone]
-        self._seen = {m.node_id: m for m in answers if m is not None and m.node_id != local.node_id}
+        seen: dict[str, Member] = {}
+        clashes: set[str] = set()
+        for member in answers:
+            if member is None:
+                continue
+            other = seen.get(member.node_id)
+            if member.node_id == local.node_id:
+                clashes.add(f"the node at {member.address} says it is {member.node_id}, this "
+                            "node's id")
+            elif other is not None:
+                clashes.add(f"the nodes at {other.address} and {member.address} both say they "
+                            f"are {member.node_id}")
+            else:
+                seen[member.node_id] = member
+        for clash in clashes - self._clashes:  # once each, while it lasts
+            log.warning("%s: every node needs its own --node-id (RELAY_NODE_ID); until then "
+                        "the rings disagree", clash)
+        self._clashes = clashes
+        self._seen = seen
         self.changed()
 
     async def _probe(self, address: str) -> Member | None:
