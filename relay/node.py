@@ -28,6 +28,8 @@ from relay.core.drain import DrainPacer, DrainPlan, DrainRefused
 from relay.core.node_state import DrainStatus, EnvSummary, NodeState, NodeStatus, RingMember
 from relay.hub import Hub
 from relay.metrics import Metrics
+from relay.port_check import check_port_free
+from relay.private_files import make_private_dir
 from relay.sdk_server import SdkServer, SdkSettings
 from relay.store import StoreSettings, make_store
 from relay.store.base import (
@@ -183,6 +185,16 @@ class Node:
 
     async def start(self) -> None:
         data_dir = Path(self.config.data_dir)
+        if self.worker is None:  # (a worker shares its primary's ports)
+            check_port_free(self.config.host, self.config.port, "--port")
+            check_port_free(self.config.admin_bind, self.config.admin_port, "--admin-port")
+        if self.config.store == "sqlite" or not self.admin_token or not (
+                self.secrets.sdk_key_secret):
+            try:
+                make_private_dir(data_dir)
+            except OSError as exc:
+                raise ConfigError(f"--data-dir {data_dir}: cannot create it: "
+                                  f"{exc.strerror or exc}") from None
         if not self.admin_token:
             self.admin_token, self.token_generated = credentials.load_or_create_admin_token(
                 data_dir)

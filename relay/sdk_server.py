@@ -62,6 +62,7 @@ from relay.core.reqhead import HeadStatus, RequestHead
 from relay.core.trusted_proxies import TrustedProxies
 from relay.hub import Hub, Subscription
 from relay.metrics import Metrics
+from relay.port_check import check_port_free
 from relay.store.base import StoreError
 from relay.tls import TlsFailed, TlsStream
 
@@ -1195,15 +1196,8 @@ class SdkServer:
     def _check_port_free(self) -> None:
         """SO_REUSEPORT lets any process of this user bind a port already bound that way: the
         primary first binds it without, so that a port another node holds (with workers or
-        not) is refused here as it is without workers (OSError: address in use)."""
-        if not self.config.port:
-            return  # (a free port, picked by the kernel)
-        infos = socket.getaddrinfo(self.config.host or None, self.config.port,
-                                   type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        for family, kind, proto, _, address in infos:
-            with socket.socket(family, kind, proto) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind(address)
+        not) is refused here as it is without workers (ConfigError: address in use)."""
+        check_port_free(self.config.host, self.config.port, "--port")
 
     def _tick_s(self) -> float:
         if self.config.ping_interval:

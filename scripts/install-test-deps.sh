@@ -7,6 +7,7 @@
 # Installs only what is missing.
 set -euo pipefail
 missing=()
+status=0  # 1 when something the tests need could not be installed (said above why)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v haproxy >/dev/null 2>&1 || missing+=(haproxy)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -16,6 +17,7 @@ if [ ! -f "$here/clients/js/node_modules/.package-lock.json" ]; then
     (cd "$here/clients/js" && npm ci --no-audit --no-fund --loglevel=error)
   else
     echo "install-test-deps: npm is missing: install Node.js 20+ (with npm) for clients/js" >&2
+    status=1
   fi
 fi
 if ! command -v kubectl >/dev/null 2>&1; then
@@ -24,11 +26,14 @@ if ! command -v kubectl >/dev/null 2>&1; then
   if apt-cache policy kubectl 2>/dev/null | grep -q 'Candidate: [0-9]'; then
     missing+=(kubectl)
   else
-    echo "install-test-deps: kubectl is missing and no apt source offers it;" \
-         "install kubectl 1.27+ (https://kubernetes.io/docs/tasks/tools/)" >&2
+    echo "install-test-deps: kubectl is missing and no apt source offers it: install" \
+         "kubectl 1.27+ yourself (https://kubernetes.io/docs/tasks/tools/), or add the" \
+         "Kubernetes apt repository (pkgs.k8s.io) and run this again; tests/system/test_k8s.py" \
+         "needs it to render k8s/" >&2
+    status=1
   fi
 fi
-if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+if [ ${#missing[@]} -eq 0 ]; then exit "$status"; fi
 if [ "$(id -u)" -ne 0 ]; then exec sudo "$0" "$@"; fi
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
@@ -38,3 +43,4 @@ for service in redis-server haproxy; do
   (systemctl disable --now "$service" 2>/dev/null || service "$service" stop 2>/dev/null \
     || pkill -x "$service") || true
 done
+exit "$status"

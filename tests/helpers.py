@@ -188,7 +188,7 @@ def start_relay(data_dir: Path, *extra: str, env: dict[str, str] | None = None,
             path = (_flag_value(extra, "--admin-token-file")
                     or full_env.get("RELAY_ADMIN_TOKEN_FILE") or str(data_dir / "admin-token"))
             token = given or Path(path).read_text().strip()
-        if ws_url and admin_url and token and "relay watch --key" in line:  # the banner's end
+        if ws_url and admin_url and token and line.startswith("  store "):  # its addresses' end
             break
     else:
         proc.kill()

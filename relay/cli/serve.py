@@ -33,22 +33,27 @@ def _banner(node: Any, cfg: config_mod.Config) -> str:
     where, token_env = _token_note(node, cfg)
     admin_flags = "" if node.admin_url == DEFAULT_ADMIN_URL else f" --admin-url {node.admin_url}"
     watch_url = "" if node.ws_url == DEFAULT_WS_URL else f" --url {node.ws_url}"
-    return "\n".join([
+    lines = [
         f"relay {__version__}: node {cfg.node_id} ready",
         f"  SDK WebSockets  {node.ws_url}",
         f"  admin API       {node.admin_url}  (metrics: {node.admin_url}/metrics)",
         f"  admin token     {where} (not printed)",
-        f"  store           {redact.text(StoreSettings.of(cfg).describe())}",
         *([f"  workers         {cfg.workers} processes on the SDK port (SO_REUSEPORT)"]
           if cfg.workers > 1 else []),
+        # (the last line of the addresses: tests/helpers.py's start_relay waits for it)
+        f"  store           {redact.text(StoreSettings.of(cfg).describe())}",
         "",
-        "Try it (in another terminal):",
-        f"  {token_env}",
-        f"  relay env put demo --key sdk-demo-key{admin_flags}",
-        f"  relay flags set demo new-checkout=true 'banner=\"hello\"'{admin_flags}",
-        f"  relay watch --key sdk-demo-key{watch_url}",
-        "",
-    ])
+    ]
+    if node.token_generated:  # the first start on this data dir: how to try it
+        lines += [
+            "Try it (in another terminal):",
+            f"  {token_env}",
+            f"  relay env put demo --key sdk-demo-key{admin_flags}",
+            f"  relay flags set demo new-checkout=true 'banner=\"hello\"'{admin_flags}",
+            f"  relay watch --key sdk-demo-key{watch_url}",
+            "",
+        ]
+    return "\n".join(lines)
 
 
 async def _serve(cfg: config_mod.Config, worker: WorkerRole | None) -> None:

@@ -474,3 +474,30 @@ def test_relay_alone_lists_the_commands_and_options_may_come_first(
                           ("http://a b:1", "is not a base URL"), ("8081", "a port alone")):
         line = one_line_error(run(None, "status", "--admin-url", url, "--admin-token", "t"))
         assert fragment in line and "--admin-url" in line, line
+
+
+def test_the_banner_says_try_it_on_the_first_start_only(tmp_path: Path) -> None:
+    first = start_relay(tmp_path / "d")
+    assert first.stop() == 0
+    assert any("Try it" in line for line in first.output)
+    again = start_relay(tmp_path / "d")
+    time.sleep(0.3)
+    assert again.stop() == 0
+    assert not any("Try it" in line for line in again.output), again.output
+
+
+def test_a_port_in_use_names_its_flag_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for flag, other in (("--admin-port", "--port"), ("--port", "--admin-port")):
+            result = run(None, "serve", flag, port, other, "0", "--data-dir",
+                         str(tmp_path / "new"))
+            line = one_line_error(result)
+            assert line.startswith(f"relay: {flag} {port} on 127.0.0.1: Address already in use")
+            assert not (tmp_path / "new").exists()
+    line = one_line_error(run(None, "serve", "--data-dir", "/proc/nope/data", "--port", "0",
+                              "--admin-port", "0"))
+    assert line == ("relay: --data-dir /proc/nope/data: cannot create it: No such file or "
+                    "directory")

@@ -37,7 +37,9 @@ def render(directory: Path) -> list[dict[str, Any]]:
     """`kubectl kustomize` (kubectl bundles kustomize): what `kubectl apply -k` applies."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        raise AssertionError("kubectl is not installed: run scripts/install-test-deps.sh")
+        raise AssertionError(
+            "kubectl 1.27+ is not installed (scripts/install-test-deps.sh installs it only "
+            "where an apt source offers it): https://kubernetes.io/docs/tasks/tools/")
     out = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True,
                          text=True, check=True).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
