@@ -328,8 +328,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # RELAY_* variables read by the commands other than serve (relay/cli).
+# RELAY_CHROMIUM: the browser the test suite drives (tests/jsclient.py).
 CLIENT_VARIABLES = frozenset({"RELAY_ADMIN_URL", "RELAY_ADMIN_CA", "RELAY_URL", "RELAY_SDK_KEY",
-                              "RELAY_CA"})
+                              "RELAY_CA", "RELAY_CHROMIUM"})
 
 
 def unknown_variables(environ: dict[str, str]) -> list[str]:

@@ -113,7 +113,8 @@ class Node:
                                                max_pending=max_pending)
         self.sdk = SdkServer(sdk_settings, self.hub, self.metrics,
                              tls=self.tls.server_context if self.tls else None)
-        self.admin = AdminApi(self, AdminSettings.of(config))
+        self.admin = AdminApi(self, AdminSettings.of(config),
+                              forward_ssl=self.tls.client_context() if self.tls else None)
         self._runner: web.AppRunner | None = None
         self._site: web.TCPSite | None = None
         self.membership: Membership | None = None
@@ -403,6 +404,21 @@ class Node:
 
     async def env_info(self, env: str) -> EnvInfo:
         return await self.store.env_info(env)
+
+    def env_owner(self, env: str) -> str | None:
+        """The node that owns `env` on this node's ring (this node, alone)."""
+        if self.cluster is None:
+            return self.config.node_id
+        return self.cluster.ring.owner(env)
+
+    def member_url(self, node_id: str) -> str | None:
+        """The internal port's base URL of a node this node's membership sees, if any."""
+        if self.membership is None:
+            return None
+        member = self.membership.members().get(node_id)
+        if member is None:
+            return None
+        return f"{'https' if self.tls else 'http'}://{member.address}"
 
     async def delete_env(self, env: str) -> None:
         """Its sessions, here and on every node, are closed 4001 (the keys notice)."""

@@ -16,14 +16,17 @@ import functools
 import json
 import logging
 import math
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeGuard, TypeVar
 
+import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from relay.admin import console
 from relay.core import codec, names, protocol, strict_json
 from relay.core.bearer import bearer, same_token
 from relay.core.drain import DrainError, DrainPlan, DrainRefused
@@ -247,6 +250,13 @@ class NodeApi(Protocol):
         """Remove an environment; its sessions are closed with 4001."""
         ...
 
+    def env_owner(self, env: str) -> str | None:
+        ...
+
+    def member_url(self, node_id: str) -> str | None:
+        """Another node's internal port, as the membership sees it."""
+        ...
+
     def drain(self, plan: DrainPlan) -> dict[str, Any]:
         """Start a drain (or answer the one under way); raises DrainRefused."""
         ...
@@ -296,8 +306,10 @@ def status_json(status: NodeStatus) -> dict[str, Any]:
 
 
 class AdminApi:
-    def __init__(self, node: NodeApi, settings: AdminSettings) -> None:
+    def __init__(self, node: NodeApi, settings: AdminSettings,
+                 forward_ssl: ssl.SSLContext | None = None) -> None:
         self.node = node
+        self.forward_ssl = forward_ssl  # how this node reaches the others' internal ports
         self.config = settings
         self.max_body = max_body_bytes(settings)
         self.app = web.Application(
@@ -312,6 +324,9 @@ class AdminApi:
         r.add_get("/admin/v1/envs/{env}/flags", self.get_flags)
         r.add_post("/admin/v1/drain", self.drain)
         r.add_get("/admin/v1/status", self.status)
+        r.add_get("/admin/v1/nodes/{node}/status", self.node_status)
+        r.add_post("/admin/v1/nodes/{node}/drain", self.node_drain)
+        console.add_routes(self.app)
         r.add_get("/healthz", self.healthz)
         r.add_get("/readyz", self.readyz)
         r.add_get("/metrics", self.metrics)
@@ -355,7 +370,7 @@ class AdminApi:
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/admin/"):
+        if request.path.startswith("/admin/") and not console.is_console(request.path):
             token = bearer(request.headers.get("Authorization"))
             if token is None:
                 return _error(
@@ -409,7 +424,9 @@ class AdminApi:
         return _json({"env": env, "v": await self.node.put_env(env, keys)})
 
     async def list_envs(self, request: web.Request) -> web.Response:
-        return _json({"envs": [dataclasses.asdict(info) for info in await self.node.list_envs()]})
+        envs = await self.node.list_envs()
+        return _json({"envs": [{**dataclasses.asdict(info), "owner": self.node.env_owner(info.env)}
+                               for info in envs]})
 
     async def get_env(self, request: web.Request) -> web.Response:
         return _json(dataclasses.asdict(await self.node.env_info(_env_id(request))))
@@ -468,6 +485,42 @@ class AdminApi:
 
     async def status(self, request: web.Request) -> web.Response:
         return _json(status_json(await self.node.status()))
+
+    async def node_status(self, request: web.Request) -> web.StreamResponse:
+        """Any node's status, through this one (the console works through any node)."""
+        if request.match_info["node"] == self.config.node_id:
+            return await self.status(request)
+        return await self._forward(request, "GET", "/admin/v1/status")
+
+    async def node_drain(self, request: web.Request) -> web.StreamResponse:
+        """Drain any node, through this one: the caller's token goes with the request, and
+        the node drained checks it."""
+        if request.match_info["node"] == self.config.node_id:
+            return await self.drain(request)
+        return await self._forward(request, "POST", "/admin/v1/drain")
+
+    async def _forward(self, request: web.Request, method: str, path: str) -> web.Response:
+        node = request.match_info["node"]
+        base = self.node.member_url(node)
+        if base is None:
+            raise web.HTTPNotFound(reason=f"no node {node!r} in this node's view of the "
+                                          "cluster")
+        body = await request.read()
+        headers = {"Authorization": request.headers.get("Authorization", "")}
+        if body:
+            headers["Content-Type"] = "application/json"
+        try:
+            timeout = aiohttp.ClientTimeout(total=self.config.admin_request_timeout)
+            connector = aiohttp.TCPConnector(ssl=self.forward_ssl or True)
+            async with (aiohttp.ClientSession(timeout=timeout, connector=connector) as session,
+                        session.request(method, base + path, data=body or None,
+                                        headers=headers) as answer):
+                data = await answer.read()
+                return web.Response(body=data, status=answer.status,
+                                    content_type="application/json")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            return _error(502, f"node {node} ({base}) did not answer: "
+                               f"{exc or type(exc).__name__}")
 
     async def healthz(self, request: web.Request) -> web.Response:
         return _json({"ok": True})
