@@ -23,14 +23,16 @@ def _apply(state: dict[str, Any], frame: dict[str, Any]) -> int:
     return int(frame["v"])
 
 
-async def test_list_and_get_environments(admin: Admin) -> None:
+async def test_list_and_get_environments(node: Node, admin: Admin) -> None:
     assert await admin.call("GET", "/admin/v1/envs") == (200, {"envs": []})
     await admin.put_env("prod", ["k1", "k2"])
     await admin.put_env("dev", ["k3"])
     await admin.publish("prod", {"a": 1})
     status, body = await admin.call("GET", "/admin/v1/envs")
-    assert (status, body) == (200, {"envs": [{"env": "dev", "v": 0, "keys": 1},
-                                             {"env": "prod", "v": 1, "keys": 2}]})
+    owner = node.config.node_id
+    assert (status, body) == (200, {"envs": [
+        {"env": "dev", "v": 0, "keys": 1, "owner": owner},
+        {"env": "prod", "v": 1, "keys": 2, "owner": owner}]})
     assert await admin.call("GET", "/admin/v1/envs/prod") == (
         200, {"env": "prod", "v": 1, "keys": 2})
     status, body = await admin.call("GET", "/admin/v1/envs/ghost")

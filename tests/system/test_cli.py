@@ -244,7 +244,11 @@ def test_serve_reads_relay_env_vars_and_admin_token_file(tmp_path: Path) -> None
         assert proc.token not in banner
         assert f"admin token     generated into {token_file} (not printed)" in banner
         export = f"export RELAY_ADMIN_TOKEN_FILE={token_file}"
-        assert export in banner
+        for _ in range(100):  # (the banner's "Try it" lines come after its addresses)
+            if export in "".join(proc.output):
+                break
+            time.sleep(0.05)
+        assert export in "".join(proc.output)
         # Run from the directory that holds ./relay-data: no token flag needed.
         result = run(None, "status", "--admin-url", proc.admin_url, cwd=tmp_path)
         assert result.returncode == 0 and "node from-env (ready)" in result.stdout
@@ -438,7 +442,8 @@ def test_env_list_get_and_delete(relay: RelayProcess) -> None:
     run(relay, "env", "put", "listed", "--key", "sdk-listed")
     run(relay, "flags", "set", "listed", "a=1")
     listed = json.loads(run(relay, "env", "list", "--json").stdout)
-    assert {"env": "listed", "v": 1, "keys": 1} in listed
+    node_id = json.loads(run(relay, "status", "--json").stdout)["node"]
+    assert {"env": "listed", "v": 1, "keys": 1, "owner": node_id} in listed
     table = run(relay, "env", "list").stdout.splitlines()
     assert table[0].split() == ["ENV", "VERSION", "SDK", "KEYS"]
     assert ["listed", "1", "1"] in [line.split() for line in table]

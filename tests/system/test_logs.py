@@ -4,7 +4,10 @@ per refused or evicted session with who and why (a flood is a few lines), JSON o
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,11 @@ async def test_json_logs_one_line_per_refusal_within_a_budget_and_none_for_healt
             ws = await open_stream(node.ws_url, "sdk-good")
             await recv_frame(ws)
             await ws.close()
+        # Nor do requests answered 404 (either port) or 401.
+        for url in (node.admin_url + "/nowhere", node.ws_url.replace("ws://", "http://")
+                    .replace("/v1/stream", "/nowhere"), node.admin_url + "/admin/v1/status"):
+            with contextlib.suppress(urllib.error.HTTPError):
+                await asyncio.to_thread(urllib.request.urlopen, url, timeout=5)
         await asyncio.sleep(0.5)
         assert len(_json_lines(node)) == before, _json_lines(node)[before:]
 
