@@ -352,3 +352,17 @@ def start_redis_cluster(directory: Path, masters: int = 3) -> list[RedisServer]:
             time.sleep(0.1)
         client.close()
     return servers
+
+
+def line_with(stream: Any, fragment: str, limit: int = 40) -> str:
+    """The next line of a process's text `stream` that holds `fragment` (at most `limit`
+    lines read)."""
+    seen = []
+    for _ in range(limit):
+        line = stream.readline()
+        seen.append(line)
+        if fragment in line:
+            return str(line)
+        if not line:
+            break
+    raise AssertionError(f"no line with {fragment!r} in {seen}")

@@ -25,6 +25,15 @@ def env_path(env: str, suffix: str = "") -> str:
     return f"/admin/v1/envs/{urllib.parse.quote(env, safe='')}{suffix}"
 
 
+def _show(args: argparse.Namespace, answer: Any, text: str) -> int:
+    """The answer as JSON with --json, else `text`."""
+    if args.json:
+        print_json(answer)
+    else:
+        print(text)
+    return 0
+
+
 def _flag_key(key: str, item: str | None = None) -> str:
     if not names.is_flag_key(key):
         raise UserError(f"{item or key!r}: {names.FLAG_KEY_RULE}")
@@ -40,11 +49,8 @@ def cmd_env_put(args: argparse.Namespace) -> int:
         raise UserError(f"at most {names.MAX_SDK_KEYS} SDK keys per environment "
                         f"(got {len(keys)})")
     answer = admin_call(args, "PUT", path, {"keys": keys})
-    if args.json:
-        print_json(answer)
-        return 0
-    print(f"environment {answer['env']} at v={answer['v']} with {len(keys)} SDK key(s)")
-    return 0
+    return _show(args, answer,
+                 f"environment {answer['env']} at v={answer['v']} with {len(keys)} SDK key(s)")
 
 
 def cmd_env_list(args: argparse.Namespace) -> int:
@@ -64,11 +70,7 @@ def cmd_env_list(args: argparse.Namespace) -> int:
 
 def cmd_env_get(args: argparse.Namespace) -> int:
     info = admin_call(args, "GET", env_path(args.env))
-    if args.json:
-        print_json(info)
-        return 0
-    print(f"environment {info['env']}: v={info['v']}, {info['keys']} SDK key(s)")
-    return 0
+    return _show(args, info, f"environment {info['env']}: v={info['v']}, {info['keys']} SDK key(s)")
 
 
 def _confirmed(env: str, info: dict[str, Any]) -> bool:
@@ -91,12 +93,7 @@ def cmd_env_delete(args: argparse.Namespace) -> int:
         info = admin_call(args, "GET", path)  # (also: an unknown one is refused before asking)
         if not _confirmed(args.env, info):
             raise UserError(f"not confirmed: {args.env} was not deleted")
-    answer = admin_call(args, "DELETE", path)
-    if args.json:
-        print_json(answer)
-        return 0
-    print(f"environment {args.env} deleted")
-    return 0
+    return _show(args, admin_call(args, "DELETE", path), f"environment {args.env} deleted")
 
 
 def _parse_assignment(item: str) -> tuple[str, Any]:
@@ -123,22 +120,14 @@ def cmd_flags_set(args: argparse.Namespace) -> int:
     path = env_path(args.env, "/flags")
     put = dict(_parse_assignment(item) for item in args.assignments)
     answer = admin_call(args, "PATCH", path, {"put": put})
-    if args.json:
-        print_json(answer)
-        return 0
-    print(f"{args.env}: v={answer['v']} ({len(put)} flag(s) set)")
-    return 0
+    return _show(args, answer, f"{args.env}: v={answer['v']} ({len(put)} flag(s) set)")
 
 
 def cmd_flags_del(args: argparse.Namespace) -> int:
     path = env_path(args.env, "/flags")
     keys = [_flag_key(key) for key in dict.fromkeys(args.keys)]
     answer = admin_call(args, "PATCH", path, {"del": keys})
-    if args.json:
-        print_json(answer)
-        return 0
-    print(f"{args.env}: v={answer['v']}")
-    return 0
+    return _show(args, answer, f"{args.env}: v={answer['v']}")
 
 
 def cmd_flags_get(args: argparse.Namespace) -> int:

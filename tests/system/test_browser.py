@@ -14,12 +14,12 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from playwright.sync_api import Browser, Page, sync_playwright
+from playwright.sync_api import Browser, Page
 
 from relay.admin.client import AdminClient
 from tests.cluster import TOKEN, Cluster, HAProxy, _free_port
 from tests.helpers import RelayProcess, start_relay
-from tests.jsclient import CHROMIUM_ARGS, built, chromium_path, static_server
+from tests.jsclient import built, static_server
 
 # npm ci and the build (first test) and a browser's start take longer than the suite's 120 s
 # on a slow machine.
@@ -33,14 +33,6 @@ window.WebSocket = class extends Native {
   constructor(...args) { super(...args); window.__sockets += 1; }
 };
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as pw:
-        chromium = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,12 +10,11 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from tests.helpers import SDK_KEY_SECRET as SECRET
-from tests.helpers import RelayProcess, start_relay
+from tests.helpers import RelayProcess, line_with, start_relay
 
 
 @pytest.fixture(scope="module")
@@ -102,19 +101,6 @@ def _watch(relay_url: str, *args: str) -> subprocess.Popen[str]:
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
-def _line_with(stream: Any, fragment: str, limit: int = 20) -> str:
-    """The next line of `stream` holding `fragment` (at most `limit` lines read)."""
-    seen = []
-    for _ in range(limit):
-        line = stream.readline()
-        seen.append(line)
-        if fragment in line:
-            return str(line)
-        if not line:
-            break
-    raise AssertionError(f"no line with {fragment!r} in {seen}")
-
-
 def test_watch_says_when_it_is_not_connected_and_when_it_is_back(tmp_path: Path) -> None:
     """A stop, a drain (goaway) and a restart are on stderr as they happen; a catch-up has a
     header on stdout."""
@@ -127,7 +113,7 @@ def test_watch_says_when_it_is_not_connected_and_when_it_is_back(tmp_path: Path)
     watch = _watch(node.ws_url, "--key", "sdk-w", "--since", "1")
     try:
         assert watch.stdout is not None and watch.stderr is not None
-        _line_with(watch.stderr, "connected: env w on node")
+        line_with(watch.stderr, "connected: env w on node")
         assert watch.stdout.readline().strip() == \
             "caught up from v=1 to v=3: 3 flag(s) changed meanwhile"
         assert [watch.stdout.readline().strip() for _ in range(3)] == [
@@ -135,12 +121,12 @@ def test_watch_says_when_it_is_not_connected_and_when_it_is_back(tmp_path: Path)
         # A drain sends it away; the node then exits, and the watch says it cannot connect.
         drained = run(manage, "drain", node.admin_url, "--deadline", "10", "--window", "0.2")
         assert drained.returncode == 0, drained.stderr
-        _line_with(watch.stderr, "goaway (drain) from node")
-        _line_with(watch.stderr, "cannot connect to ws://127.0.0.1:" + port)
+        line_with(watch.stderr, "goaway (drain) from node")
+        line_with(watch.stderr, "cannot connect to ws://127.0.0.1:" + port)
         node.proc.wait(20)
         # Back on the same port: reconnected, at the version it holds.
         node = start_relay(tmp_path / "d", "--port", port)
-        _line_with(watch.stderr, "reconnected: env w on node", limit=50)
+        line_with(watch.stderr, "reconnected: env w on node", limit=50)
         run(RelayProcess(node.proc, node.ws_url, node.admin_url, node.token),
             "flags", "set", "w", "a=9")
         assert watch.stdout.readline().strip() == "v=4 set a = 9"

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from websockets.asyncio.client import ClientConnection
 
 from tests.cluster import Cluster
 from tests.helpers import RelayProcess, open_stream, recv_frame
@@ -25,6 +26,19 @@ async def _wait_for(node: RelayProcess, fragment: str, timeout: float = 20) -> s
             return found[0]
         await asyncio.sleep(0.1)
     raise AssertionError(f"no {fragment!r} in:\n" + "".join(node.output[-30:]))
+
+
+async def _sessions_on(cluster: Cluster, node: RelayProcess) -> list[ClientConnection]:
+    """Once the ring of n0 and n1 is up: 8 environments (some owned by each node) and a
+    session of each on `node`, which then links to the other node as their edge."""
+    await cluster.wait_ring({0, 1})
+    admin = cluster.admin(0)
+    for i in range(8):
+        await admin.put_env(f"e{i}", [f"k{i}"])
+    sockets = [await open_stream(node.ws_url, f"k{i}") for i in range(8)]
+    for ws in sockets:
+        await recv_frame(ws)
+    return sockets
 
 
 @pytest.mark.parametrize("discovery, fragment", [
@@ -49,16 +63,10 @@ async def test_a_wrong_peer_token_is_a_warning_that_names_the_flag_once(
         cluster.start(1, "--peer-token", "another-token")
         # n0 owns some environments and n1 others: each edge links to the other's owner, once
         # an SDK reads an environment it does not own. The probes (no token) still see both.
-        await cluster.wait_ring({0, 1})
-        admin = cluster.admin(1)
-        for i in range(8):
-            await admin.put_env(f"e{i}", [f"k{i}"])
-        sockets = [await open_stream(n0.ws_url, f"k{i}") for i in range(8)]
-        for ws in sockets:
-            await recv_frame(ws)
+        sockets = await _sessions_on(cluster, n0)
         line = await _wait_for(n0, "peer link to n1")
         assert "WARNING" in line and "--peer-token" in line and "HTTP 401" in line, line
-        await asyncio.sleep(3)  # many retries later: still the one line
+        await asyncio.sleep(2)  # several retries later: still the one line
         assert len(_lines(n0, "peer link to n1")) == 1, _lines(n0, "peer link to n1")
         for ws in sockets:
             await ws.close()
@@ -94,19 +102,13 @@ async def test_a_stopped_peer_is_one_warning_not_a_line_a_second(
     try:
         n0 = cluster.start(0)
         n1 = cluster.start(1)
-        await cluster.wait_ring({0, 1})
-        admin = cluster.admin(0)
-        for i in range(8):
-            await admin.put_env(f"e{i}", [f"k{i}"])
-        sockets = [await open_stream(n0.ws_url, f"k{i}") for i in range(8)]
-        for ws in sockets:
-            await recv_frame(ws)
+        sockets = await _sessions_on(cluster, n0)
         await asyncio.sleep(1)
         assert cluster.metric(0, "relay_peer_links") == 1
         n1.kill9()
         line = await _wait_for(n0, "peer link to n1")
         assert "retrying" in line
-        await asyncio.sleep(4)
+        await asyncio.sleep(2.5)
         assert 1 <= len(_lines(n0, "peer link to n1")) <= 2, _lines(n0, "peer link to n1")
         for ws in sockets:
             await ws.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.helpers import start_relay
+from tests.helpers import line_with, start_relay
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -36,18 +36,6 @@ def _block(after_heading: str, lang: str) -> str:
     match = re.search(rf"```{lang}\n(.*?)```", section, re.S)
     assert match, f"no {lang} block after {after_heading!r}"
     return match.group(1)
-
-
-def _readline(stream: object, fragment: str, limit: int = 40) -> str:
-    seen = []
-    for _ in range(limit):
-        line = stream.readline()  # type: ignore[attr-defined]
-        seen.append(line)
-        if fragment in line:
-            return str(line)
-        if not line:
-            break
-    raise AssertionError(f"no line with {fragment!r}: {seen}")
 
 
 @pytest.fixture
@@ -105,20 +93,20 @@ def test_the_readme_cluster_runs_as_written_and_a_watcher_survives_a_drain(
             ["bash", "-ec", f"{exports}\nexec {watch}"], cwd=tmp_path, text=True,
             env={**env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
             stderr=subprocess.PIPE)
-        node = re.search(r"on node (n\d)", _readline(watcher.stderr, "connected: env demo"))
+        node = re.search(r"on node (n\d)", line_with(watcher.stderr, "connected: env demo"))
         assert node, "the watcher names its node"
-        assert _readline(watcher.stdout, "snapshot v=1")
+        assert line_with(watcher.stdout, "snapshot v=1")
         # Drain the node it is on (as the README says): it comes back through HAProxy on the
         # other one and misses nothing.
         admin = "127.0.0.1:" + (moved["8081"] if node.group(1) == "n0" else moved["8091"])
         drained = sh(f"relay drain {node.group(1)} --admin-url {admin} --window 0.5")
         assert drained.returncode == 0, drained.stderr
-        _readline(watcher.stderr, "goaway (drain)")
+        line_with(watcher.stderr, "goaway (drain)")
         other = "n1" if node.group(1) == "n0" else "n0"
-        _readline(watcher.stderr, f"reconnected: env demo on node {other}")
+        line_with(watcher.stderr, f"reconnected: env demo on node {other}")
         other_admin = "127.0.0.1:" + (moved["8091"] if other == "n1" else moved["8081"])
         assert sh(f"relay flags set demo a=2 --admin-url {other_admin}").returncode == 0
-        assert _readline(watcher.stdout, "set a = 2").strip() == "v=2 set a = 2"
+        assert line_with(watcher.stdout, "set a = 2").strip() == "v=2 set a = 2"
     finally:
         if watcher is not None:
             watcher.terminate()
