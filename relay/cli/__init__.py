@@ -151,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--url", help=f"[RELAY_URL; default {DEFAULT_WS_URL}]")
     watch.add_argument("--key", help="the SDK key [RELAY_SDK_KEY]")
     watch.add_argument("--since", type=int, help="the version already held")
+    watch.add_argument("--json", action="store_true",
+                       help="each change as one JSON object per line (t, base, v, put, del, "
+                            "catch_up); the connection's state stays on stderr")
     watch.add_argument("--timeout", type=float, metavar="SECONDS",
                        help="give up if not connected within this long (else it keeps trying, "
                             "saying why on stderr)")

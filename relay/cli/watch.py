@@ -15,13 +15,18 @@ from relay.cli.common import DEFAULT_WS_URL, UserError, run_async
 
 
 async def _watch(url: str, key: str, since: int | None, context: ssl.SSLContext | None = None,
-                 timeout: float | None = None) -> None:
+                 timeout: float | None = None, as_json: bool = False) -> None:
     """Changes on stdout; the connection's state on stderr (connecting, connected, retrying
     and why, goaway, reconnected at v), so that "no changes" and "not connected" look
     different, and a pipe of stdout gets only the changes."""
     from relay.client import ChangeEvent, ConnectionEvent, RelayClient, RelayClientError
 
     def show(event: ChangeEvent) -> None:
+        if as_json:  # one object per line: what a script reads
+            print(json.dumps({"t": event.kind, "base": event.base, "v": event.v,
+                              "put": event.put, "del": event.deleted,
+                              "catch_up": event.catch_up}), flush=True)
+            return
         if event.kind == "snap":
             print(f"snapshot v={event.v}: {len(event.put)} flag(s)")
             for k in sorted(event.put):
@@ -96,5 +101,5 @@ def cmd_watch(args: argparse.Namespace) -> int:
     # The client's own log lines would repeat what `state` prints.
     logging.basicConfig(level=logging.ERROR, format="relay watch: %(message)s")
     with contextlib.suppress(KeyboardInterrupt):
-        run_async(_watch(url, key, args.since, context, args.timeout))
+        run_async(_watch(url, key, args.since, context, args.timeout, args.json))
     return 0

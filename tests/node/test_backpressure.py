@@ -8,6 +8,7 @@ import asyncio
 import base64
 import contextlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 from websockets.frames import Frame, Opcode
 
+from relay import logs
 from relay.core import protocol
 from relay.node import Node
 from relay.sdk_server import SdkConnection
@@ -122,8 +124,9 @@ def _metric(text: str, name: str) -> float:
 
 
 async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
-    make_node: NodeFactory,
+    make_node: NodeFactory, caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="relay.sdk")
     high = 32 << 10
     # History long enough that the timeout, not the history, is what evicts it.
     node = await make_node(slow_consumer_timeout=1.5, write_high_water=high, history=100_000,
@@ -165,6 +168,11 @@ async def test_a_stalled_reader_is_evicted_and_never_slows_the_fast_ones(
         assert _metric(metrics, 'relay_evictions_total{reason="slow_consumer_timeout"}') == 1
         assert _metric(metrics, 'relay_closes_total{code="4100"}') == 1
         assert _metric(metrics, "relay_sessions_behind") == 0
+        # One log line says who was evicted and why.
+        [evicted] = [r for r in caplog.records if r.getMessage() == "session evicted"]
+        assert getattr(evicted, logs.FIELDS) == {
+            "addr": "127.0.0.1", "env": "prod", "reason": "slow_consumer_timeout",
+            "code": 4100}
         # The stalled client, reading at last, finds an unbroken chain of deltas, then goaway
         # (evicted, with a retry_ms) and close 4100.
         reader = RawReader(stalled)

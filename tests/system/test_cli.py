@@ -136,6 +136,22 @@ def test_watch_says_when_it_is_not_connected_and_when_it_is_back(tmp_path: Path)
         node.stop()
 
 
+def test_watch_json_is_one_object_per_change(relay: RelayProcess) -> None:
+    run(relay, "env", "put", "jsonw", "--key", "sdk-jsonw")
+    run(relay, "flags", "set", "jsonw", "a=1")
+    watch = _watch(relay.ws_url, "--key", "sdk-jsonw", "--json")
+    try:
+        assert watch.stdout is not None
+        assert json.loads(watch.stdout.readline()) == {
+            "t": "snap", "base": None, "v": 1, "put": {"a": 1}, "del": [], "catch_up": True}
+        run(relay, "flags", "del", "jsonw", "a")
+        assert json.loads(watch.stdout.readline()) == {
+            "t": "delta", "base": 1, "v": 2, "put": {}, "del": ["a"], "catch_up": False}
+    finally:
+        watch.terminate()
+        watch.wait(10)
+
+
 def test_watch_timeout_and_errors(relay: RelayProcess) -> None:
     dead = f"ws://127.0.0.1:{_free_port()}/v1/stream"
     result = run(None, "watch", "--url", dead, "--key", "k", "--timeout", "1")
