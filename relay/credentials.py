@@ -70,8 +70,17 @@ def load_or_create(data_dir: Path, name: str, what: str, make: str) -> tuple[str
     return value, False
 
 
+def new_admin_token() -> str:
+    """32 URL-safe characters that never start with '-': a token given on a command line
+    (`--admin-token -x...`) would be read as an option (one in 64 did)."""
+    while True:
+        token = secrets.token_urlsafe(24)
+        if not token.startswith("-"):
+            return token
+
+
 def load_or_create_admin_token(data_dir: Path) -> tuple[str, bool]:
-    return load_or_create(data_dir, ADMIN_TOKEN_FILE, "admin token", secrets.token_urlsafe(24))
+    return load_or_create(data_dir, ADMIN_TOKEN_FILE, "admin token", new_admin_token())
 
 
 def load_or_create_sdk_key_secret(data_dir: Path) -> str:

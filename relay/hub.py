@@ -207,6 +207,8 @@ class Hub:
         # Keys of environments whose keys changed while this node ran: a session that was
         # attaching when its key was revoked is refused once the load completes.
         self._env_keys: dict[str, frozenset[str]] = {}
+        self._keys_epoch = 0  # keys notices heard so far
+        self._env_keys_at: dict[str, int] = {}  # the epoch of each environment's last notice
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstream: Upstream | None = None  # set in a cluster
 
@@ -260,12 +262,21 @@ class Hub:
         """One store lookup. A key the store holds only under its legacy hash is migrated to
         its HMAC hash."""
         legacy = self._legacy.get(key_hash)
+        started = self._keys_epoch
         env = await self.store.env_for_key(key_hash)
         if env is None and legacy is not None:
             assert self.keys is not None
             env = await self.store.migrate_key(legacy, key_hash, self.keys.keep_legacy)
         # (Kept after a store error: the next lookup of the key may still need it.)
         self._legacy.pop(key_hash, None)
+        if (env is not None and not self.key_valid(key_hash, env)
+                and self._env_keys_at.get(env, 0) <= started):
+            # The store, read after the last keys notice of `env`, is newer than it: notices
+            # from several nodes may come out of order (a delete's after the re-creation's).
+            # A notice heard while the read was under way still wins (a revocation racing a
+            # lookup in flight).
+            del self._env_keys[env]
+            del self._env_keys_at[env]
         if env is not None and self.key_valid(key_hash, env):
             if len(self._key_cache) >= _KEY_CACHE_MAX:
                 self._key_cache.clear()
@@ -279,7 +290,9 @@ class Hub:
 
     def on_keys(self, env: str, key_hashes: frozenset[str]) -> None:
         """An environment's keys were replaced: forget and disconnect the revoked ones."""
+        self._keys_epoch += 1
         self._env_keys[env] = key_hashes
+        self._env_keys_at[env] = self._keys_epoch
         for key_hash, cached_env in list(self._key_cache.items()):
             if cached_env == env and key_hash not in key_hashes:
                 del self._key_cache[key_hash]
@@ -670,8 +683,12 @@ class Hub:
                         await self._jump(entry, snapshot.v, snapshot.flags)
                         changes = []
                     break
-                except UnknownEnv:  # deleted: its sessions are closed (the keys notice)
-                    log.info("env %s: deleted from the store; not resyncing", entry.env)
+                except UnknownEnv:
+                    # Deleted (a node that missed the keys notice learns it here): its
+                    # sessions go as the notice would have them go.
+                    log.info("env %s: not in the store (deleted); closing its sessions",
+                             entry.env)
+                    self.on_keys(entry.env, frozenset())
                     changes = []
                     break
                 except Exception as exc:

@@ -976,7 +976,8 @@ class SdkServer:
         # Connections holding a pending slot, oldest first (at most --max-pending).
         self._unsettled: dict[SdkConnection, None] = {}
         self.failures = FailureLog()
-        self.events = LogSampler()  # the budget of lines about refused and evicted sessions
+        # The budgets of log lines about refused and about evicted sessions.
+        self.events: dict[str, LogSampler] = {}
         self.socket_cap = self._socket_cap(config)
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
@@ -1126,16 +1127,20 @@ class SdkServer:
         if conn.ticket is not None:
             self.admission.auth_failed(conn.ticket, now)
         self.failures.record(reason, conn.client_ip, now)
-        code = (dc.AUTH_TIMEOUT.code if reason == dc.AUTH_TIMEOUT_REASON
-                else dc.BAD_CREDENTIALS.code)
+        code = {dc.AUTH_TIMEOUT_REASON: dc.AUTH_TIMEOUT.code,
+                dc.AUTH_PROTOCOL: dc.PROTOCOL_ERROR.code}.get(reason, dc.BAD_CREDENTIALS.code)
         self.session_event("session refused", conn, f"auth: {reason}", code)
 
     def session_event(self, what: str, conn: SdkConnection, reason: str, code: int) -> None:
-        """One line per refused or evicted session, with who and why, within the budget of
-        `events` (a flood is a few lines, each saying how many were left out before it)."""
+        """One line per refused or evicted session, with who and why, within a budget per
+        kind of event (`events`: a flood is a few lines, each saying how many were left out
+        before it; a flood of refusals does not hide an eviction)."""
         if not log.isEnabledFor(logging.INFO):
             return
-        held = self.events.admit(self.loop.time())
+        sampler = self.events.get(what)
+        if sampler is None:
+            sampler = self.events[what] = LogSampler()
+        held = sampler.admit(self.loop.time())
         if held is None:
             return
         log.info(what, extra=logs.fields(

@@ -16,6 +16,7 @@ import functools
 import json
 import logging
 import math
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -54,6 +55,10 @@ def max_body_bytes(config: Config | AdminSettings) -> int:
     JSON, plus 64 KiB for the small bodies' sake. Changes written in very verbose JSON
     (escaped non-ASCII text, long lists of `null`) can reach this limit first."""
     return 2 * config.max_change_bytes + (64 << 10)
+
+
+# A member's internal port, as forwarding takes it: a host name, IPv4 or [IPv6], and a port.
+_HOST_PORT = re.compile(r"(?:[A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]):[0-9]{1,5}")
 
 
 class BadRequest(Exception):
@@ -387,7 +392,8 @@ class AdminApi:
         runs, within --admin-request-timeout: a client that sends it slowly, or stops, gets 408
         and the connection closes. Other bodies are not kept: aiohttp reads and drops them
         after the answer, for as long (`lingering_time`). Peer WebSockets have no body."""
-        if request.path.startswith("/admin/") and request.can_read_body:
+        if (request.path.startswith("/admin/") and request.can_read_body
+                and not console.is_console(request.path)):
             timeout = self.config.admin_request_timeout
             try:
                 async with asyncio.timeout(timeout):
@@ -502,6 +508,9 @@ class AdminApi:
     async def _forward(self, request: web.Request, method: str, path: str) -> web.Response:
         node = request.match_info["node"]
         base = self.node.member_url(node)
+        if base is not None and not _HOST_PORT.fullmatch(base.partition("://")[2]):
+            # (an address from a membership that is not HOST:PORT: the token is not sent)
+            raise BadRequest(f"node {node!r} has no usable address ({base!r})")
         if base is None:
             raise web.HTTPNotFound(reason=f"no node {node!r} in this node's view of the "
                                           "cluster")

@@ -50,6 +50,8 @@ class PeerLink:
         self._scheme = "wss" if ssl_context is not None else "ws"
         self._failure = ""  # why the link is down, as last logged
         self._down_at: float | None = None  # when a working link went down
+        self._went_away = False  # the peer closed the link going away (1000/1001)
+        self._failure_level = logging.WARNING
         self.envs: set[str] = set()
         self.up = False
         self._on_message = on_message
@@ -92,9 +94,10 @@ class PeerLink:
                     if self._failure:
                         down = ("" if self._down_at is None else
                                 f" after {time.monotonic() - self._down_at:.0f} s")
-                        log.warning("peer link to %s (%s) is up again%s", self.node_id,
-                                    self.address, down)
+                        log.log(self._failure_level, "peer link to %s (%s) is up again%s",
+                                self.node_id, self.address, down)
                     self._failure = ""
+                    self._went_away = False
                     self._down_at = None
                     await self._session(ws)
             except asyncio.CancelledError:
@@ -112,8 +115,8 @@ class PeerLink:
             except ConnectionClosed as exc:
                 raise_if_cancelled()
                 # A peer that stops or drains closes its links 1001 (going away): expected.
-                going_away = exc.rcvd is not None and exc.rcvd.code in (1000, 1001)
-                self._failed(f"closed ({exc})", logging.INFO if going_away else logging.WARNING)
+                self._went_away = exc.rcvd is not None and exc.rcvd.code in (1000, 1001)
+                self._failed(f"closed ({exc})")
             except (OSError, InvalidHandshake, TimeoutError) as exc:
                 raise_if_cancelled()
                 self._failed(f"{exc or type(exc).__name__}")
@@ -124,13 +127,15 @@ class PeerLink:
                     self._on_down(self)
             await asyncio.sleep(backoff.next())
 
-    def _failed(self, reason: str, level: int = logging.WARNING) -> None:
+    def _failed(self, reason: str) -> None:
         """Why the link is not up: logged once (again only when the reason changes), not at
-        every attempt."""
+        every attempt. After the peer went away (closed 1000/1001: it stops or drains, as in a
+        rolling restart), at INFO: that is expected."""
         if reason != self._failure:
             self._failure = reason
-            log.log(level, "peer link to %s (%s): %s; retrying", self.node_id, self.address,
-                    reason)
+            self._failure_level = logging.INFO if self._went_away else logging.WARNING
+            log.log(self._failure_level, "peer link to %s (%s): %s; retrying", self.node_id,
+                    self.address, reason)
 
     async def _session(self, ws: ClientConnection) -> None:
         self._out = asyncio.Queue()  # what was queued for the last connection is stale

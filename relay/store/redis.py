@@ -667,7 +667,13 @@ class RedisStore:
                     if changes is None:  # trimmed past v: the newest change shows the gap,
                         changes = list((await self.load(env, 1)).history)  # listeners resync
                 except UnknownEnv:
-                    log.warning("env %s is gone from Redis (restarted without persistence?)", env)
+                    # Deleted while the subscription was down (the keys notice lost with it),
+                    # or gone with a Redis that restarted without persistence: either way its
+                    # keys are gone, and its sessions with them.
+                    log.warning("env %s is gone from Redis (deleted, or Redis restarted "
+                                "without persistence); closing its sessions", env)
+                    for listener in self._keys_listeners:
+                        listener(env, frozenset())
                 except StoreUnavailable as exc:
                     log.warning("replay of env %s failed (%s); retrying", env, exc)
                     continue
@@ -716,14 +722,23 @@ class RedisStore:
             await self._r.publish(KEYS_CHANNEL, codec.pack([self._origin, env, hashes]))
 
     async def delete_env(self, env: str) -> None:
-        """Keys first (no new session can start), then the flags and log (_DELETE), then the
-        environment's name from the list. A delete that fails part way can be run again."""
+        """Keys first (no new session can start), then the flags and log (_DELETE), the keys
+        again, then the environment's name from the list. A delete that fails part way can be
+        run again.
+
+        The keys and the environment are in different slots, so this is not one atomic step.
+        A PUT of the same environment that runs meanwhile ends as if it came just before the
+        delete (its keys removed again), or after it (the name listed again): never with keys
+        that name an environment that is gone, nor an environment missing from the list."""
         v_key, flags_key, log_key = _keys(env)
+
+        async def clear_keys() -> None:
+            await self._keys_script(keys=[_OWNER, _env_keys(env)], args=[env, 0])
 
         async def run() -> None:
             if not await self._r.exists(v_key):
                 raise UnknownEnv(env)
-            await self._keys_script(keys=[_OWNER, _env_keys(env)], args=[env, 0])
+            await clear_keys()
             try:
                 await self._delete_script(keys=[v_key, flags_key, log_key, _tombstone(env)],
                                           args=[env, repr(time.time()), _changes_channel(env)])
@@ -731,7 +746,11 @@ class RedisStore:
                 if not str(exc).startswith("UNKNOWN_ENV"):
                     raise
                 # (deleted meanwhile by another node: what is left is this node's to finish)
+            if not await self._r.exists(v_key):
+                await clear_keys()  # (a PUT between the two steps: as if before the delete)
             await self._r.srem(_ENVS, env)
+            if await self._r.exists(v_key):  # created again meanwhile: listed again
+                await self._r.sadd(_ENVS, env)
 
         await self._call(run)
         await self._tell_keys(env, [])
@@ -841,13 +860,21 @@ class RedisStore:
         return await self._call(run)
 
     async def list_envs(self) -> list[EnvInfo]:
+        """Pipelined, 500 environments a round trip (the console asks every second)."""
         async def run() -> list[EnvInfo]:
             members: Any = await self._r.smembers(_ENVS)
+            names = sorted(n.decode() for n in members)
             found = []
-            for env in sorted(n.decode() for n in members):
-                v = await self._r.get(_keys(env)[0])
-                if v is not None:
-                    found.append(EnvInfo(env, int(v), int(await self._r.scard(_env_keys(env)))))
+            for start in range(0, len(names), 500):
+                chunk = names[start:start + 500]
+                pipe = self._r.pipeline(transaction=False)
+                for env in chunk:
+                    pipe.get(_keys(env)[0])
+                    pipe.scard(_env_keys(env))
+                replies = await pipe.execute()
+                for env, v, keys in zip(chunk, replies[::2], replies[1::2], strict=True):
+                    if v is not None:
+                        found.append(EnvInfo(env, int(v), int(keys)))
             return found
 
         return await self._call(run)

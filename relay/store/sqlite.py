@@ -465,9 +465,9 @@ class SQLiteStore:
     async def env_info(self, env: str) -> EnvInfo:
         return await self._run(self._env_info_sync, env)
 
-    def _delete_env_sync(self, env: str) -> Change | None:
+    def _delete_env_sync(self, env: str) -> None:
         """One transaction: keys, flags, log and the environment go; its tombstone stays.
-        Returns the last change (every flag deleted), if it had flags."""
+        When it had flags, the listeners then hear one last change deleting them all."""
         db = self._conn
         db.execute("BEGIN IMMEDIATE")
         try:
@@ -485,15 +485,23 @@ class SQLiteStore:
             if db.in_transaction:
                 db.execute("ROLLBACK")
             raise
-        return Change(env=env, v=v, put={}, dels=keys, ts=time.time()) if keys else None
+        # Scheduled from this thread right after the commit, as put_env's notices are: the
+        # listeners hear keys and changes in commit order (a put_env of the same environment
+        # just after this delete is heard after it).
+        if keys:
+            last = Change(env=env, v=v, put={}, dels=keys, ts=time.time())
+            for listener in self._change_listeners:
+                self._notify(self._tell_safely, listener, last)
+        for keys_listener in self._keys_listeners:
+            self._notify(keys_listener, env, frozenset())
+        return None
+
+    @staticmethod
+    def _tell_safely(listener: ChangeListener, change: Change) -> None:
+        try:
+            listener(change)
+        except Exception:  # a listener's bug must not stop the others
+            log.exception("change listener failed")
 
     async def delete_env(self, env: str) -> None:
-        last = await self._run(self._delete_env_sync, env)
-        if last is not None:
-            for listener in self._change_listeners:
-                try:
-                    listener(last)
-                except Exception:  # a listener's bug must not stop the others
-                    log.exception("change listener failed")
-        for keys_listener in self._keys_listeners:
-            keys_listener(env, frozenset())
+        await self._run(self._delete_env_sync, env)

@@ -4,6 +4,7 @@ again under the same name never shows a client its predecessor's flags."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from relay.node import Node
@@ -122,3 +123,28 @@ async def test_a_delete_survives_a_restart(make_node: Any, tmp_path: Any) -> Non
     admin = Admin(node.admin_url)
     assert (await admin.call("GET", "/admin/v1/envs")) == (200, {"envs": []})
     assert await admin.put_env("prod", ["k"]) == 2
+
+
+async def test_a_delete_and_a_create_at_once_leave_the_new_key_working(
+    node: Node, admin: Admin,
+) -> None:
+    """The keys notices of a delete and of a put of the same environment at once are heard
+    in commit order; and whichever order a node hears them in (across nodes it may differ),
+    the new key is not refused: a delete's notice only closes sessions and sends lookups to
+    the store."""
+    await admin.put_env("prod", ["old-key"])
+    await admin.publish("prod", {"a": 1})
+    await asyncio.gather(node.delete_env("prod"), node.put_env("prod", ["new-key"]))
+    await asyncio.sleep(0.1)
+    ws = await open_stream(node.ws_url, "new-key")
+    assert (await recv_frame(ws))["t"] == "hello"
+    await ws.close()
+    # The other order, as a node of a cluster may hear them: the put's notice, then the
+    # delete's.
+    node.hub.on_keys("prod", frozenset({node.keys.hash("new-key")}))
+    node.hub.on_keys("prod", frozenset())
+    ws = await open_stream(node.ws_url, "new-key")
+    assert (await recv_frame(ws))["t"] == "hello"
+    await ws.close()
+    old = await open_stream(node.ws_url, "old-key")
+    assert (await close_code(old))[0] == 4001

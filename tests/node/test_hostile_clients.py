@@ -136,8 +136,16 @@ async def test_a_client_that_never_reads_is_evicted_and_harms_no_one(
 async def test_a_key_revoked_while_attaching_is_refused(node: Node, admin: Admin) -> None:
     await admin.put_env("prod", ["k"])
     # The revocation reaches this node while the store still answers with the old key (the
-    # race of a lookup in flight): the session must not be attached.
-    node.hub.on_keys("prod", frozenset())
+    # race of a lookup in flight): the session must not be attached. (The real store's
+    # lookup, with the notice heard while it was under way.)
+    real = node.store.env_for_key
+
+    async def lookup_then_revoked(key_hash: str) -> str | None:
+        found = await real(key_hash)
+        node.hub.on_keys("prod", frozenset())
+        return found
+
+    node.store.env_for_key = lookup_then_revoked  # type: ignore[method-assign]
     ws = await open_stream(node.ws_url, "k")
     assert await close_code(ws) == (4001, "SDK key revoked")
     assert node.hub.session_count() == 0

@@ -436,7 +436,8 @@ def test_values_the_api_would_refuse_are_refused_before_sending(relay: RelayProc
              "=1": "expected KEY=JSON", f"{'k' * 257}=1": "flag keys are non-empty"}
     for item, fragment in cases.items():
         assert fragment in one_line_error(run(relay, "flags", "set", "vals", item)), item
-    assert fragment in one_line_error(run(relay, "flags", "del", "vals", "k" * 257))
+    assert "flag keys are non-empty" in one_line_error(run(relay, "flags", "del", "vals",
+                                                            "k" * 257))
     assert json.loads(run(relay, "--json", "env", "get", "vals").stdout)["v"] == 0
 
 

@@ -24,7 +24,7 @@ def _loadtest(relay: RelayProcess, tmp_path: Path, scenario: str,
     out = tmp_path / "result.json"
     result = subprocess.run(
         [sys.executable, "-m", "loadtests", scenario, "--url", relay.ws_url,
-         "--admin-url", relay.admin_url, "--admin-token", relay.token,
+         "--admin-url", relay.admin_url, f"--admin-token={relay.token}",
          "--server-pid", str(relay.proc.pid), *args, "--out", str(out), "--no-progress",
          "--workdir", str(tmp_path / "work")],
         capture_output=True, text=True, timeout=120,
