@@ -206,9 +206,9 @@ class Hub:
         self._lookups: dict[str, asyncio.Future[str | None]] = {}  # store lookups under way
         # Keys of environments whose keys changed while this node ran: a session that was
         # attaching when its key was revoked is refused once the load completes.
-        self._env_keys: dict[str, frozenset[str]] = {}
-        self._keys_epoch = 0  # keys notices heard so far
-        self._env_keys_at: dict[str, int] = {}  # the epoch of each environment's last notice
+        # Each with the epoch of its notice (`_keys_epoch`: keys notices heard so far).
+        self._env_keys: dict[str, tuple[frozenset[str], int]] = {}
+        self._keys_epoch = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self.upstream: Upstream | None = None  # set in a cluster
 
@@ -270,13 +270,12 @@ class Hub:
         # (Kept after a store error: the next lookup of the key may still need it.)
         self._legacy.pop(key_hash, None)
         if (env is not None and not self.key_valid(key_hash, env)
-                and self._env_keys_at.get(env, 0) <= started):
+                and self._env_keys[env][1] <= started):
             # The store, read after the last keys notice of `env`, is newer than it: notices
             # from several nodes may come out of order (a delete's after the re-creation's).
             # A notice heard while the read was under way still wins (a revocation racing a
             # lookup in flight).
             del self._env_keys[env]
-            del self._env_keys_at[env]
         if env is not None and self.key_valid(key_hash, env):
             if len(self._key_cache) >= _KEY_CACHE_MAX:
                 self._key_cache.clear()
@@ -286,13 +285,12 @@ class Hub:
     def key_valid(self, key_hash: str, env: str) -> bool:
         """False if the key was revoked since this node looked it up."""
         keys = self._env_keys.get(env)
-        return keys is None or key_hash in keys
+        return keys is None or key_hash in keys[0]
 
     def on_keys(self, env: str, key_hashes: frozenset[str]) -> None:
         """An environment's keys were replaced: forget and disconnect the revoked ones."""
         self._keys_epoch += 1
-        self._env_keys[env] = key_hashes
-        self._env_keys_at[env] = self._keys_epoch
+        self._env_keys[env] = (key_hashes, self._keys_epoch)
         for key_hash, cached_env in list(self._key_cache.items()):
             if cached_env == env and key_hash not in key_hashes:
                 del self._key_cache[key_hash]

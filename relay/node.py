@@ -104,8 +104,7 @@ class Node:
             raise ConfigError(str(exc)) from None
         sdk_settings = SdkSettings.of(config)
         if worker is not None:  # (its configuration holds its share of the limits)
-            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True,
-                                               first_on_port=False)
+            sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True)
         elif config.workers > 1:  # the primary: the port is shared, and so are the limits
             max_connections, max_pending = shared_limits(config)
             sdk_settings = dataclasses.replace(sdk_settings, reuse_port=True,
@@ -187,6 +186,8 @@ class Node:
     async def start(self) -> None:
         data_dir = Path(self.config.data_dir)
         if self.worker is None:  # (a worker shares its primary's ports)
+            # Bound without SO_REUSEPORT first: with --workers the primary then binds it with
+            # SO_REUSEPORT, which another node of this user would share without a word.
             check_port_free(self.config.host, self.config.port, "--port")
             check_port_free(self.config.admin_bind, self.config.admin_port, "--admin-port")
         if self.config.store == "sqlite" or not self.admin_token or not (

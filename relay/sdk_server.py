@@ -62,7 +62,6 @@ from relay.core.reqhead import HeadStatus, RequestHead
 from relay.core.trusted_proxies import TrustedProxies
 from relay.hub import Hub, Subscription
 from relay.metrics import Metrics
-from relay.port_check import check_port_free
 from relay.store.base import StoreError
 from relay.tls import TlsFailed, TlsStream
 
@@ -71,6 +70,9 @@ log = logging.getLogger("relay.sdk")
 # and every header and frame (SDK keys among them) at DEBUG. Neither is worth having for
 # tens of thousands of clients, and keys must never reach a log: this logger stays at WARNING
 # whatever --log-level says (websockets reads it once per connection).
+# The close code of each auth failure that is not a 4001 (relay_auth_failures_total reasons).
+_AUTH_FAILURE_CODES = {dc.AUTH_TIMEOUT_REASON: dc.AUTH_TIMEOUT.code,
+                       dc.AUTH_PROTOCOL: dc.PROTOCOL_ERROR.code}
 _ws_log = logging.getLogger("relay.sdk.websockets")
 _ws_log.setLevel(logging.WARNING)
 
@@ -940,12 +942,11 @@ class SdkSettings:
     write_high_water: int
     write_low_water: int
     reuse_port: bool = False  # the port is shared by the node's worker processes
-    first_on_port: bool = True  # (False in a worker: its primary holds the port already)
 
     @classmethod
     def of(cls, config: Config) -> SdkSettings:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)
-                      if f.name not in ("reuse_port", "first_on_port")})
+                      if f.name != "reuse_port"})
 
 
 class SdkServer:
@@ -1127,9 +1128,8 @@ class SdkServer:
         if conn.ticket is not None:
             self.admission.auth_failed(conn.ticket, now)
         self.failures.record(reason, conn.client_ip, now)
-        code = {dc.AUTH_TIMEOUT_REASON: dc.AUTH_TIMEOUT.code,
-                dc.AUTH_PROTOCOL: dc.PROTOCOL_ERROR.code}.get(reason, dc.BAD_CREDENTIALS.code)
-        self.session_event("session refused", conn, f"auth: {reason}", code)
+        self.session_event("session refused", conn, f"auth: {reason}",
+                           _AUTH_FAILURE_CODES.get(reason, dc.BAD_CREDENTIALS.code))
 
     def session_event(self, what: str, conn: SdkConnection, reason: str, code: int) -> None:
         """One line per refused or evicted session, with who and why, within a budget per
@@ -1182,8 +1182,6 @@ class SdkServer:
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-        if self.config.reuse_port and self.config.first_on_port:
-            self._check_port_free()
         self._server = await self.loop.create_server(
             lambda: SdkConnection(self), self.config.host, self.config.port,
             backlog=4096, reuse_address=True, reuse_port=self.config.reuse_port or None,
@@ -1197,12 +1195,6 @@ class SdkServer:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
                                 self.config.socket_receive_buffer)
         self._ticker = self.loop.call_later(self._tick_s(), self._tick)
-
-    def _check_port_free(self) -> None:
-        """SO_REUSEPORT lets any process of this user bind a port already bound that way: the
-        primary first binds it without, so that a port another node holds (with workers or
-        not) is refused here as it is without workers (ConfigError: address in use)."""
-        check_port_free(self.config.host, self.config.port, "--port")
 
     def _tick_s(self) -> float:
         if self.config.ping_interval:

@@ -9,6 +9,7 @@ of the node that served it, which reaches the other nodes of a cluster for it
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 
 from aiohttp import web
@@ -36,6 +37,7 @@ def is_console(path: str) -> bool:
     return path == PREFIX or path.removeprefix(PREFIX) in _FILES
 
 
+@functools.cache  # (three small files: read once, not per request)
 def _file(name: str) -> bytes:
     return (resources.files("relay.admin") / "static" / name).read_bytes()
 
