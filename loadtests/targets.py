@@ -403,7 +403,11 @@ class ClusterTarget(RelayProtocolTarget):
                     if sum(1 for m in ring if m["in_ring"]) == self.nodes:
                         break
                     if time.monotonic() > deadline:
-                        raise RuntimeError(f"the cluster's ring did not form: {ring}")
+                        alive = {name: proc.poll() is None
+                                 for name, proc in self.node_procs.items()}
+                        raise RuntimeError(f"the cluster's ring did not form: {base} sees "
+                                           f"{ring}; processes alive: {alive}; their logs "
+                                           f"are in {self.workdir}")
                     await asyncio.sleep(0.2)
 
     def _spawn_named(self, name: str, cmd: list[str]) -> None:
