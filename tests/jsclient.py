@@ -3,6 +3,7 @@ to a real Chromium from a local HTTP server, and Chromium found where Debian put
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import http.server
 import os
@@ -35,12 +36,23 @@ def npm(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
 
 @functools.cache
 def built() -> Path:
-    """`npm ci` (when node_modules is missing) and `npm run build`; clients/js."""
-    if not (JS / "node_modules" / ".package-lock.json").exists():
-        result = npm("ci", "--no-audit", "--no-fund")
-        assert result.returncode == 0, f"npm ci failed ({INSTALL_HINT}):\n{result.stderr}"
-    result = npm("run", "build")
-    assert result.returncode == 0, f"npm run build failed:\n{result.stdout}\n{result.stderr}"
+    """`npm ci` (when node_modules is missing) and `npm run build`; clients/js. Once per run:
+    the suite's workers (pytest-xdist) take turns under a lock, and the first one's build,
+    stamped with the run's id, serves the others (a second build would rewrite the bundle
+    while the first worker's Chromium loads it)."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    stamp = JS / "node_modules" / ".relay-tests-build"
+    with (JS / ".build.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if run and stamp.exists() and stamp.read_text() == run:
+            return JS
+        if not (JS / "node_modules" / ".package-lock.json").exists():
+            result = npm("ci", "--no-audit", "--no-fund")
+            assert result.returncode == 0, f"npm ci failed ({INSTALL_HINT}):\n{result.stderr}"
+        result = npm("run", "build")
+        assert result.returncode == 0, f"npm run build failed:\n{result.stdout}\n{result.stderr}"
+        if run:
+            stamp.write_text(run)
     return JS
 
 

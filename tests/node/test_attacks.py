@@ -36,6 +36,9 @@ from tests.rawws import (
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
+# These load the machine on purpose: one at a time, on one of the suite's workers.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 DURATIONS = [2.0, pytest.param(30.0, marks=pytest.mark.long)]
 
 

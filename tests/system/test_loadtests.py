@@ -17,6 +17,9 @@ import pytest
 from loadtests import report, tables
 from tests.helpers import RelayProcess, start_relay
 
+# These load the machine on purpose: one at a time, on one of the suite's workers.
+pytestmark = pytest.mark.xdist_group("heavy")
+
 
 def _loadtest(relay: RelayProcess, tmp_path: Path, scenario: str,
               *args: str) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
@@ -295,13 +298,15 @@ def test_tiny_hostile_run_measures_the_fleet_beside_each_attack(tmp_path: Path) 
 
 
 def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
-    """Each mode of loadtests/attacker.py for 2 s, all at once from their own addresses
-    against a relay with its defaults: each does what it says, and what relay answers shows
-    in its tallies."""
+    """Each mode of loadtests/attacker.py for 4 s, all at once from their own addresses
+    against a relay with its defaults but a smaller per-address pending cap: each does what it
+    says, and what relay answers shows in its tallies. (With the default cap of 64, a loaded
+    machine's relay sometimes reached fewer than 65 of the keyless flood's connections within
+    the 4 s, and dropped none: 1 full-suite run in 2.)"""
     from loadtests.attacker import ATTACKS
     from tests.helpers import Admin, open_stream, recv_frame
 
-    relay = start_relay(tmp_path / "data", "--admin-token", "t")
+    relay = start_relay(tmp_path / "data", "--admin-token", "t", "--max-pending-per-ip", "16")
     try:
         async def setup() -> None:
             admin = Admin(relay.admin_url, "t")
@@ -342,7 +347,7 @@ def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
         assert got["fragment-flood"]["closes"].get("4002", 0) >= 1  # too many fragments
         assert got["frame-flood"]["closes"].get("4002", 0) >= 1  # data after auth
         assert got["keyless-upgrades"]["upgraded"] >= 1
-        assert got["keyless-upgrades"]["open_peak"] > 64  # past the pending cap: dropped
+        assert got["keyless-upgrades"]["open_peak"] > 16  # past the pending cap: dropped
         assert got["keyless-upgrades"]["dropped"] >= 1
         assert got["connect-flood"]["sessions"] >= 1 and got["connect-flood"]["attempts"] > 200, \
             got["connect-flood"]
@@ -351,7 +356,7 @@ def test_every_attack_mode_meets_its_limit(tmp_path: Path) -> None:
         assert got["wrong-keys"]["closes"].get("4001", 0) >= 1
         assert got["never-read"]["never_read"]["held"] >= 1
         assert got["reset-storm"]["sessions"] >= 1 and got["reset-storm"]["attempts"] > 1
-        assert got["silent"]["open_peak"] > 64 and got["silent"]["bytes_sent"] == 0
+        assert got["silent"]["open_peak"] > 16 and got["silent"]["bytes_sent"] == 0
         assert got["all-from-one-address"]["attempts"] > 0
         assert got["cpu-hog"]["attempts"] == 0
         assert got["cpu-hog"]["cpu_s"] > 0.1  # (a share of a core others keep busy too)
