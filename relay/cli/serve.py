@@ -71,17 +71,19 @@ async def _serve(cfg: config_mod.Config, worker: WorkerRole | None) -> None:
         raise UserError(f"cannot start: {exc.strerror or exc}") from None
     except RuntimeError as exc:  # a worker process that did not start
         raise UserError(f"cannot start: {exc}") from None
+    loop = asyncio.get_running_loop()
+    # Signals in, the node's lifecycle decides (Node.terminate, Node.run_until_stopped); before
+    # the banner, which tells a supervisor (or a test) the node is up: a SIGHUP sent on seeing
+    # it once killed the process, the signal's default action.
+    loop.add_signal_handler(signal.SIGINT, node.interrupt)
+    loop.add_signal_handler(signal.SIGTERM, node.terminate)
+    loop.add_signal_handler(signal.SIGHUP, node.reload_tls)
     # What the node has made by now (modules, the app, its tables) lives as long as the
     # process: out of the collector's full passes, which then cost what connections and
     # environments hold, not the whole program.
     gc.freeze()
     if worker is None:  # (the primary speaks for the node)
         print(_banner(node, cfg), flush=True)
-    loop = asyncio.get_running_loop()
-    # Signals in, the node's lifecycle decides (Node.terminate, Node.run_until_stopped).
-    loop.add_signal_handler(signal.SIGINT, node.interrupt)
-    loop.add_signal_handler(signal.SIGTERM, node.terminate)
-    loop.add_signal_handler(signal.SIGHUP, node.reload_tls)
     await node.run_until_stopped()
 
 
