@@ -297,7 +297,7 @@ HELP_GROUPS: dict[str, tuple[str, ...]] = {
 
 def _default_text(f: dataclasses.Field[Any]) -> str:
     value = f.default
-    if f.name in ("max_connections",):
+    if f.name == "max_connections":
         return "the open-files limit less --max-pending and --fd-reserve"
     if value == "" or value is None:
         return "none"

@@ -3,6 +3,7 @@ error that names its flag, and leaves no new data directory behind."""
 
 from __future__ import annotations
 
+import errno
 import socket
 
 from relay.config import ConfigError
@@ -26,6 +27,6 @@ def check_port_free(host: str, port: int, flag: str) -> None:
                 probe.bind(address)
             except OSError as exc:
                 hint = (": another process listens there (another relay?); choose another "
-                        "port, or 0 for a free one" if exc.errno == 98 else "")
+                        "port, or 0 for a free one" if exc.errno == errno.EADDRINUSE else "")
                 raise ConfigError(f"{flag} {port} on {host or '*'}: {exc.strerror}{hint}"
                                   ) from None

@@ -70,11 +70,11 @@ log = logging.getLogger("relay.sdk")
 # and every header and frame (SDK keys among them) at DEBUG. Neither is worth having for
 # tens of thousands of clients, and keys must never reach a log: this logger stays at WARNING
 # whatever --log-level says (websockets reads it once per connection).
+_ws_log = logging.getLogger("relay.sdk.websockets")
+_ws_log.setLevel(logging.WARNING)
 # The close code of each auth failure that is not a 4001 (relay_auth_failures_total reasons).
 _AUTH_FAILURE_CODES = {dc.AUTH_TIMEOUT_REASON: dc.AUTH_TIMEOUT.code,
                        dc.AUTH_PROTOCOL: dc.PROTOCOL_ERROR.code}
-_ws_log = logging.getLogger("relay.sdk.websockets")
-_ws_log.setLevel(logging.WARNING)
 
 MAX_CLIENT_MESSAGE = 4096  # --max-client-message's default: the auth message (1009 past it)
 READ_BUDGET = 1024  # bytes of client frames parsed per connection per event-loop tick

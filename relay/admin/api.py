@@ -508,12 +508,12 @@ class AdminApi:
     async def _forward(self, request: web.Request, method: str, path: str) -> web.Response:
         node = request.match_info["node"]
         base = self.node.member_url(node)
-        if base is not None and not _HOST_PORT.fullmatch(base.partition("://")[2]):
-            # (an address from a membership that is not HOST:PORT: the token is not sent)
-            raise BadRequest(f"node {node!r} has no usable address ({base!r})")
         if base is None:
             raise web.HTTPNotFound(reason=f"no node {node!r} in this node's view of the "
                                           "cluster")
+        if not _HOST_PORT.fullmatch(base.partition("://")[2]):
+            # (an address from a membership that is not HOST:PORT: the token is not sent)
+            raise BadRequest(f"node {node!r} has no usable address ({base!r})")
         body = await request.read()
         headers = {"Authorization": request.headers.get("Authorization", "")}
         if body:
