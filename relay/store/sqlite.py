@@ -341,10 +341,7 @@ class SQLiteStore:
             for result in results:
                 if isinstance(result, Change) and (result.put or result.dels):
                     for listener in self._change_listeners:
-                        try:
-                            listener(result)
-                        except Exception:  # a listener's bug must not stall publishing
-                            log.exception("change listener failed")
+                        self._tell_safely(listener, result)
             for item, result in zip(batch, results, strict=True):
                 if item.future.done():
                     continue
@@ -494,13 +491,12 @@ class SQLiteStore:
                 self._notify(self._tell_safely, listener, last)
         for keys_listener in self._keys_listeners:
             self._notify(keys_listener, env, frozenset())
-        return None
 
     @staticmethod
     def _tell_safely(listener: ChangeListener, change: Change) -> None:
         try:
             listener(change)
-        except Exception:  # a listener's bug must not stop the others
+        except Exception:  # a listener's bug must not stop the others, nor stall publishing
             log.exception("change listener failed")
 
     async def delete_env(self, env: str) -> None:
