@@ -37,7 +37,7 @@ import logging
 import random
 import socket
 import ssl
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -978,7 +978,7 @@ class SdkServer:
         self._unsettled: dict[SdkConnection, None] = {}
         self.failures = FailureLog()
         # The budgets of log lines about refused and about evicted sessions.
-        self.events: dict[str, LogSampler] = {}
+        self.events: defaultdict[str, LogSampler] = defaultdict(LogSampler)
         self.socket_cap = self._socket_cap(config)
         self.loop: asyncio.AbstractEventLoop  # set by start()
         self._server: asyncio.Server | None = None
@@ -1137,10 +1137,7 @@ class SdkServer:
         before it; a flood of refusals does not hide an eviction)."""
         if not log.isEnabledFor(logging.INFO):
             return
-        sampler = self.events.get(what)
-        if sampler is None:
-            sampler = self.events[what] = LogSampler()
-        held = sampler.admit(self.loop.time())
+        held = self.events[what].admit(self.loop.time())
         if held is None:
             return
         log.info(what, extra=logs.fields(

@@ -50,8 +50,9 @@ class PeerLink:
         self._scheme = "wss" if ssl_context is not None else "ws"
         self._failure = ""  # why the link is down, as last logged
         self._down_at: float | None = None  # when a working link went down
-        self._went_away = False  # the peer closed the link going away (1000/1001)
-        self._failure_level = logging.WARNING
+        # The peer closed the link going away (1000/1001): until it is up again, its lines
+        # are at INFO (`_level`).
+        self._went_away = False
         self.envs: set[str] = set()
         self.up = False
         self._on_message = on_message
@@ -94,7 +95,7 @@ class PeerLink:
                     if self._failure:
                         down = ("" if self._down_at is None else
                                 f" after {time.monotonic() - self._down_at:.0f} s")
-                        log.log(self._failure_level, "peer link to %s (%s) is up again%s",
+                        log.log(self._level(), "peer link to %s (%s) is up again%s",
                                 self.node_id, self.address, down)
                     self._failure = ""
                     self._went_away = False
@@ -133,9 +134,11 @@ class PeerLink:
         rolling restart), at INFO: that is expected."""
         if reason != self._failure:
             self._failure = reason
-            self._failure_level = logging.INFO if self._went_away else logging.WARNING
-            log.log(self._failure_level, "peer link to %s (%s): %s; retrying", self.node_id,
+            log.log(self._level(), "peer link to %s (%s): %s; retrying", self.node_id,
                     self.address, reason)
+
+    def _level(self) -> int:
+        return logging.INFO if self._went_away else logging.WARNING
 
     async def _session(self, ws: ClientConnection) -> None:
         self._out = asyncio.Queue()  # what was queued for the last connection is stale
